@@ -1,0 +1,3 @@
+from pgpcl.cli import main
+
+raise SystemExit(main())

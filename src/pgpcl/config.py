@@ -1,0 +1,384 @@
+"""Typed run configuration.
+
+A run is described by one :class:`Config`: data scenario, backbone, method, training and PGP settings.
+Configs come from YAML presets (``pgpcl configs`` lists them) plus ``section.key=value`` overrides.
+Every key is checked against the dataclasses below; an unknown key is rejected with the nearest valid
+name, and a value of the wrong type is rejected with the expected type.
+
+A preset may start with ``_base_: other_preset`` to inherit another preset and override parts of it.
+Method hyper-parameters live under ``method:``; their schema is the dataclass the method registered
+(``pgpcl.methods``), chosen by ``method.name``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from pgpcl.errors import ConfigError
+
+Setting = Literal["cil", "til", "online", "dil"]
+
+
+@dataclass
+class DataConfig:
+    """Dataset, task split and transforms."""
+
+    dataset: str = "mnist5k"
+    """Dataset name (see ``pgpcl.data.DATASETS``)."""
+    root: str | None = None
+    """Local directory holding the dataset; None = the reader's default location."""
+    download: bool = False
+    """Allow a public download (torchvision) when the files are missing."""
+    setting: Setting = "cil"
+    """cil: class-incremental; til: task id known at test; online: one pass; dil: domain-incremental."""
+    num_tasks: int = 5
+    first_task_classes: int | None = None
+    """Classes in the first task; the rest are split equally. None = all tasks equal."""
+    class_order: Literal["label", "random"] = "label"
+    order_seed: int | None = None
+    """Seed of the random class order; None = the run seed."""
+    domains: list[str] = field(default_factory=list)
+    """DIL: one dataset name per task, when the dataset has no domain labels of its own."""
+    img_size: int = 224
+    channels: int = 3
+    """Channels fed to the model: gray images are repeated to 3, RGB converted to 1 if set to 1."""
+    train_transform: Literal["vit", "plain", "clip"] = "vit"
+    """vit: RandomResizedCrop(scale 0.05-1)+flip as released; plain: resize only; clip: CLIP's."""
+    test_transform: Literal["vit", "plain", "clip"] = "vit"
+    normalize: Literal["none", "imagenet", "cifar100", "clip"] = "none"
+    train_per_class: int | None = None
+    """Keep at most this many training images per class (seeded); None = all."""
+    test_per_class: int | None = None
+    num_workers: int = 0
+    pin_memory: bool = False
+
+
+@dataclass
+class BackboneConfig:
+    """The frozen pretrained transformer."""
+
+    arch: str = "vit_base_patch16_224"
+    """timm model name (or open_clip model name for CLIP methods)."""
+    weights: str | None = None
+    """None: random init; 'hub': the timm/open_clip pretrained tag (online); a path to .npz/.safetensors/
+    .pth; 'builtin:NAME' for weights shipped with pgpcl."""
+    pretrained_tag: str | None = None
+    """Hub tag used with weights=hub, e.g. 'augreg_in21k' (timm) or 'openai' (open_clip)."""
+    img_size: int | None = None
+    patch_size: int | None = None
+    in_chans: int | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    fused_attention: bool = True
+    """Use F.scaled_dot_product_attention in prompted blocks."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 5
+    batch_size: int = 16
+    eval_batch_size: int = 128
+    lr: float = 0.03
+    lr_scale_by_batch: bool = True
+    """Effective lr = lr * batch_size / 256, as released."""
+    optimizer: Literal["adam", "sgd"] = "adam"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    scheduler: Literal["constant", "cosine"] = "constant"
+    clip_grad: float | None = 1.0
+    max_steps_per_task: int | None = None
+    """Stop a task after this many steps (smoke tests); None = full epochs."""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N."""
+    deterministic: bool = True
+    amp: Literal["none", "bf16"] = "none"
+    log_every: int = 20
+    tensorboard: bool = False
+    progress: bool = True
+
+
+@dataclass
+class PGPConfig:
+    """Prompt Gradient Projection (see docs/pgp.md)."""
+
+    enabled: bool = False
+    mode: Literal["feature", "reference"] = "feature"
+    """feature: basis in R^D from token/query/prompt rows; reference: the released arithmetic."""
+    target: Literal["gradient", "update"] = "gradient"
+    """gradient: project grads before the step (released); update: project the optimizer's change."""
+    eps: dict[str, float] = field(default_factory=dict)
+    """Energy threshold per protected-group kind (e.g. {prompt: 0.5, key: 0.97}); unset kinds use the
+    method's default."""
+    num_samples: int = 768
+    """Training images drawn (seeded) to build each task's representation matrix."""
+    sample_batch_size: int = 64
+    sample_augment: bool = True
+    """Draw the sample with the training transform, as released."""
+
+
+@dataclass
+class MethodConfig:
+    """``name`` picks the method; ``params`` is that method's own dataclass."""
+
+    name: str = "l2p"
+    params: Any = None
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    seed: int = 0
+    output_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    pgp: PGPConfig = field(default_factory=PGPConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        method = d.pop("method")
+        d["method"] = {"name": method["name"], **(method["params"] or {})}
+        return d
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building typed configs from plain dicts
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert int->float. Raise ConfigError if wrong."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        errors = []
+        for alt in typing.get_args(tp):
+            try:
+                return _coerce(value, alt, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"config key '{key}' must be null, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"config key '{key}' must be one of {list(choices)}, got {value!r}{hint}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        k_tp, v_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return {_coerce(k, k_tp, key): _coerce(v, v_tp, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return build_dataclass(tp, value, key)
+    raise TypeError(f"unsupported annotation {tp!r} for '{key}'")
+
+
+def build_dataclass(cls: type, raw: Any, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from mapping ``raw``, rejecting unknown keys with the nearest valid one."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config section '{prefix or 'root'}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in raw.items():
+        full = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1, cutoff=0.5)
+            hint = f"; did you mean '{(prefix + '.' if prefix else '') + close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key '{full}'{hint}")
+        kwargs[k] = _coerce(v, hints[k], full)
+    return cls(**kwargs)
+
+
+def _build_method(raw: Any) -> MethodConfig:
+    from pgpcl.methods import METHODS  # late import: methods import this module
+
+    raw = dict(raw or {})
+    name = raw.pop("name", MethodConfig.name)
+    if not isinstance(name, str):
+        raise ConfigError(f"config key 'method.name' must be a string, got {name!r}")
+    params_cls = METHODS.get(name).Params
+    return MethodConfig(name=name, params=build_dataclass(params_cls, raw, "method"))
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    raw = dict(raw)
+    method_raw = raw.pop("method", None)
+    cfg = build_dataclass(Config, {k: v for k, v in raw.items()}, "")
+    cfg.method = _build_method(method_raw)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that types alone cannot express."""
+    d, t, p = cfg.data, cfg.train, cfg.pgp
+    if d.num_tasks < 1:
+        raise ConfigError(f"data.num_tasks must be >= 1, got {d.num_tasks}")
+    for kind, eps in p.eps.items():
+        if not 0.0 < eps <= 1.0:
+            raise ConfigError(f"pgp.eps.{kind} must be in (0, 1], got {eps}")
+    if t.epochs < 1:
+        raise ConfigError(f"train.epochs must be >= 1, got {t.epochs}")
+    if t.batch_size < 1 or t.eval_batch_size < 1:
+        raise ConfigError("train.batch_size and train.eval_batch_size must be >= 1")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr must be > 0, got {t.lr}")
+    if p.num_samples < 1:
+        raise ConfigError(f"pgp.num_samples must be >= 1, got {p.num_samples}")
+    check = getattr(cfg.method.params, "validate", None)
+    if check is not None:
+        check()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Presets, files and overrides
+
+
+def preset_dir() -> Path:
+    return Path(str(resources.files("pgpcl") / "configs"))
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in preset_dir().glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def _resolve_preset(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    candidate = preset_dir() / f"{name_or_path}.yaml"
+    if candidate.exists():
+        return candidate
+    if p.suffix in (".yaml", ".yml"):
+        raise ConfigError(f"config file '{name_or_path}' not found; give an existing .yaml path or a preset name")
+    names = list_presets() + [p.stem for p in preset_dir().glob("_*.yaml")]
+    close = difflib.get_close_matches(name_or_path, names, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else "; run 'pgpcl configs' to list presets"
+    raise ConfigError(f"unknown preset '{name_or_path}'{hint}")
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "eps":
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_raw(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Read a preset or YAML file, following ``_base_`` inheritance."""
+    path = _resolve_preset(name_or_path)
+    if str(path) in _seen:
+        raise ConfigError(f"config '{path}' inherits itself through _base_")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config '{path}' must be a YAML mapping")
+    base = raw.pop("_base_", None)
+    if base is None:
+        return raw
+    base_path = Path(base)
+    if not base_path.suffix:
+        base_ref = base
+    else:
+        base_ref = str(base_path if base_path.is_absolute() else path.parent / base_path)
+    return _deep_merge(load_raw(base_ref, _seen + (str(path),)), raw)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() != "" else None
+    except yaml.YAMLError:
+        parsed = value
+    return key.split("."), parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    raw = dict(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = {}
+            elif not isinstance(nxt, dict):
+                raise ConfigError(f"override '{text}': '{part}' is not a section")
+            else:
+                nxt = dict(nxt)
+            node[part] = nxt
+            node = nxt
+        node[path[-1]] = value
+    return raw
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config:
+    """Load a preset name or YAML path, apply ``key=value`` overrides, and validate."""
+    return config_from_dict(apply_overrides(load_raw(name_or_path), list(overrides or [])))
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,302 @@
+"""Datasets stored as image files: ImageNet-R, TinyImageNet, CUB-200-2011 and a generic image folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from pgpcl.data.base import (
+    DATASETS,
+    DatasetSplit,
+    DatasetSplits,
+    find_dir,
+    list_images,
+    read_lines,
+    resolve_root,
+    subdirs,
+)
+from pgpcl.errors import DataError
+
+IMAGENET_R_SPLIT = "imagenet_r_v1.json"
+IMAGENET_R_URL = "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar"
+TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+CUB_URL = "https://data.caltech.edu/records/65de6-vp158"
+_WNID = re.compile(r"^(n\d{8})\s+(.+)$")
+
+
+def _no_download(name: str, url: str, root: Path) -> DataError:
+    return DataError(f"{name} cannot be downloaded by pgpcl: fetch it from {url} and extract it under {root}")
+
+
+def _split_of(paths: list[str], labels: list[int], is_test: np.ndarray) -> tuple[DatasetSplit, DatasetSplit]:
+    arr = np.array(paths, dtype=object)
+    y = np.asarray(labels, dtype=np.int64)
+    train = DatasetSplit(images=None, paths=list(arr[~is_test]), targets=y[~is_test])
+    test = DatasetSplit(images=None, paths=list(arr[is_test]), targets=y[is_test])
+    return train, test
+
+
+def _class_images(folder: Path) -> list[Path]:
+    files = list_images(folder)
+    if not files:
+        raise DataError(f"class folder {folder} holds no images; remove it or re-extract the dataset")
+    return files
+
+
+# ----------------------------------------------------------------------------------------------------
+# ImageNet-R
+
+
+def load_split_spec(path: str | Path | None = None) -> dict:
+    """The versioned ImageNet-R split: the shipped rule file, or a user file of the same schema."""
+    try:
+        if path is None:
+            text = (resources.files("pgpcl.data") / "splits" / IMAGENET_R_SPLIT).read_text()
+        else:
+            text = Path(path).read_text()
+        spec = json.loads(text)
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(
+            f"ImageNet-R split file {path or IMAGENET_R_SPLIT} unreadable ({e}); fix or remove it"
+        ) from None
+    if "test" not in spec and not {"salt", "test_percent"} <= set(spec):
+        raise DataError(
+            f"ImageNet-R split file {path or IMAGENET_R_SPLIT} needs 'test' or 'salt'+'test_percent'"
+        )
+    return spec
+
+
+def hash_percent(salt: str, rel_path: str) -> int:
+    """Stable bucket 0..99 of one file: depends on nothing but its relative path."""
+    digest = hashlib.sha256((salt + rel_path).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % 100
+
+
+def imagenet_r_is_test(rel_paths: list[str], spec: dict) -> np.ndarray:
+    """Boolean (N,) test mask for ``<wnid>/<file>`` paths under ``spec`` (explicit list, else hash rule)."""
+    if "test" in spec:
+        listed = set(spec["test"])
+        missing = listed - set(rel_paths)
+        if missing:
+            raise DataError(
+                f"ImageNet-R is incomplete: {len(missing)} files of the split list are missing "
+                f"(e.g. {sorted(missing)[0]}); re-extract imagenet-r.tar"
+            )
+        return np.array([p in listed for p in rel_paths], dtype=bool)
+    salt, pct = str(spec["salt"]), int(spec["test_percent"])
+    return np.array([hash_percent(salt, p) < pct for p in rel_paths], dtype=bool)
+
+
+def _wnid_names(folder: Path) -> dict[str, str]:
+    """wnid -> readable name from the README.txt shipped in imagenet-r.tar, when present."""
+    readme = folder / "README.txt"
+    if not readme.is_file():
+        return {}
+    names = {}
+    for line in readme.read_text(encoding="utf-8", errors="replace").splitlines():
+        m = _WNID.match(line.strip())
+        if m:
+            names[m.group(1)] = m.group(2).strip()
+    return names
+
+
+@DATASETS.register("imagenet_r")
+def read_imagenet_r(
+    root: str | None, download: bool, *, split_file: str | Path | None = None
+) -> DatasetSplits:
+    """ImageNet-R: ``imagenet-r/<wnid>/*.jpg`` (200 classes), split 80/20 by the versioned rule file."""
+    base = resolve_root(root)
+    folder = base / "imagenet-r" if (base / "imagenet-r").is_dir() else base
+    classes = subdirs(folder) if folder.is_dir() else []
+    if not classes:
+        if download:
+            raise _no_download("ImageNet-R", IMAGENET_R_URL, base)
+        raise DataError(
+            f"ImageNet-R not found under {base}: extract imagenet-r.tar there (imagenet-r/<wnid>/*.jpg)"
+        )
+    rel, paths, labels = [], [], []
+    for label, cdir in enumerate(classes):
+        for f in _class_images(cdir):
+            rel.append(f"{cdir.name}/{f.name}")
+            paths.append(str(f))
+            labels.append(label)
+    is_test = imagenet_r_is_test(rel, load_split_spec(split_file))
+    train, test = _split_of(paths, labels, is_test)
+    readable = _wnid_names(folder)
+    names = [readable.get(c.name, c.name) for c in classes]
+    return DatasetSplits("imagenet_r", train, test, names)
+
+
+# ----------------------------------------------------------------------------------------------------
+# TinyImageNet
+
+
+def _tiny_words(folder: Path, wnids: list[str]) -> list[str]:
+    words = folder / "words.txt"
+    table: dict[str, str] = {}
+    if words.is_file():
+        for line in read_lines(words, "TinyImageNet"):
+            wnid, _, text = line.partition("\t")
+            table[wnid] = text.split(",")[0].strip()
+    return [table.get(w, w) for w in wnids]
+
+
+def _tiny_val(folder: Path, label_of: dict[str, int]) -> tuple[list[str], list[int]]:
+    ann = folder / "val" / "val_annotations.txt"
+    paths, labels = [], []
+    for line in read_lines(ann, "TinyImageNet"):
+        parts = line.split("\t")
+        if len(parts) < 2 or parts[1] not in label_of:
+            raise DataError(
+                f"{ann}: bad line {line[:60]!r} (want file<TAB>wnid<TAB>box); re-extract the dataset"
+            )
+        path = folder / "val" / "images" / parts[0]
+        if not path.is_file():
+            raise DataError(f"TinyImageNet val image {path} is missing; re-extract tiny-imagenet-200.zip")
+        paths.append(str(path))
+        labels.append(label_of[parts[1]])
+    return paths, labels
+
+
+@DATASETS.register("tiny_imagenet")
+def read_tiny_imagenet(root: str | None, download: bool) -> DatasetSplits:
+    """TinyImageNet: 200 classes (sorted wnids, as ImageFolder on train/), 100000 train / 10000 val=test."""
+    base = resolve_root(root)
+    folder = find_dir(base, "tiny-imagenet-200", "wnids.txt")
+    if folder is None:
+        if download:
+            raise _no_download("TinyImageNet", TINY_IMAGENET_URL, base)
+        raise DataError(f"TinyImageNet not found under {base}: extract tiny-imagenet-200.zip there")
+    wnids = sorted(set(read_lines(folder / "wnids.txt", "TinyImageNet")))
+    label_of = {w: i for i, w in enumerate(wnids)}
+    paths, labels = [], []
+    for w in wnids:
+        cdir = folder / "train" / w / "images"
+        if not cdir.is_dir():
+            raise DataError(f"TinyImageNet train folder {cdir} is missing; re-extract tiny-imagenet-200.zip")
+        files = _class_images(cdir)
+        paths += [str(f) for f in files]
+        labels += [label_of[w]] * len(files)
+    train = DatasetSplit(images=None, paths=paths, targets=np.asarray(labels, dtype=np.int64))
+    vpaths, vlabels = _tiny_val(folder, label_of)
+    test = DatasetSplit(images=None, paths=vpaths, targets=np.asarray(vlabels, dtype=np.int64))
+    return DatasetSplits("tiny_imagenet", train, test, _tiny_words(folder, wnids))
+
+
+# ----------------------------------------------------------------------------------------------------
+# CUB-200-2011
+
+
+def _id_table(path: Path) -> dict[int, str]:
+    """``<id> <value>`` lines -> {id: value}."""
+    table = {}
+    for line in read_lines(path, "CUB-200-2011"):
+        key, _, value = line.partition(" ")
+        if not key.isdigit() or not value:
+            raise DataError(
+                f"{path}: bad line {line[:60]!r} (want '<id> <value>'); re-extract CUB_200_2011.tgz"
+            )
+        table[int(key)] = value.strip()
+    return table
+
+
+def _cub_name(raw: str) -> str:
+    """'001.Black_footed_Albatross' -> 'Black footed Albatross'."""
+    return raw.split(".", 1)[-1].replace("_", " ")
+
+
+@DATASETS.register("cub200")
+def read_cub200(root: str | None, download: bool) -> DatasetSplits:
+    """CUB-200-2011: 200 bird classes, official train_test_split.txt (5994 train / 5794 test)."""
+    base = resolve_root(root)
+    folder = find_dir(base, "CUB_200_2011", "images.txt")
+    if folder is None:
+        if download:
+            raise _no_download("CUB-200-2011", CUB_URL, base)
+        raise DataError(f"CUB-200-2011 not found under {base}: extract CUB_200_2011.tgz there")
+    images = _id_table(folder / "images.txt")
+    labels = _id_table(folder / "image_class_labels.txt")
+    is_train = _id_table(folder / "train_test_split.txt")
+    classes = _id_table(folder / "classes.txt")
+    ids = sorted(images)
+    if set(labels) != set(ids) or set(is_train) != set(ids):
+        raise DataError(
+            f"{folder}: images.txt, image_class_labels.txt and train_test_split.txt list different ids"
+        )
+    paths = [str(folder / "images" / images[i]) for i in ids]
+    y = [int(labels[i]) - 1 for i in ids]  # files count classes from 1
+    test = np.array([is_train[i] == "0" for i in ids], dtype=bool)
+    train_split, test_split = _split_of(paths, y, test)
+    names = [_cub_name(classes[k]) for k in sorted(classes)]
+    return DatasetSplits("cub200", train_split, test_split, names)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generic folders
+
+
+def _folder_layout(root: Path) -> list[tuple[str | None, Path]]:
+    """[(domain name or None, folder holding train/ and test/)] for the flat or the per-domain layout."""
+    if (root / "train").is_dir():
+        return [(None, root)]
+    domains = [(d.name, d) for d in subdirs(root) if (d / "train").is_dir()]
+    if not domains:
+        raise DataError(
+            f"image_folder: {root} has no train/ folder; use root/{{train,test}}/<class>/ or "
+            "root/<domain>/{train,test}/<class>/"
+        )
+    return domains
+
+
+def _collect(folder: Path, label_of: dict[str, int], domain: int) -> tuple[list[str], list[int], list[int]]:
+    paths, labels = [], []
+    if not folder.is_dir():
+        raise DataError(f"image_folder: {folder} is missing; every train/ folder needs a test/ next to it")
+    for cdir in subdirs(folder):
+        if cdir.name not in label_of:
+            raise DataError(
+                f"image_folder: class {cdir.name!r} in {folder} has no train/ folder; add or remove it"
+            )
+        files = list_images(cdir)
+        paths += [str(f) for f in files]
+        labels += [label_of[cdir.name]] * len(files)
+    return paths, labels, [domain] * len(paths)
+
+
+@DATASETS.register("image_folder")
+def read_image_folder(root: str | None, download: bool) -> DatasetSplits:
+    """``root/{train,test}/<class>/*`` or, for DIL, ``root/<domain>/{train,test}/<class>/*``.
+
+    Classes are the sorted union of train class folder names; domains are sorted folder names.
+    """
+    if not root:
+        raise DataError(
+            "image_folder needs data.root: set it to a folder with train/<class>/ and test/<class>/"
+        )
+    base = Path(root).expanduser()
+    if not base.is_dir():
+        raise DataError(f"image_folder: {base} does not exist; set data.root to your image folder")
+    layout = _folder_layout(base)
+    names = sorted({c.name for _, d in layout for c in subdirs(d / "train")})
+    label_of = {n: i for i, n in enumerate(names)}
+    parts = {"train": ([], [], []), "test": ([], [], [])}
+    for k, (_, d) in enumerate(layout):
+        for role, acc in parts.items():
+            for lst, new in zip(acc, _collect(d / role, label_of, k)):
+                lst += new
+    domain_names = [n for n, _ in layout] if layout[0][0] is not None else None
+    splits = {
+        role: DatasetSplit(
+            images=None,
+            paths=p,
+            targets=np.asarray(y, dtype=np.int64),
+            domains=np.asarray(dm, dtype=np.int64) if domain_names else None,
+        )
+        for role, (p, y, dm) in parts.items()
+    }
+    return DatasetSplits("image_folder", splits["train"], splits["test"], names, domain_names)

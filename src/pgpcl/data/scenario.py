@@ -1,0 +1,357 @@
+"""Continual scenarios: a dataset cut into tasks (CIL, TIL, online) or domains (DIL).
+
+Labels are remapped so that ``class_order[i]`` (an original label) becomes class ``i``; task ``t`` of a
+class-split scenario owns the contiguous remapped range ``task_classes[t]``. In DIL every task holds all
+classes and task ``t`` is domain ``t``: either the dataset's own domain labels (``DatasetSplit.domains``)
+or the ``t``-th dataset of ``data.domains``.
+
+Seeds: the class order uses ``data.order_seed`` (else the run seed); ``train_per_class`` /
+``test_per_class`` subsampling uses the run seed; a train loader's shuffling and augmentation use its
+``generator_seed``; a sample loader's subset and augmentation use its ``seed``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from pgpcl.data.base import DatasetSplit, DatasetSplits, load_dataset, read_dataset
+from pgpcl.data.taskset import TaskDataset, collate_batch, convert_split, seed_worker
+from pgpcl.data.transforms import ImageTransform, build_transform
+from pgpcl.errors import ConfigError, DataError
+
+SETTINGS = ("cil", "til", "online", "dil")
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, so that distinct uses of one seed draw unrelated streams."""
+    return int(
+        np.random.SeedSequence([int(p) % (1 << 63) for p in parts]).generate_state(2, np.uint64)[0] >> 1
+    )
+
+
+@dataclass
+class _Source:
+    """One dataset read from disk and its original -> remapped label table."""
+
+    data: DatasetSplits
+    remap: np.ndarray  # int64 (num_classes,)
+    train_keep: np.ndarray  # rows kept after train_per_class subsampling
+    test_keep: np.ndarray
+
+
+@dataclass
+class _Task:
+    source: int
+    train: np.ndarray  # int64 row indices into the source's train split
+    test: np.ndarray
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def split_classes(num_classes: int, num_tasks: int, first: int | None) -> list[int]:
+    """Number of classes in each task: equal, or ``first`` then equal splits of the rest."""
+    if num_tasks > num_classes:
+        raise DataError(
+            f"{num_classes} classes cannot be split into {num_tasks} tasks; set data.num_tasks <= {num_classes}"
+        )
+    if first is None:
+        if num_classes % num_tasks:
+            raise DataError(
+                f"{num_classes} classes cannot be split into {num_tasks} equal tasks; "
+                f"choose num_tasks dividing {num_classes} or set data.first_task_classes"
+            )
+        return [num_classes // num_tasks] * num_tasks
+    rest, others = num_classes - first, num_tasks - 1
+    if first < 1 or (others == 0 and rest != 0) or (others > 0 and (rest < others or rest % others)):
+        raise DataError(
+            f"data.first_task_classes={first} leaves {rest} of {num_classes} classes, which cannot be split into "
+            f"{others} equal tasks; choose first_task_classes so the remaining classes divide evenly by {others}"
+        )
+    return [first] + [rest // others] * others if others else [first]
+
+
+def make_class_order(num_classes: int, kind: str, seed: int) -> list[int]:
+    if kind == "label":
+        return list(range(num_classes))
+    if kind == "random":
+        return [int(c) for c in np.random.default_rng(seed).permutation(num_classes)]
+    raise ConfigError(f"data.class_order must be 'label' or 'random', got {kind!r}")
+
+
+def subsample(groups: np.ndarray, per_group: int | None, seed: int) -> np.ndarray:
+    """Sorted row indices keeping at most ``per_group`` rows (seeded) of every group value."""
+    if per_group is None:
+        return np.arange(len(groups), dtype=np.int64)
+    if per_group < 1:
+        raise ConfigError(f"data.train_per_class / test_per_class must be >= 1, got {per_group}")
+    rng = np.random.default_rng(seed)
+    keep = [rng.permutation(np.flatnonzero(groups == g))[:per_group] for g in np.unique(groups)]
+    return np.sort(np.concatenate(keep)).astype(np.int64)
+
+
+def _groups(split: DatasetSplit, per_domain: bool) -> np.ndarray:
+    """Subsampling groups: class, or (domain, class) so that every domain keeps every class."""
+    if per_domain and split.domains is not None:
+        return split.domains * (int(split.targets.max()) + 1) + split.targets
+    return split.targets
+
+
+def _parse_domain(entry: str, root: str | None) -> tuple[str, str | None]:
+    """'name' -> (name, data.root); 'name=/path' -> (name, /path)."""
+    name, sep, path = entry.partition("=")
+    return name.strip(), ((path.strip() or None) if sep else root)
+
+
+def _load_sources(cfg: Any) -> list[DatasetSplits]:
+    if cfg.domains and cfg.setting != "dil":
+        raise ConfigError("data.domains only applies to data.setting=dil; remove it or set data.setting=dil")
+    if not cfg.domains:
+        return [load_dataset(cfg)]
+    if len(cfg.domains) != cfg.num_tasks:
+        raise ConfigError(
+            f"data.domains lists {len(cfg.domains)} datasets but data.num_tasks={cfg.num_tasks}; make them equal"
+        )
+    sources = [read_dataset(*_parse_domain(d, cfg.root), cfg.download) for d in cfg.domains]
+    counts = {entry: s.num_classes for entry, s in zip(cfg.domains, sources)}
+    if len(set(counts.values())) > 1:
+        raise DataError(
+            f"DIL domains must have the same number of classes, got {counts}; choose matching datasets"
+        )
+    return sources
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scenario
+
+
+class Scenario:
+    """Tasks over one or more datasets, with loaders yielding ``(x, y, task)``.
+
+    x float (B, C, S, S); y int64 (B,) remapped labels; task int64 (B,) the task id of each sample.
+    """
+
+    def __init__(
+        self,
+        cfg: Any,
+        sources: list[_Source],
+        tasks: list[_Task],
+        class_order: list[int],
+        task_classes: list[list[int]],
+        domain_names: list[str] | None,
+    ):
+        self.cfg = cfg
+        self.setting: str = cfg.setting
+        self.online: bool = cfg.setting == "online"
+        self.num_tasks: int = len(tasks)
+        self.class_order = class_order
+        self.num_classes: int = len(class_order)
+        names = sources[0].data.class_names
+        self.class_names: list[str] = [names[c] for c in class_order]
+        self.task_classes = task_classes
+        self.domain_names = domain_names
+        self.dataset_names = [s.data.name for s in sources]
+        self.train_transform: ImageTransform = build_transform(
+            cfg.train_transform, cfg.img_size, cfg.channels, cfg.normalize, True
+        )
+        self.test_transform: ImageTransform = build_transform(
+            cfg.test_transform, cfg.img_size, cfg.channels, cfg.normalize, False
+        )
+        self._sources, self._tasks = sources, tasks
+
+    # -- class bookkeeping -------------------------------------------------------------------------
+
+    def class_mask(self, t: int) -> torch.Tensor:
+        """BoolTensor (num_classes,): True for the classes of task ``t``."""
+        mask = torch.zeros(self.num_classes, dtype=torch.bool)
+        mask[self.task_classes[self._check(t)]] = True
+        return mask
+
+    def seen_classes(self, t: int) -> list[int]:
+        """Sorted remapped classes of tasks 0..t."""
+        return sorted({c for k in range(self._check(t) + 1) for c in self.task_classes[k]})
+
+    def train_indices(self, t: int) -> np.ndarray:
+        """Rows of task ``t`` in its dataset's train split (after subsampling), for inspection."""
+        return self._tasks[self._check(t)].train.copy()
+
+    def test_indices(self, t: int) -> np.ndarray:
+        return self._tasks[self._check(t)].test.copy()
+
+    def _check(self, t: int) -> int:
+        if not 0 <= t < self.num_tasks:
+            raise IndexError(f"task {t} out of range 0..{self.num_tasks - 1}")
+        return t
+
+    # -- loaders ------------------------------------------------------------------------------------
+
+    def _dataset(
+        self, t: int, role: str, rows: np.ndarray, transform: ImageTransform, seed: int
+    ) -> TaskDataset:
+        src = self._sources[self._tasks[t].source]
+        split = src.data.train if role == "train" else src.data.test
+        # Convert every kept row of the split at once, so that all tasks and loaders share one cache.
+        cached = convert_split(split, transform, src.train_keep if role == "train" else src.test_keep)
+        return TaskDataset(split, rows, src.remap[split.targets[rows]], t, transform, seed, cached)
+
+    def _loader(self, ds: TaskDataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+        if batch_size < 1:
+            raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=False,
+            generator=torch.Generator().manual_seed(seed),
+            num_workers=self.cfg.num_workers,
+            pin_memory=self.cfg.pin_memory,
+            collate_fn=collate_batch,
+            worker_init_fn=seed_worker,
+        )
+
+    def train_loader(self, t: int, batch_size: int, *, generator_seed: int) -> DataLoader:
+        """Shuffled training data of task ``t``; one iteration is one pass over every sample once.
+
+        In the online setting the engine must iterate it exactly once (``scenario.online``).
+        """
+        ds = self._dataset(
+            self._check(t),
+            "train",
+            self._tasks[t].train,
+            self.train_transform,
+            derive_seed(generator_seed, 1),
+        )
+        return self._loader(ds, batch_size, True, generator_seed)
+
+    def test_loader(self, t: int, batch_size: int) -> DataLoader:
+        """Test data of task ``t`` in a fixed order."""
+        ds = self._dataset(self._check(t), "test", self._tasks[t].test, self.test_transform, 0)
+        return self._loader(ds, batch_size, False, 0)
+
+    def sample_loader(
+        self, t: int, num_samples: int, batch_size: int, *, seed: int, augment: bool
+    ) -> DataLoader:
+        """A fixed seeded subset of ``num_samples`` training images of task ``t`` (all if fewer).
+
+        Uses the train transform if ``augment`` (augmentation also seeded by ``seed``), else the test one.
+        """
+        rows = self._tasks[self._check(t)].train
+        if len(rows) > num_samples:
+            rows = np.sort(
+                np.random.default_rng(derive_seed(seed, 2)).choice(rows, num_samples, replace=False)
+            )
+        tf = self.train_transform if augment else self.test_transform
+        return self._loader(
+            self._dataset(t, "train", rows, tf, derive_seed(seed, 3)), batch_size, False, seed
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready summary for results files."""
+        return {
+            "dataset": self.dataset_names[0] if len(self.dataset_names) == 1 else self.dataset_names,
+            "setting": self.setting,
+            "num_tasks": self.num_tasks,
+            "num_classes": self.num_classes,
+            "class_order": list(self.class_order),
+            "task_classes": [list(c) for c in self.task_classes],
+            "class_names": list(self.class_names),
+            "domain_names": self.domain_names,
+            "train_sizes": [len(t.train) for t in self._tasks],
+            "test_sizes": [len(t.test) for t in self._tasks],
+            "train_transform": repr(self.train_transform),
+            "test_transform": repr(self.test_transform),
+        }
+
+    def __repr__(self) -> str:
+        return f"Scenario({self.setting}, {self.dataset_names}, {self.num_tasks} tasks, {self.num_classes} classes)"
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def _source(data: DatasetSplits, remap: np.ndarray, cfg: Any, seed: int, per_domain: bool) -> _Source:
+    train_keep = subsample(_groups(data.train, per_domain), cfg.train_per_class, derive_seed(seed, 10))
+    test_keep = subsample(_groups(data.test, per_domain), cfg.test_per_class, derive_seed(seed, 11))
+    return _Source(data, remap, train_keep, test_keep)
+
+
+def _class_tasks(src: _Source, task_classes: list[list[int]]) -> list[_Task]:
+    train_y = src.remap[src.data.train.targets[src.train_keep]]
+    test_y = src.remap[src.data.test.targets[src.test_keep]]
+    return [
+        _Task(0, src.train_keep[np.isin(train_y, cls)], src.test_keep[np.isin(test_y, cls)])
+        for cls in task_classes
+    ]
+
+
+def _domain_tasks(src: _Source, num_tasks: int) -> tuple[list[_Task], list[str]]:
+    tr, te = src.data.train, src.data.test
+    if tr.domains is None or te.domains is None:
+        raise DataError(
+            f"setting dil needs domains but {src.data.name} has none; set data.domains=[dataset, ...] "
+            "or use image_folder with root/<domain>/{train,test}/<class>/"
+        )
+    names = src.data.domain_names or [str(d) for d in range(int(tr.domains.max()) + 1)]
+    if len(names) != num_tasks:
+        raise ConfigError(
+            f"{src.data.name} has {len(names)} domains but data.num_tasks={num_tasks}; set data.num_tasks={len(names)}"
+        )
+    tasks = [
+        _Task(
+            0, src.train_keep[tr.domains[src.train_keep] == d], src.test_keep[te.domains[src.test_keep] == d]
+        )
+        for d in range(num_tasks)
+    ]
+    return tasks, list(names)
+
+
+def _check_tasks(tasks: list[_Task]) -> None:
+    for t, task in enumerate(tasks):
+        for role in ("train", "test"):
+            if len(getattr(task, role)) == 0:
+                raise DataError(
+                    f"task {t} has no {role} images; check the dataset files or the task split settings"
+                )
+
+
+def build_scenario(data_cfg: Any, seed: int) -> Scenario:
+    """Read the data of ``data_cfg`` and cut it into ``data_cfg.num_tasks`` tasks."""
+    cfg = data_cfg
+    if cfg.setting not in SETTINGS:
+        raise ConfigError(f"data.setting must be one of {list(SETTINGS)}, got {cfg.setting!r}")
+    if cfg.num_tasks < 1:
+        raise ConfigError(f"data.num_tasks must be >= 1, got {cfg.num_tasks}")
+    datasets = _load_sources(cfg)
+    num_classes = datasets[0].num_classes
+    order_seed = cfg.order_seed if cfg.order_seed is not None else seed
+    class_order = make_class_order(num_classes, cfg.class_order, order_seed)
+    remap = np.empty(num_classes, dtype=np.int64)
+    remap[class_order] = np.arange(num_classes)
+    dil = cfg.setting == "dil"
+    sources = [_source(d, remap, cfg, seed, dil) for d in datasets]
+    if not dil:
+        sizes = split_classes(num_classes, cfg.num_tasks, cfg.first_task_classes)
+        bounds = np.cumsum([0] + sizes)
+        task_classes = [list(range(int(a), int(b))) for a, b in zip(bounds[:-1], bounds[1:])]
+        tasks, domain_names = _class_tasks(sources[0], task_classes), None
+    else:
+        if cfg.first_task_classes is not None:
+            raise ConfigError(
+                "data.first_task_classes does not apply to setting dil (every task has all classes); unset it"
+            )
+        task_classes = [list(range(num_classes))] * cfg.num_tasks
+        if len(sources) > 1:
+            tasks = [_Task(k, s.train_keep, s.test_keep) for k, s in enumerate(sources)]
+            domain_names = [d.name for d in datasets]
+            if len(set(domain_names)) < len(domain_names):  # same reader twice: tell them apart by entry
+                domain_names = list(cfg.domains)
+        else:
+            tasks, domain_names = _domain_tasks(sources[0], cfg.num_tasks)
+    _check_tasks(tasks)
+    return Scenario(cfg, sources, tasks, class_order, task_classes, domain_names)

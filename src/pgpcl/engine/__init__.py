@@ -1,0 +1,1 @@
+"""Task loop, evaluation, metrics, results files and checkpoints."""

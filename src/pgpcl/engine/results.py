@@ -1,0 +1,387 @@
+"""The per-run ``results.json`` file (schema version 1, documented in docs/results-schema.md).
+
+The engine creates one :class:`Results` with :func:`new_results`, fills accuracies, timings and
+projection statistics as tasks finish, and rewrites the file atomically after each task with
+:func:`write_results`, so a crash leaves the last complete state behind. :func:`read_results` validates
+what it reads; a malformed file raises :class:`ResultsError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import platform
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pgpcl.engine.metrics import summarize, tasks_done, validate_matrix
+from pgpcl.errors import PgpclError
+from pgpcl.io import atomic_write_json
+
+SCHEMA_VERSION = 1
+RESULTS_FILENAME = "results.json"
+STATUSES = ("running", "complete", "failed")
+EVAL_SETTINGS = ("cil", "til")
+
+# Top-level keys every schema-1 file must have, with the JSON types they must hold.
+_REQUIRED: dict[str, tuple[type, ...]] = {
+    "schema_version": (int,),
+    "status": (str,),
+    "run_name": (str,),
+    "method": (str,),
+    "pgp": (bool,),
+    "setting": (str,),
+    "config": (dict,),
+    "seed": (int,),
+    "class_order": (list,),
+    "task_classes": (list,),
+    "class_names": (list,),
+    "versions": (dict,),
+    "weights": (dict,),
+    "device": (str,),
+    "acc": (dict,),
+    "metrics": (dict,),
+    "timings": (list,),
+    "projection": (list,),
+    "created": (str,),
+    "updated": (str,),
+}
+_OPTIONAL: dict[str, tuple[type, ...]] = {"error": (str, type(None))}
+
+# Distribution name, module name: metadata first (no import needed), else an already-imported module.
+_VERSIONED = {
+    "torch": ("torch", "torch"),
+    "torchvision": ("torchvision", "torchvision"),
+    "timm": ("timm", "timm"),
+    "numpy": ("numpy", "numpy"),
+    "open_clip": ("open_clip_torch", "open_clip"),
+}
+
+
+class ResultsError(PgpclError):
+    """A results file is missing, unreadable or does not follow the schema."""
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of pgpcl, Python and the installed libraries that affect results (absent ones left out)."""
+    from pgpcl import __version__
+
+    versions = {"pgpcl": __version__, "python": platform.python_version()}
+    for key, (dist, module) in _VERSIONED.items():
+        v = _installed_version(dist, module)
+        if v is not None:
+            versions[key] = v
+    return versions
+
+
+def _installed_version(dist: str, module: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        mod = sys.modules.get(module)
+        return getattr(mod, "__version__", None) if mod is not None else None
+
+
+def empty_matrix(num_tasks: int) -> list[list[float | None]]:
+    return [[None] * num_tasks for _ in range(num_tasks)]
+
+
+@dataclass
+class Results:
+    """One run's results; field meanings are in docs/results-schema.md."""
+
+    run_name: str
+    method: str
+    pgp: bool
+    setting: str
+    config: dict[str, Any]
+    seed: int
+    class_order: list[int] = field(default_factory=list)
+    task_classes: list[list[int]] = field(default_factory=list)
+    class_names: list[str] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=dict)
+    weights: dict[str, Any] = field(default_factory=lambda: {"source": None, "sha256": None})
+    device: str = "cpu"
+    acc: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    timings: list[dict[str, Any]] = field(default_factory=list)
+    projection: list[dict[str, Any]] = field(default_factory=list)
+    status: str = "running"
+    error: str | None = None
+    created: str = field(default_factory=now_iso)
+    updated: str = field(default_factory=now_iso)
+    schema_version: int = SCHEMA_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Keys a newer writer added that this version does not know; kept so a rewrite preserves them."""
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.acc["cil"])
+
+    @property
+    def dataset(self) -> str:
+        return str(self.config.get("data", {}).get("dataset", "?"))
+
+    def set_acc(self, setting: str, i: int, t: int, value: float) -> None:
+        """Record accuracy (%) on task ``i`` after training task ``t`` for ``cil`` or ``til``."""
+        if not 0 <= i <= t < self.num_tasks:
+            raise IndexError(f"need 0 <= i <= t < {self.num_tasks}, got i={i}, t={t}")
+        if self.acc.get(setting) is None:
+            raise KeyError(f"this run stores no '{setting}' accuracies")
+        self.acc[setting][i][t] = float(value)
+
+    def refresh_metrics(self) -> None:
+        self.metrics = {s: None if m is None else summarize(m) for s, m in self.acc.items()}
+
+    def add_timing(
+        self, task: int, train_s: float, eval_s: float, basis_s: float, steps: int, train_images: int
+    ) -> None:
+        rate = train_images / train_s if train_s > 0 else None
+        self.timings.append(
+            {"task": task, "train_s": float(train_s), "eval_s": float(eval_s), "basis_s": float(basis_s),
+             "steps": int(steps), "train_images_per_s": rate}
+        )
+
+    def add_projection(self, task: int, group: str, rank: int, dim: int, leak: float | None) -> None:
+        self.projection.append(
+            {"task": task, "group": group, "rank": int(rank), "dim": int(dim),
+             "leak": None if leak is None else float(leak)}
+        )
+
+    def mark(self, status: str, error: str | None = None) -> None:
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+        self.status, self.error = status, error
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        d = {"schema_version": d.pop("schema_version"), **d, **self.extra}
+        return _plain(d)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Results:
+        """Build from a validated dict (see :func:`validate_results`)."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        return cls(**kwargs, extra={k: v for k, v in d.items() if k not in known})
+
+
+def new_results(
+    config: Any,
+    *,
+    num_tasks: int,
+    class_order: list[int] | None = None,
+    task_classes: list[list[int]] | None = None,
+    class_names: list[str] | None = None,
+    weights: dict[str, Any] | None = None,
+    device: str = "cpu",
+    eval_til: bool = True,
+) -> Results:
+    """A fresh ``running`` results record for ``config`` (a Config or its ``to_dict()``).
+
+    ``eval_til=False`` stores ``acc.til = null`` for settings where task-restricted evaluation means
+    nothing (e.g. domain-incremental, where every task has the same classes).
+    """
+    cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    acc = {"cil": empty_matrix(num_tasks), "til": empty_matrix(num_tasks) if eval_til else None}
+    r = Results(
+        run_name=str(cfg.get("name", "run")),
+        method=str(cfg.get("method", {}).get("name", "?")),
+        pgp=bool(cfg.get("pgp", {}).get("enabled", False)),
+        setting=str(cfg.get("data", {}).get("setting", "cil")),
+        config=cfg,
+        seed=int(cfg.get("seed", 0)),
+        class_order=list(class_order or []),
+        task_classes=[list(c) for c in task_classes or []],
+        class_names=list(class_names or []),
+        versions=package_versions(),
+        weights=dict(weights or {"source": None, "sha256": None}),
+        device=str(device),
+        acc=acc,
+    )
+    r.refresh_metrics()
+    return r
+
+
+# ----------------------------------------------------------------------------------------------------
+# Plain JSON values and validation
+
+
+def _plain(obj: Any) -> Any:
+    """Convert numpy/torch scalars, tuples and paths to JSON types (json.dumps rejects e.g. float32)."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item"):
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"cannot store {type(obj).__name__} in a results file")
+
+
+def _nonfinite(obj: Any, where: str = "") -> str | None:
+    """Path of the first NaN/inf number in ``obj``, or None."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return where or "value"
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for k, v in items:
+        sub = f"{where}[{k}]" if isinstance(k, int) else (f"{where}.{k}" if where else str(k))
+        found = _nonfinite(v, sub)
+        if found:
+            return found
+    return None
+
+
+def validate_results(d: Any) -> str | None:
+    """The first problem with results dict ``d`` as one phrase, or None when it is valid."""
+    if not isinstance(d, dict):
+        return f"the top level is a {type(d).__name__}, not an object"
+    version = d.get("schema_version")
+    if "schema_version" not in d:
+        return "missing key schema_version"
+    if type(version) is not int or version != SCHEMA_VERSION:
+        return f"schema_version {version!r} is not {SCHEMA_VERSION}, the version this pgpcl reads"
+    return _check_keys(d) or _check_values(d) or _check_acc(d)
+
+
+def _check_keys(d: dict[str, Any]) -> str | None:
+    missing = [k for k in _REQUIRED if k not in d]
+    if missing:
+        return f"missing key(s) {', '.join(missing)}"
+    for key, types in {**_REQUIRED, **_OPTIONAL}.items():
+        if key in d and (not isinstance(d[key], types) or (bool not in types and isinstance(d[key], bool))):
+            return f"key '{key}' has type {type(d[key]).__name__}, expected {types[0].__name__}"
+    return None
+
+
+def _check_values(d: dict[str, Any]) -> str | None:
+    if d["status"] not in STATUSES:
+        return f"status {d['status']!r} is not one of {', '.join(STATUSES)}"
+    bad = _nonfinite(d)
+    if bad:
+        return f"{bad} is not a finite number"
+    for key in ("timings", "projection"):
+        if not all(isinstance(x, dict) for x in d[key]):
+            return f"every entry of '{key}' must be an object"
+    if not all(isinstance(c, list) for c in d["task_classes"]):
+        return "every entry of 'task_classes' must be a list of class ids"
+    return None
+
+
+def _check_acc(d: dict[str, Any]) -> str | None:
+    acc = d["acc"]
+    if not isinstance(acc.get("cil"), list):
+        return "acc.cil must be an accuracy matrix"
+    sizes = {}
+    for s, m in acc.items():
+        if s not in EVAL_SETTINGS:
+            return f"acc has unknown setting '{s}' (expected {', '.join(EVAL_SETTINGS)})"
+        if m is None:
+            continue
+        try:
+            sizes[s] = validate_matrix(m)
+        except (ValueError, TypeError) as e:
+            return f"acc.{s}: {e}"
+    return _check_sizes(d, sizes)
+
+
+def _check_sizes(d: dict[str, Any], sizes: dict[str, int]) -> str | None:
+    T = sizes["cil"]
+    if any(n != T for n in sizes.values()):
+        return f"acc matrices have different sizes {sizes}"
+    if d["task_classes"] and len(d["task_classes"]) != T:
+        return f"task_classes lists {len(d['task_classes'])} tasks but acc.cil has {T}"
+    if d["status"] == "complete":
+        for s, m in d["acc"].items():
+            if m is not None and tasks_done(m) != T:
+                return f"status is complete but acc.{s} has {tasks_done(m)} of {T} tasks filled"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Files
+
+
+def write_results(path: str | Path, results: Results | dict[str, Any]) -> None:
+    """Validate and write ``results`` atomically.
+
+    A :class:`Results` object gets its ``metrics`` recomputed from ``acc`` and ``updated`` stamped first,
+    so the file never holds stale metrics. Invalid content raises ValueError (a bug in the caller).
+    """
+    if isinstance(results, Results):
+        results.refresh_metrics()
+        results.updated = now_iso()
+        d = results.to_dict()
+    else:
+        d = _plain(results)
+    problem = validate_results(d)
+    if problem:
+        raise ValueError(f"refusing to write invalid results to {path}: {problem}")
+    atomic_write_json(path, d)
+
+
+def read_results(path: str | Path) -> Results:
+    """Read and validate a results file; raises :class:`ResultsError` on any problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ResultsError(f"results file {path} not found; check the path or rerun the run") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ResultsError(f"results file {path} cannot be read ({_one_line(e)}); rerun or restore it") from None
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ResultsError(f"results file {path} is not valid JSON: {e}; rerun or restore it") from None
+    problem = validate_results(d)
+    if problem:
+        raise ResultsError(f"results file {path} is malformed: {problem}; rerun or restore it")
+    return Results.from_dict(d)
+
+
+def _one_line(e: BaseException) -> str:
+    lines = str(e).splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def find_results(path: str | Path) -> Path:
+    """The results file of a run: ``path`` itself if it is a file, else ``path/results.json``."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    candidate = path / RESULTS_FILENAME
+    if path.is_dir() and candidate.is_file():
+        return candidate
+    if path.is_dir():
+        raise ResultsError(f"no {RESULTS_FILENAME} in {path}; give a run directory or a results file")
+    raise ResultsError(f"{path} does not exist; give a run directory or a {RESULTS_FILENAME} path")
+
+
+def collect_results(paths: list[str | Path]) -> list[Path]:
+    """Results files under ``paths``: files as given, run dirs, or folders searched recursively."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir() and not (p / RESULTS_FILENAME).is_file():
+            below = sorted(p.rglob(RESULTS_FILENAME))
+            if not below:
+                raise ResultsError(f"no {RESULTS_FILENAME} under {p}; give run directories or results files")
+            found.extend(below)
+        else:
+            found.append(find_results(p))
+    if not found:
+        raise ResultsError("no results paths given; pass run directories or results files")
+    return list(dict.fromkeys(f.resolve() for f in found))

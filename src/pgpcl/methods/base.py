@@ -1,0 +1,128 @@
+"""The interface every continual-learning method implements.
+
+The engine drives a method through a task sequence; the method owns its prompts, head and backbone.
+For PGP a method declares which parameters are protected (``protected_groups``) and which features
+span their old space (``representations`` / ``extra_representations``); the projection component does
+the rest and knows nothing of the method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from pgpcl.config import Config
+    from pgpcl.data import Scenario
+    from pgpcl.projection import ProtectedGroup
+
+
+@dataclass
+class MethodOutput:
+    logits: Tensor
+    """(B, num_classes) over all classes of the scenario."""
+    aux_loss: Tensor | None = None
+    """Extra scalar loss (e.g. the pull constraint), already weighted."""
+    info: dict = field(default_factory=dict)
+
+
+class Method(nn.Module):
+    """Base class. Subclasses set ``Params`` (a dataclass of hyper-parameters) and implement forward."""
+
+    Params: ClassVar[type]
+    default_eps: ClassVar[dict[str, float]] = {}
+    """eps per protected-group kind, as released; ``pgp.eps`` overrides it."""
+    basis_timing: ClassVar[Literal["task_start", "task_end"]] = "task_end"
+    """When PGP builds a task's basis: before training it on that task's data (L2P as released) or after."""
+
+    def __init__(self, params, num_classes: int, task_classes: list[list[int]]):
+        super().__init__()
+        self.params = params
+        self.num_classes = num_classes
+        self.task_classes = task_classes
+        self.current_task = 0
+
+    # -- construction -------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, cfg: Config, scenario: Scenario) -> Method:
+        """Build the method and its backbone from a config; records ``self.weights_info``."""
+        raise NotImplementedError
+
+    # -- task boundaries ----------------------------------------------------------------------------
+    def begin_task(self, task: int) -> None:
+        self.current_task = task
+
+    def end_task(self, task: int) -> None:
+        pass
+
+    # -- training and evaluation --------------------------------------------------------------------
+    def forward(self, x: Tensor, task: Tensor | None = None) -> MethodOutput:
+        """x: (B, C, H, W); task: (B,) true task ids during training, None at test time."""
+        raise NotImplementedError
+
+    def loss(self, out: MethodOutput, y: Tensor, class_mask: Tensor) -> Tensor:
+        """Cross-entropy over the current task's classes ("train mask"), plus the method's aux loss."""
+        logits = out.logits.masked_fill(~class_mask.to(out.logits.device), float("-inf"))
+        loss = F.cross_entropy(logits, y)
+        if out.aux_loss is not None:
+            loss = loss + out.aux_loss
+        return loss
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        """(B, num_classes) logits without task identity (CIL); the engine masks as the setting needs."""
+        return self.forward(x, None).logits
+
+    def task_optimizer_settings(self, task: int, lr: float, weight_decay: float) -> tuple[float, float]:
+        """(lr, weight decay) for ``task``; methods with per-task schedules (CLIP) override this."""
+        return lr, weight_decay
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """Only what training changes: the frozen backbone is rebuilt from its weights file."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v.detach().clone() for k, v in self.state_dict().items() if k in names}
+
+    def load_trainable_state_dict(self, state: dict[str, Tensor]) -> None:
+        own = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            from pgpcl.errors import CheckpointError
+
+            bad = (missing or unexpected)[0]
+            raise CheckpointError(
+                f"checkpoint does not match this method: {'missing' if missing else 'unexpected'} "
+                f"parameter '{bad}'; resume with the config the run was started with"
+            )
+        with torch.no_grad():
+            for n, p in own.items():
+                if p.shape != state[n].shape:
+                    from pgpcl.errors import CheckpointError
+
+                    raise CheckpointError(
+                        f"checkpoint parameter '{n}' has shape {tuple(state[n].shape)}, model expects "
+                        f"{tuple(p.shape)}; resume with the config the run was started with"
+                    )
+                p.copy_(state[n])
+
+    # -- PGP hooks ----------------------------------------------------------------------------------
+    def protected_groups(self, eps: dict[str, float]) -> list[ProtectedGroup]:
+        """Parameters PGP protects, by reference. ``eps``: threshold per group kind."""
+        return []
+
+    @torch.no_grad()
+    def representations(self, x: Tensor, task: Tensor) -> dict[str, Tensor]:
+        """Per protected group, the rows spanning its old input space for this batch: (B, n, D)."""
+        return {}
+
+    @torch.no_grad()
+    def extra_representations(self) -> dict[str, Tensor]:
+        """Per group, rows added once per task (e.g. the prompt pool, for the sum space): (m, D)."""
+        return {}

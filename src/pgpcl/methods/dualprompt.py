@@ -1,0 +1,146 @@
+"""DualPrompt (Wang et al., ECCV 2022), and DualPrompt-PGP with ``pgp.enabled=true``.
+
+Prefix-tuning: at each prompted layer a prompt is a key-prefix and a value-prefix (L tokens each)
+joined to that layer's attention keys and values; queries are the image tokens only. A task-shared
+G-prompt sits at ``g_layers`` and a pool of E-prompts (one per task, picked top-1 by key matching, forced
+to the true task in training) at ``e_layers``. The classifier reads the CLS output.
+
+Unlike the released code, key- and value-prefixes are split by indexing their own axis, never by a
+reshape that mixes them across the batch.
+
+PGP: the key-prefixes of the G-prompt and of the E-prompts are protected, one basis per layer, spanned
+by that layer's queries W_q LN(x) of the task's data (eps 0.50), built after each task. The memory pass
+selects E-prompts exactly as training does (the true task's prompt).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from pgpcl.errors import ConfigError
+from pgpcl.methods import METHODS
+from pgpcl.methods.base import Method, MethodOutput
+from pgpcl.methods.vit_common import build_backbone, init_head, init_prompt_
+
+
+@METHODS.register("dualprompt")
+class DualPrompt(Method):
+    @dataclass
+    class Params:
+        g_length: int = 5
+        g_layers: list[int] = field(default_factory=lambda: [0, 1])
+        e_length: int = 5
+        e_layers: list[int] = field(default_factory=lambda: [2, 3, 4])
+        pool_size: int | None = None
+        """Number of E-prompts; None = one per task."""
+        top_k: int = 1
+        batchwise_prompt: bool = True
+        test_batchwise: bool = False
+        pull_lambda: float = 1.0
+        head: Literal["token", "prompt"] = "token"
+        prompt_init: Literal["uniform", "zero", "normal"] = "uniform"
+
+        def validate(self) -> None:
+            if set(self.g_layers) & set(self.e_layers):
+                raise ConfigError("method.g_layers and method.e_layers overlap; give each layer one prompt")
+            if self.top_k != 1:
+                raise ConfigError("method.top_k must be 1 for DualPrompt (one E-prompt per image)")
+            if min(self.g_length, self.e_length) < 1 or (self.pool_size is not None and self.pool_size < 1):
+                raise ConfigError("method.g_length, method.e_length and method.pool_size must be >= 1")
+
+    default_eps = {"prefix": 0.50}
+    basis_timing = "task_end"
+
+    def __init__(self, params: Params, backbone: nn.Module, num_classes: int, task_classes):
+        super().__init__(params, num_classes, task_classes)
+        from pgpcl.models import PromptPool
+
+        self.backbone = backbone
+        d, depth = backbone.embed_dim, backbone.depth
+        bad = [layer for layer in params.g_layers + params.e_layers if not 0 <= layer < depth]
+        if bad:
+            raise ConfigError(f"prompt layer {bad[0]} does not exist in a {depth}-layer backbone; use 0..{depth - 1}")
+        pool_size = params.pool_size or len(task_classes)
+        if pool_size < len(task_classes):
+            raise ConfigError(
+                f"method.pool_size ({pool_size}) is smaller than the number of tasks ({len(task_classes)}); "
+                "DualPrompt needs one E-prompt per task"
+            )
+        g_shape = (len(params.g_layers), 2, params.g_length, d)
+        self.g_prompt = nn.Parameter(torch.empty(g_shape)) if params.g_layers else None
+        if self.g_prompt is not None:
+            init_prompt_(self.g_prompt, params.prompt_init)
+        e_shape = (len(params.e_layers), 2, params.e_length, d)
+        self.pool = PromptPool(pool_size, e_shape, d, init=params.prompt_init)
+        self.head = init_head(nn.Linear(d, num_classes))
+
+    @classmethod
+    def build(cls, cfg, scenario) -> DualPrompt:
+        backbone, info = build_backbone(cfg.backbone)
+        method = cls(cfg.method.params, backbone, scenario.num_classes, scenario.task_classes)
+        method.weights_info = info
+        return method
+
+    def _prefixes(self, x: Tensor, task: Tensor | None):
+        """E-prompt selection (forced to ``task`` when given) and the per-layer prefix dict."""
+        from pgpcl.models import join_layer_prefixes
+
+        p = self.params
+        batchwise = p.batchwise_prompt if self.training else p.test_batchwise
+        sel = self.pool.select(self.backbone.query(x), 1, batchwise=batchwise, force_idx=task)
+        b = x.shape[0]
+        e = self.pool.gather(sel.idx)[:, 0]  # (B, n_e_layers, 2, L, D)
+        prefixes = join_layer_prefixes(e, p.e_layers)
+        if self.g_prompt is not None:
+            g = self.g_prompt.unsqueeze(0).expand(b, *self.g_prompt.shape)
+            prefixes.update(join_layer_prefixes(g, p.g_layers))
+        return sel, prefixes
+
+    def forward(self, x: Tensor, task: Tensor | None = None) -> MethodOutput:
+        sel, prefixes = self._prefixes(x, task)
+        tokens = self.backbone.forward_features(x, prefixes=prefixes).tokens
+        feat = tokens[:, 0] if self.params.head == "token" else tokens[:, 1:].mean(dim=1)
+        aux = -self.params.pull_lambda * sel.key_sim.mean()
+        return MethodOutput(self.head(feat), aux, {"prompt_idx": sel.idx})
+
+    # -- PGP ---------------------------------------------------------------------------------------
+    def _prefixed_layers(self) -> list[tuple[str, nn.Parameter, int, int]]:
+        """(group name, parameter, index of the layer in that parameter, layer) for every prefixed layer."""
+        out = [(f"g_key.l{layer}", self.g_prompt, i, layer) for i, layer in enumerate(self.params.g_layers)]
+        out += [(f"e_key.l{layer}", self.pool.prompts, i, layer) for i, layer in enumerate(self.params.e_layers)]
+        return out
+
+    def protected_groups(self, eps: dict[str, float]):
+        from pgpcl.projection import ProtectedGroup
+
+        groups = []
+        for name, param, i, _ in self._prefixed_layers():
+            if param is self.g_prompt:
+                view = _g_key_view(i)
+            else:
+                view = _e_key_view(i)
+            # components=50: PCA width of the released arithmetic (pgp.mode=reference only).
+            groups.append(ProtectedGroup(name, "prefix", param, view, eps["prefix"], components=50))
+        return groups
+
+    @torch.no_grad()
+    def representations(self, x: Tensor, task: Tensor) -> dict[str, Tensor]:
+        """Per prefixed layer, the queries W_q LN(x) of the prompted forward: (B, T, D)."""
+        layers = [layer for *_, layer in self._prefixed_layers()]
+        _, prefixes = self._prefixes(x, task)
+        queries = self.backbone.forward_features(x, prefixes=prefixes, capture_queries=layers).queries
+        return {name: queries[layer] for name, _, _, layer in self._prefixed_layers()}
+
+
+def _g_key_view(i: int):
+    """The key-prefix of G-prompt layer i: (L, D) out of (n_layers, 2, L, D)."""
+    return lambda t: t[i, 0]
+
+
+def _e_key_view(i: int):
+    """The key-prefixes of every E-prompt at layer i: (M, L, D) out of (M, n_layers, 2, L, D)."""
+    return lambda t: t[:, i, 0]

@@ -1,0 +1,108 @@
+"""L2P: Learning to Prompt (Wang et al., CVPR 2022), and L2P-PGP with ``pgp.enabled=true``.
+
+A pool of M prompts (L tokens of width D each) with one key per prompt. The frozen ViT's final-norm
+CLS feature of the un-prompted image is the query; the top-k keys by cosine similarity pick k prompts,
+whose k*L tokens are inserted after the CLS token. Loss: cross-entropy over the current task's classes
+minus ``pull_lambda`` times the mean cosine between the query and the selected keys.
+
+PGP (design note, section 3): the selected prompts are protected with the span of the patch-embedding
+tokens plus the prompt pool (eps 0.50); the keys with the span of the query features (eps 0.97). The
+basis is built at the start of each task from that task's data, as released.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from pgpcl.errors import ConfigError
+from pgpcl.methods import METHODS
+from pgpcl.methods.base import Method, MethodOutput
+from pgpcl.methods.vit_common import build_backbone, init_head
+
+
+@METHODS.register("l2p")
+class L2P(Method):
+    @dataclass
+    class Params:
+        pool_size: int = 10
+        length: int = 5
+        """Tokens per prompt."""
+        top_k: int = 5
+        batchwise_prompt: bool = True
+        """Training: the k most frequent prompt ids of the batch are used for the whole batch."""
+        test_batchwise: bool = False
+        """Also vote at test time (released default; assumes one task per test batch, so off here)."""
+        pull_lambda: float = 0.1
+        head: Literal["prompt", "token"] = "prompt"
+        """prompt: classifier on the mean of the prompt-position outputs; token: on the CLS output."""
+        prompt_init: Literal["uniform", "zero", "normal"] = "uniform"
+
+        def validate(self) -> None:
+            if self.top_k > self.pool_size:
+                raise ConfigError(
+                    f"method.top_k ({self.top_k}) is larger than method.pool_size ({self.pool_size}); "
+                    "lower top_k or raise pool_size"
+                )
+            if min(self.pool_size, self.length, self.top_k) < 1:
+                raise ConfigError("method.pool_size, method.length and method.top_k must be >= 1")
+
+    default_eps = {"prompt": 0.50, "key": 0.97}
+    basis_timing = "task_start"
+
+    def __init__(self, params: Params, backbone: nn.Module, num_classes: int, task_classes):
+        super().__init__(params, num_classes, task_classes)
+        from pgpcl.models import PromptPool
+
+        self.backbone = backbone
+        d = backbone.embed_dim
+        self.pool = PromptPool(params.pool_size, (params.length, d), d, init=params.prompt_init)
+        self.head = init_head(nn.Linear(d, num_classes))
+
+    @classmethod
+    def build(cls, cfg, scenario) -> L2P:
+        backbone, info = build_backbone(cfg.backbone)
+        method = cls(cfg.method.params, backbone, scenario.num_classes, scenario.task_classes)
+        method.weights_info = info
+        return method
+
+    def _select(self, x: Tensor):
+        """Query the frozen ViT and pick prompts: idx (B, k), key cosine (B, k)."""
+        p = self.params
+        batchwise = p.batchwise_prompt if self.training else p.test_batchwise
+        return self.pool.select(self.backbone.query(x), p.top_k, batchwise=batchwise)
+
+    def forward(self, x: Tensor, task: Tensor | None = None) -> MethodOutput:
+        sel = self._select(x)
+        b, k = sel.idx.shape
+        prompts = self.pool.gather(sel.idx).reshape(b, k * self.params.length, -1)
+        tokens = self.backbone.forward_features(x, prompts=prompts).tokens
+        if self.params.head == "prompt":
+            feat = tokens[:, 1 : 1 + prompts.shape[1]].mean(dim=1)
+        else:
+            feat = tokens[:, 0]
+        aux = -self.params.pull_lambda * sel.key_sim.mean()
+        return MethodOutput(self.head(feat), aux, {"prompt_idx": sel.idx})
+
+    # -- PGP ---------------------------------------------------------------------------------------
+    def protected_groups(self, eps: dict[str, float]):
+        from pgpcl.projection import ProtectedGroup
+
+        return [
+            # components: PCA widths of the released arithmetic (pgp.mode=reference only).
+            ProtectedGroup("prompt", "prompt", self.pool.prompts, None, eps["prompt"], components=9),
+            ProtectedGroup("key", "key", self.pool.keys, None, eps["key"], components=5),
+        ]
+
+    @torch.no_grad()
+    def representations(self, x: Tensor, task: Tensor) -> dict[str, Tensor]:
+        """prompt: patch-embedding tokens (B, N, D); key: query features (B, 1, D)."""
+        return {"prompt": self.backbone.patch_tokens(x), "key": self.backbone.query(x).unsqueeze(1)}
+
+    @torch.no_grad()
+    def extra_representations(self) -> dict[str, Tensor]:
+        """The prompt pool as rows (M*L, D): the prompt half of the sum space."""
+        return {"prompt": self.pool.prompts.detach().reshape(-1, self.pool.prompts.shape[-1])}

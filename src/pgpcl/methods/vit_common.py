@@ -1,0 +1,30 @@
+"""Pieces shared by the ViT-based methods (L2P, DualPrompt)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def build_backbone(backbone_cfg):
+    """A frozen :class:`PromptedViT` and the identity of its weights."""
+    from pgpcl.models import PromptedViT, build_vit
+
+    vit, info = build_vit(backbone_cfg)
+    return PromptedViT(vit, fused_attention=backbone_cfg.fused_attention), info
+
+
+def init_head(head: nn.Linear) -> nn.Linear:
+    """Small initial weights so untrained classes do not dominate logits."""
+    nn.init.trunc_normal_(head.weight, std=0.02)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+def init_prompt_(t, kind: str) -> None:
+    """Initialise a prompt tensor in place: 'uniform' in [-1, 1] (as released), 'normal' or 'zero'."""
+    if kind == "uniform":
+        nn.init.uniform_(t, -1.0, 1.0)
+    elif kind == "normal":
+        nn.init.normal_(t, std=0.02)
+    else:
+        nn.init.zeros_(t)

@@ -1,0 +1,147 @@
+"""The PGP facade the engine uses: groups + memory + collectors + projector from one PGPConfig."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import Tensor
+
+from pgpcl.config import PGPConfig
+from pgpcl.errors import ConfigError
+from pgpcl.projection.collect import GramCollector, RepresentationCollector, SampleCollector, Weighting
+from pgpcl.projection.groups import ProtectedGroup, check_unique
+from pgpcl.projection.memory import SubspaceMemory, UpdateInfo
+from pgpcl.projection.projector import Projector
+from pgpcl.projection.reference import check_sample_count
+
+
+def resolve_eps(
+    groups: Sequence[ProtectedGroup], cfg_eps: Mapping[str, float], default_eps: Mapping[str, float]
+) -> list[ProtectedGroup]:
+    """Copies of the groups with eps set: ``pgp.eps.<kind>`` first, then the group's own eps, then
+    the method's default for the kind."""
+    out = []
+    for g in groups:
+        own = g.eps if g.eps is not None else default_eps.get(g.kind)
+        eps = cfg_eps.get(g.kind, own)
+        if eps is None:
+            raise ConfigError(
+                f"no eps for protected group kind '{g.kind}'; set pgp.eps.{g.kind}=<value in (0, 1]>"
+            )
+        if not 0.0 < eps <= 1.0:
+            raise ConfigError(f"pgp.eps.{g.kind} must be in (0, 1], got {eps}")
+        out.append(dataclasses.replace(g, eps=float(eps)))
+    return out
+
+
+class PGP:
+    """Prompt Gradient Projection for any set of protected groups.
+
+    Engine usage: ``collectors()`` / ``collect()`` / ``collect_extra()`` then ``build()`` at a task
+    boundary; ``begin_task()`` / ``end_task()`` around training; ``before_step()`` /
+    ``after_step()`` around ``optimizer.step()``; ``state_dict()`` into checkpoints.
+
+    ``weighting`` and ``extra_weight`` set how the extra (prompt) rows enter the feature-mode sum
+    space (see :class:`GramCollector`); reference mode ignores them.
+    """
+
+    def __init__(
+        self,
+        groups: Sequence[ProtectedGroup],
+        cfg: PGPConfig,
+        default_eps: Mapping[str, float] | None = None,
+        *,
+        weighting: Weighting = "trace",
+        extra_weight: float = 1.0,
+        measure_step_leak: bool = True,
+    ) -> None:
+        check_unique(list(groups))
+        self.cfg = cfg
+        self.groups = resolve_eps(groups, cfg.eps, default_eps or {})
+        self._by_name = {g.name: g for g in self.groups}
+        if cfg.mode == "reference":
+            for g in self.groups:
+                check_sample_count(cfg.num_samples, g.dim)
+                if g.components is None:
+                    raise ValueError(f"group '{g.name}': reference mode needs ProtectedGroup.components")
+        self.weighting: Weighting = weighting
+        self.extra_weight = extra_weight
+        self.memory = SubspaceMemory(cfg.mode)
+        self.projector = Projector(self.groups, self.memory, cfg.target, measure_step_leak)
+        self._collectors: dict[str, RepresentationCollector] | None = None
+
+    # ------------------------------------------------------------------ building the memory
+
+    def _new_collector(self, group: ProtectedGroup) -> RepresentationCollector:
+        if self.cfg.mode == "reference":
+            return SampleCollector(group.dim, int(group.components))
+        return GramCollector(group.dim, self.weighting, self.extra_weight)
+
+    def collectors(self) -> dict[str, RepresentationCollector]:
+        """Fresh collectors, one per group name, which the next ``build()`` will use."""
+        self._collectors = {g.name: self._new_collector(g) for g in self.groups}
+        return self._collectors
+
+    def _collector(self, name: str) -> RepresentationCollector:
+        if self._collectors is None:
+            self.collectors()
+        if name not in self._collectors:
+            raise KeyError(f"no protected group named '{name}' (groups: {', '.join(self._by_name)})")
+        return self._collectors[name]
+
+    def collect(self, reps: Mapping[str, Tensor]) -> None:
+        """Add one batch of representations: group name -> rows (B, n, D) or (B, D)."""
+        for name, rows in reps.items():
+            self._collector(name).add(rows)
+
+    def collect_extra(self, name: str, rows: Tensor) -> None:
+        """Set the group's extra matrix (m, D) for this task (e.g. the prompt pool: sum space)."""
+        self._collector(name).add_extra(rows)
+
+    def build(self) -> dict[str, UpdateInfo]:
+        """Grow every group's basis from the collected representations; clears the collectors.
+
+        Every group must have received rows: a group left out would silently stay unprotected.
+        """
+        if self._collectors is None:
+            raise RuntimeError("PGP.build() called before any representation was collected")
+        for collector in self._collectors.values():  # collectives, in the same order on every rank
+            collector.synchronize()
+        empty = [n for n, c in self._collectors.items() if c.num_rows == 0]
+        if empty:
+            raise RuntimeError(f"no representations collected for group(s) {', '.join(empty)}")
+        infos = {
+            g.name: self.memory.update(g.name, self._collectors[g.name], float(g.eps)) for g in self.groups
+        }
+        self._collectors = None
+        return infos
+
+    # ------------------------------------------------------------------ training hooks
+
+    def begin_task(self) -> None:
+        self.projector.begin_task()
+
+    def end_task(self) -> dict[str, dict[str, float]]:
+        return self.projector.end_task()
+
+    def before_step(self) -> None:
+        self.projector.before_step()
+
+    def after_step(self) -> None:
+        self.projector.after_step()
+
+    def step_leak(self) -> dict[str, dict[str, float]]:
+        return self.projector.step_leak()
+
+    def ranks(self) -> dict[str, int]:
+        return {g.name: self.memory.rank(g.name) for g in self.groups}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.memory.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.memory.load_state_dict(state)

@@ -1,0 +1,194 @@
+"""Projector: keeps protected parameters out of span(U), on gradients or on the applied update.
+
+One training step, whatever the optimizer::
+
+    loss.backward(); clip_grad_norm_(...)
+    projector.before_step()   # target=gradient: g <- g - g U U^T; snapshots for the step leak
+    optimizer.step()
+    projector.after_step()    # target=update: delta <- delta - delta U U^T; records the step leak
+
+At task boundaries: ``begin_task()`` before training, ``end_task()`` after training and *before*
+the memory update (the leak is measured against the basis that was in force during the task).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from pgpcl.projection.groups import ProtectedGroup, check_unique, snapshot
+from pgpcl.projection.memory import SubspaceMemory
+
+Target = Literal["gradient", "update"]
+
+
+@dataclass
+class _Operator:
+    """Cached projection data for one group on the parameter's device."""
+
+    version: int
+    basis: Tensor  # (D, k) compute dtype
+    outer: Tensor | None  # U U^T (D, D) when one matmul with it is cheaper than two thin ones
+
+    def component(self, x: Tensor) -> Tensor:
+        """The part of x (..., D) in span(U): x U U^T, same shape, compute dtype."""
+        x = x.to(self.basis.dtype)
+        if self.outer is not None:
+            return x @ self.outer
+        return (x @ self.basis) @ self.basis.T
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half-precision projections would leave a visible component in span(U); do them in float32.
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _ratio(num: Tensor, den: Tensor) -> Tensor:
+    """num / den, 0 where den == 0 (no change means no leak)."""
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(num))
+
+
+class Projector:
+    """Applies the memory's bases to the protected groups; knows nothing of the method."""
+
+    def __init__(
+        self,
+        groups: Sequence[ProtectedGroup],
+        memory: SubspaceMemory,
+        target: Target = "gradient",
+        measure_step_leak: bool = True,
+    ) -> None:
+        if target not in ("gradient", "update"):
+            raise ValueError(f"target must be 'gradient' or 'update', got {target!r}")
+        check_unique(list(groups))
+        self.groups = list(groups)
+        self.memory = memory
+        self.target: Target = target
+        self.measure_step_leak = measure_step_leak
+        self._ops: dict[str, _Operator] = {}
+        self._step_before: dict[str, Tensor] = {}
+        self._step_leak: dict[str, tuple[Tensor, Tensor]] = {}
+        self._task_start: dict[str, Tensor] = {}
+
+    # ------------------------------------------------------------------ operators
+
+    def _operator(self, group: ProtectedGroup) -> _Operator | None:
+        """The group's cached operator, refreshed when the memory changed; None if U is empty."""
+        if self.memory.rank(group.name) == 0:
+            return None
+        version = self.memory.version(group.name)
+        op = self._ops.get(group.name)
+        if op is not None and op.version == version:
+            return op
+        basis = self.memory.basis(group.name)
+        if basis.shape[0] != group.dim:
+            raise ValueError(
+                f"group '{group.name}': basis is {basis.shape[0]}-D, the parameter view is {group.dim}-D"
+            )
+        dtype = _compute_dtype(group.param.dtype)
+        basis = basis.to(group.param.device, dtype)
+        d, k = basis.shape
+        # Two thin matmuls cost 2 D k per row, one with U U^T costs D^2 per row.
+        outer = basis @ basis.T if 2 * k >= d else None
+        op = _Operator(version, basis, outer)
+        self._ops[group.name] = op
+        return op
+
+    def active(self) -> bool:
+        """True when at least one group has a non-empty basis (from the second task on)."""
+        return any(self.memory.rank(g.name) > 0 for g in self.groups)
+
+    # ------------------------------------------------------------------ per step
+
+    @torch.no_grad()
+    def project_gradients(self) -> None:
+        """In place, for every group with a basis and a gradient: g_view <- g_view - g_view U U^T."""
+        for group in self.groups:
+            op = self._operator(group)
+            grad = group.selected_grad() if op is not None else None
+            if grad is not None:
+                grad.sub_(op.component(grad).to(grad.dtype))
+
+    @torch.no_grad()
+    def before_step(self) -> None:
+        """Call after backward (and clipping), before optimizer.step()."""
+        if self.target == "gradient":
+            self.project_gradients()
+        self._step_before.clear()
+        if self.target == "update" or self.measure_step_leak:
+            for group in self.groups:
+                if self._operator(group) is not None:
+                    self._step_before[group.name] = snapshot(group)
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Call after optimizer.step(). target=update: removes the step's change inside span(U).
+
+        The optimizer's state (e.g. Adam's moments) is left as is: it keeps its memory of the raw
+        gradients, and the correction is applied again after every step.
+        """
+        self._step_leak.clear()
+        for group in self.groups:
+            before = self._step_before.get(group.name)
+            op = self._operator(group)
+            if before is None or op is None:
+                continue
+            current = group.selected_data()
+            delta = current - before
+            comp = op.component(delta)
+            raw = _ratio(comp.norm(), delta.norm().to(comp.dtype))
+            if self.target == "update":
+                current.sub_(comp.to(current.dtype))
+                delta = current - before
+                comp = op.component(delta)
+            self._step_leak[group.name] = (raw, _ratio(comp.norm(), delta.norm().to(comp.dtype)))
+        self._step_before.clear()
+
+    def step_leak(self) -> dict[str, dict[str, float]]:
+        """Leak of the last step per protected group with a basis (synchronises with the device).
+
+        ``optimizer``: ||delta U U^T|| / ||delta|| of the change the optimizer made; ``applied``: the
+        same for the change that stayed (equal for target=gradient, ~0 for target=update).
+        """
+        return {
+            name: {"optimizer": float(raw), "applied": float(applied)}
+            for name, (raw, applied) in self._step_leak.items()
+        }
+
+    # ------------------------------------------------------------------ per task
+
+    @torch.no_grad()
+    def begin_task(self) -> None:
+        """Remember every group's protected part, to measure the task's total change."""
+        self._task_start = {g.name: snapshot(g) for g in self.groups}
+
+    @torch.no_grad()
+    def end_task(self) -> dict[str, dict[str, float]]:
+        """Per group: rank and dim of the basis in force, and the leak of the task's real change.
+
+        leak = ||dtheta U U^T|| / ||dtheta||, dtheta = (param now - param at begin_task) through the
+        view; 0 when the basis is empty or nothing changed. ``change`` = ||dtheta||.
+        """
+        if not self._task_start:
+            raise RuntimeError("Projector.end_task() called without begin_task()")
+        report = {}
+        for group in self.groups:
+            delta = group.selected_data() - self._task_start[group.name]
+            op = self._operator(group)
+            change = float(delta.norm())
+            leak = 0.0
+            if op is not None:
+                comp = op.component(delta)
+                leak = float(_ratio(comp.norm(), delta.norm().to(comp.dtype)))
+            report[group.name] = {
+                "rank": self.memory.rank(group.name),
+                "dim": group.dim,
+                "leak": leak,
+                "change": change,
+            }
+        self._task_start = {}
+        return report

@@ -1,0 +1,280 @@
+"""Loading runs, grouping seeds of one configuration, and statistics over seeds.
+
+Runs are grouped by their full config, apart from the seed and keys that cannot change the numbers
+(:data:`IGNORED_KEYS`). When PGP is off the other ``pgp.*`` keys are inert, so they are dropped too:
+baselines that differ only there still form one group.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pgpcl.engine.metrics import accuracy_curve, summarize, tasks_done
+from pgpcl.engine.results import Results, collect_results, read_results
+from pgpcl.errors import PgpclError
+
+IGNORED_KEYS = frozenset(
+    {
+        "seed", "name", "output_dir",
+        "data.root", "data.download", "data.num_workers", "data.pin_memory",
+        "train.device", "train.log_every", "train.tensorboard", "train.progress",
+    }
+)
+
+# (column key, header, eval setting, summary key)
+COLUMNS: list[tuple[str, str, str, str]] = [
+    ("cil_final", "CIL final", "cil", "final_acc"),
+    ("cil_avg_inc", "CIL avg-inc", "cil", "avg_inc_acc"),
+    ("cil_forgetting", "CIL forget", "cil", "forgetting"),
+    ("cil_bwt", "CIL BWT", "cil", "bwt"),
+    ("til_final", "TIL final", "til", "final_acc"),
+    ("til_forgetting", "TIL forget", "til", "forgetting"),
+]
+
+
+@dataclass
+class Stat:
+    """Mean and sample standard deviation (ddof=1; None for a single value) of the defined values."""
+
+    mean: float | None
+    std: float | None
+    n: int
+    values: list[float] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, values: Sequence[float | None]) -> Stat:
+        vals = [float(v) for v in values if v is not None]
+        if not vals:
+            return cls(None, None, 0, [])
+        std = statistics.stdev(vals) if len(vals) > 1 else None
+        return cls(statistics.fmean(vals), std, len(vals), vals)
+
+    def format(self, pm: str = "+-", signed: bool = False, digits: int = 2) -> str:
+        if self.mean is None:
+            return "-"
+        mean = f"{self.mean:+.{digits}f}" if signed else f"{self.mean:.{digits}f}"
+        return mean if self.std is None else f"{mean} {pm} {self.std:.{digits}f}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean, "std": self.std, "n": self.n, "values": self.values}
+
+
+@dataclass
+class Run:
+    path: Path
+    results: Results
+
+    @property
+    def seed(self) -> int:
+        return self.results.seed
+
+    def summary(self, setting: str) -> dict[str, Any] | None:
+        m = self.results.acc.get(setting)
+        return None if m is None else summarize(m)
+
+    def value(self, column: str) -> float | None:
+        _, _, setting, key = _column(column)
+        s = self.summary(setting)
+        return None if s is None else s[key]
+
+    def curve(self, setting: str) -> list[float] | None:
+        m = self.results.acc.get(setting)
+        return None if m is None else accuracy_curve(m)
+
+
+@dataclass
+class RunGroup:
+    """Runs of one configuration that differ only in seed."""
+
+    key: tuple
+    runs: list[Run]
+    variant: str = ""
+    """Config keys that tell this group apart from others with the same method/dataset/setting."""
+
+    @property
+    def first(self) -> Results:
+        return self.runs[0].results
+
+    @property
+    def method_label(self) -> str:
+        base = self.first.method + ("-PGP" if self.first.pgp else "")
+        return f"{base} [{self.variant}]" if self.variant else base
+
+    @property
+    def label(self) -> str:
+        return f"{self.method_label} {self.first.dataset} {self.first.setting}"
+
+    @property
+    def seeds(self) -> list[int]:
+        return [r.seed for r in self.runs]
+
+    def stat(self, column: str) -> Stat:
+        return Stat.of([r.value(column) for r in self.runs])
+
+
+def _column(key: str) -> tuple[str, str, str, str]:
+    for col in COLUMNS:
+        if col[0] == key:
+            return col
+    raise KeyError(f"unknown report column {key!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_runs(paths: Sequence[str | Path], include_incomplete: bool = False) -> tuple[list[Run], list[str]]:
+    """Read every results file under ``paths``; return the usable runs and a note per skipped one."""
+    runs, skipped = [], []
+    for f in collect_results(list(paths)):
+        r = read_results(f)
+        done, total = tasks_done(r.acc["cil"]), r.num_tasks
+        if done == 0 or (r.status != "complete" and not include_incomplete):
+            skipped.append(f"skipped {f} (status {r.status}, {done}/{total} tasks done)")
+            continue
+        runs.append(Run(f, r))
+    if not runs:
+        raise PgpclError(
+            f"none of the {len(skipped)} results file(s) is a complete run; "
+            "wait for the runs to finish or include incomplete runs"
+        )
+    return runs, skipped
+
+
+# ----------------------------------------------------------------------------------------------------
+# Grouping
+
+
+def flat_config(r: Results) -> dict[str, str]:
+    """Dotted config keys -> JSON-encoded values, with the run's own method/pgp/setting fields."""
+    flat: dict[str, str] = {}
+    _flatten(r.config, "", flat)
+    flat.update({"method.name": json.dumps(r.method), "pgp.enabled": json.dumps(r.pgp),
+                 "data.setting": json.dumps(r.setting)})
+    return flat
+
+
+def _flatten(node: Any, prefix: str, out: dict[str, str]) -> None:
+    if isinstance(node, dict) and node:
+        for k, v in node.items():
+            _flatten(v, f"{prefix}.{k}" if prefix else str(k), out)
+    else:
+        out[prefix] = json.dumps(node, sort_keys=True)
+
+
+def group_key(r: Results, drop_pgp: bool = False) -> tuple:
+    """Hashable identity of a run's configuration, without seed and inert keys."""
+    flat = flat_config(r)
+    pgp_inert = drop_pgp or not r.pgp
+    items = {
+        k: v for k, v in flat.items()
+        if k not in IGNORED_KEYS and not (pgp_inert and k.startswith("pgp."))
+    }
+    return tuple(sorted(items.items()))
+
+
+def group_runs(runs: Sequence[Run]) -> tuple[list[RunGroup], list[str]]:
+    """Group runs by config; keep the newest run when a seed repeats. Returns groups and notes."""
+    by_key: dict[tuple, list[Run]] = {}
+    for run in runs:
+        by_key.setdefault(group_key(run.results), []).append(run)
+    groups, notes = [], []
+    for key, members in by_key.items():
+        kept, dropped = _latest_per_seed(members)
+        notes.extend(f"seed {d.seed} repeats; used {k.path}, ignored {d.path}" for d, k in dropped)
+        groups.append(RunGroup(key, kept))
+    _set_variants(groups)
+    groups.sort(key=_sort_key)
+    return groups, notes
+
+
+def _latest_per_seed(runs: Sequence[Run]) -> tuple[list[Run], list[tuple[Run, Run]]]:
+    by_seed: dict[int, Run] = {}
+    dropped = []
+    for run in sorted(runs, key=lambda r: r.results.updated, reverse=True):
+        if run.seed in by_seed:
+            dropped.append((run, by_seed[run.seed]))
+        else:
+            by_seed[run.seed] = run
+    return sorted(by_seed.values(), key=lambda r: r.seed), dropped
+
+
+def _sort_key(g: RunGroup) -> tuple:
+    r = g.first
+    return (r.dataset, r.setting, r.method, r.pgp, g.variant)
+
+
+def _set_variants(groups: list[RunGroup]) -> None:
+    # Groups that would print the same label get the config keys that differ among them appended.
+    by_label: dict[str, list[RunGroup]] = {}
+    for g in groups:
+        by_label.setdefault(g.label, []).append(g)
+    for same in by_label.values():
+        if len(same) < 2:
+            continue
+        dicts = [dict(g.key) for g in same]
+        keys = sorted({k for d in dicts for k in d if len({d.get(k) for d in dicts}) > 1})
+        for g, d in zip(same, dicts):
+            shown = ", ".join(f"{k}={_show(d.get(k))}" for k in keys[:3])
+            g.variant = shown + (", ..." if len(keys) > 3 else "")
+
+
+def _show(encoded: str | None) -> str:
+    if encoded is None:
+        return "unset"
+    value = json.loads(encoded)
+    return value if isinstance(value, str) else encoded
+
+
+# ----------------------------------------------------------------------------------------------------
+# Paired differences
+
+
+@dataclass
+class PairedDifference:
+    """Per-seed differences ``a - b`` over the seeds both groups share."""
+
+    seeds: list[int]
+    stats: dict[str, Stat]
+    label: str = ""
+
+
+def _as_runs(group: RunGroup | Sequence[Run] | Sequence[Results]) -> list[Run]:
+    items = group.runs if isinstance(group, RunGroup) else list(group)
+    runs = [x if isinstance(x, Run) else Run(Path("."), x) for x in items]
+    return _latest_per_seed(runs)[0]
+
+
+def paired_difference(
+    group_a: RunGroup | Sequence[Run] | Sequence[Results],
+    group_b: RunGroup | Sequence[Run] | Sequence[Results],
+) -> PairedDifference:
+    """Mean +- sample std of ``a - b`` per report column, for runs matched by seed."""
+    a = {r.seed: r for r in _as_runs(group_a)}
+    b = {r.seed: r for r in _as_runs(group_b)}
+    seeds = sorted(set(a) & set(b))
+    stats = {}
+    for col, *_ in COLUMNS:
+        diffs = [_diff(a[s].value(col), b[s].value(col)) for s in seeds]
+        stats[col] = Stat.of(diffs)
+    return PairedDifference(seeds, stats)
+
+
+def _diff(x: float | None, y: float | None) -> float | None:
+    return None if x is None or y is None else x - y
+
+
+def pgp_pairs(groups: Sequence[RunGroup]) -> list[tuple[RunGroup, RunGroup]]:
+    """(PGP group, baseline group) pairs whose configs are identical apart from ``pgp.*``."""
+    baselines = {group_key(g.first, drop_pgp=True): g for g in groups if not g.first.pgp}
+    pairs = []
+    for g in groups:
+        base = baselines.get(group_key(g.first, drop_pgp=True)) if g.first.pgp else None
+        if base is not None:
+            pairs.append((g, base))
+    return pairs

@@ -1,0 +1,88 @@
+import pytest
+
+from pgpcl.config import apply_overrides, config_from_dict, list_presets, load_config, load_raw
+from pgpcl.errors import ConfigError
+
+RELEASED = ["cifar100_10", "cifar100_20", "imagenet_r_10", "tiny_imagenet_10", "cub200_5"]
+
+
+def test_every_preset_loads():
+    names = list_presets()
+    for bench in RELEASED:
+        for method in ("l2p", "dualprompt"):
+            assert f"{bench}_{method}" in names
+            assert f"{bench}_{method}_pgp" in names
+    for name in names:
+        cfg = load_config(name)
+        assert cfg.name == name
+
+
+def test_released_hyperparameters():
+    c = load_config("imagenet_r_10_l2p")
+    assert (c.method.params.length, c.method.params.top_k, c.method.params.pool_size) == (30, 1, 10)
+    assert (c.train.epochs, c.train.lr, c.train.batch_size, c.seed) == (50, 0.005, 16, 59)
+    d = load_config("cifar100_10_dualprompt")
+    assert (d.train.epochs, d.train.batch_size, d.seed, d.method.params.pull_lambda) == (20, 24, 59, 1.0)
+    assert d.backbone.pretrained_tag == "augreg_in21k"
+    assert not load_config("imagenet_r_10_dualprompt").method.params.batchwise_prompt
+
+
+def test_pgp_preset_differs_from_baseline_only_in_pgp():
+    base = load_config("cifar100_10_l2p").to_dict()
+    pgp = load_config("cifar100_10_l2p_pgp").to_dict()
+    assert pgp["pgp"]["enabled"] and not base["pgp"]["enabled"]
+    for key in ("data", "backbone", "method", "train", "seed"):
+        assert base[key] == pgp[key]
+
+
+def test_overrides_are_typed():
+    cfg = load_config("tiny_l2p", ["train.lr=0.5", "method.top_k=1", "pgp.eps={key: 0.9}", "data.root=/x"])
+    assert cfg.train.lr == 0.5 and isinstance(cfg.train.lr, float)
+    assert cfg.method.params.top_k == 1
+    assert cfg.pgp.eps == {"key": 0.9}
+    assert cfg.data.root == "/x"
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("data.num_task=3", "did you mean 'data.num_tasks'"),
+        ("method.pool_sz=3", "did you mean 'method.pool_size'"),
+        ("trian.lr=1", "did you mean 'train'"),
+        ("train.lr=fast", "must be a number"),
+        ("train.epochs=1.5", "must be an integer"),
+        ("data.setting=cli", "did you mean 'cil'"),
+        ("pgp.eps={key: 1.5}", "pgp.eps.key must be in (0, 1]"),
+        ("method.top_k=9", "larger than method.pool_size"),
+        ("pgp.enabled=maybe", "must be true or false"),
+        ("method.name=l3p", "did you mean 'l2p'"),
+    ],
+)
+def test_bad_config_rejected_with_hint(override, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny_l2p", [override])
+    assert expected in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_preset_suggests_nearest():
+    with pytest.raises(ConfigError, match="did you mean 'cifar100_10_l2p'"):
+        load_config("cifar100_10_l2")
+
+
+def test_base_inheritance_merges_sections(tmp_path):
+    child = tmp_path / "child.yaml"
+    child.write_text("_base_: tiny_l2p\nname: child\ntrain: {epochs: 3}\n")
+    cfg = load_config(str(child))
+    assert cfg.train.epochs == 3 and cfg.train.batch_size == 16 and cfg.data.dataset == "mnist5k"
+
+
+def test_roundtrip_through_dict():
+    cfg = load_config("tiny_dualprompt_pgp")
+    again = config_from_dict(cfg.to_dict())
+    assert again == cfg
+
+
+def test_override_requires_equals():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        apply_overrides(load_raw("tiny_l2p"), ["train.lr"])

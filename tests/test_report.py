@@ -1,0 +1,201 @@
+import json
+import statistics
+
+import pytest
+from PIL import Image
+
+from pgpcl.config import Config
+from pgpcl.engine.results import new_results, read_results, write_results
+from pgpcl.errors import PgpclError
+from pgpcl.report import Stat, paired_difference, report_runs
+
+# CIL matrices A[i][t] of 3-task runs; TIL = CIL + 5 everywhere.
+CIL = {
+    (False, 0): [[90.0, 85.0, 80.0], [None, 88.0, 82.0], [None, None, 86.0]],
+    (False, 1): [[92.0, 86.0, 79.0], [None, 87.0, 80.0], [None, None, 84.0]],
+    (True, 0): [[90.0, 88.0, 85.0], [None, 89.0, 86.0], [None, None, 86.0]],
+    (True, 1): [[91.0, 89.0, 84.0], [None, 88.0, 85.0], [None, None, 85.0]],
+}
+
+
+def til_of(A):
+    return [[None if a is None else a + 5.0 for a in row] for row in A]
+
+
+def write_run(root, pgp, seed, A, status="complete", name=None, eps=None, dataset="cifar100"):
+    cfg = Config(name=name or f"{'pgp' if pgp else 'base'}-s{seed}", seed=seed, output_dir=str(root))
+    cfg.pgp.enabled = pgp
+    cfg.data.num_tasks = len(A)
+    cfg.data.dataset = dataset
+    if eps is not None:
+        cfg.pgp.eps = {"prompt": eps}
+    r = new_results(cfg, num_tasks=len(A), task_classes=[[t] for t in range(len(A))])
+    r.acc = {"cil": [list(row) for row in A], "til": til_of(A)}
+    r.mark(status)
+    run_dir = root / cfg.name
+    write_results(run_dir / "results.json", r)
+    return run_dir
+
+
+@pytest.fixture
+def runs(tmp_path):
+    root = tmp_path / "runs"
+    return [write_run(root, pgp, seed, A) for (pgp, seed), A in CIL.items()]
+
+
+# Independent, by-definition metric computations for the expected table values.
+def final(A):
+    return statistics.fmean(row[-1] for row in A)
+
+
+def avg_inc(A):
+    T = len(A)
+    return statistics.fmean(statistics.fmean(A[i][t] for i in range(t + 1)) for t in range(T))
+
+
+def forget(A):
+    T = len(A) - 1
+    return statistics.fmean(max(A[i][i:T]) - A[i][T] for i in range(T))
+
+
+def bwt(A):
+    T = len(A) - 1
+    return statistics.fmean(A[i][T] - A[i][i] for i in range(T))
+
+
+def pm(values, signed=False):
+    m, s = statistics.fmean(values), statistics.stdev(values)
+    return f"{m:+.2f} +- {s:.2f}" if signed else f"{m:.2f} +- {s:.2f}"
+
+
+def line_of(text, start, section=0):
+    part = text.split("PGP - baseline")[section]
+    return next(line for line in part.splitlines() if line.startswith(start))
+
+
+def test_table_values(runs, tmp_path):
+    text = report_runs(runs, out_dir=tmp_path / "rep", plots=False)
+    for pgp, label in [(False, "l2p "), (True, "l2p-PGP")]:
+        mats = [CIL[(pgp, s)] for s in (0, 1)]
+        row = line_of(text, label)
+        for f in (final, avg_inc, forget, bwt):
+            assert pm([f(A) for A in mats]) in row, (f.__name__, row)
+        assert pm([final(til_of(A)) for A in mats]) in row
+        assert pm([forget(til_of(A)) for A in mats]) in row
+        assert "cifar100" in row and " cil " in row and " 2 " in row
+
+
+def test_paired_section(runs, tmp_path):
+    text = report_runs(runs, out_dir=tmp_path / "rep", plots=False)
+    assert "PGP - baseline (paired by seed" in text
+    row = line_of(text, "l2p-PGP", section=1)
+    for f in (final, avg_inc, forget, bwt):
+        diffs = [f(CIL[(True, s)]) - f(CIL[(False, s)]) for s in (0, 1)]
+        assert pm(diffs, signed=True) in row, (f.__name__, row)
+
+
+def test_paired_difference_matches_by_seed(tmp_path):
+    root = tmp_path / "runs"
+    a = [read_results(write_run(root, True, s, CIL[(True, s % 2)]) / "results.json") for s in (0, 1, 7)]
+    b = [read_results(write_run(root, False, s, CIL[(False, s)]) / "results.json") for s in (1, 0)]
+    d = paired_difference(a, b)
+    assert d.seeds == [0, 1]
+    diffs = [final(CIL[(True, s)]) - final(CIL[(False, s)]) for s in (0, 1)]
+    assert d.stats["cil_final"].mean == pytest.approx(statistics.fmean(diffs))
+    assert d.stats["cil_final"].std == pytest.approx(statistics.stdev(diffs))
+    assert d.stats["cil_final"].n == 2
+
+
+def test_stat_format():
+    assert Stat.of([80.0]).format() == "80.00"
+    assert Stat.of([None]).format() == "-"
+    assert Stat.of([1.0, 2.0, None]).n == 2
+    assert Stat.of([1.0, 3.0]).format(pm="±") == f"2.00 ± {statistics.stdev([1.0, 3.0]):.2f}"
+
+
+def test_plots_and_summary(runs, tmp_path):
+    out = tmp_path / "rep"
+    text = report_runs(runs, out_dir=out)
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 3  # one heatmap per group + the curves
+    for p in pngs:
+        assert p.stat().st_size > 0
+        with Image.open(p) as im:
+            assert im.format == "PNG"
+            im.verify()
+    summary = json.loads((out / "summary.json").read_text())
+    assert [g["n"] for g in summary["groups"]] == [2, 2]
+    assert summary["curves_plot"] == "accuracy_curves.png"
+    base = next(g for g in summary["groups"] if not g["pgp"])
+    assert base["metrics"]["cil_final"]["mean"] == pytest.approx(
+        statistics.fmean(final(CIL[(False, s)]) for s in (0, 1))
+    )
+    assert base["curves"]["cil"]["mean"][0] == pytest.approx(91.0)
+    assert base["acc_mean"]["cil"][1][0] is None
+    assert len(summary["paired"]) == 1 and summary["paired"][0]["seeds"] == [0, 1]
+    assert (out / "table.txt").read_text() in text
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_markdown(runs, tmp_path):
+    text = report_runs(runs, out_dir=tmp_path / "rep", plots=False, fmt="markdown")
+    assert "| method | dataset | setting | n |" in text
+    assert "±" in text and "### PGP - baseline" in text
+    assert (tmp_path / "rep" / "table.md").exists()
+    with pytest.raises(PgpclError, match="unknown report format"):
+        report_runs(runs, plots=False, fmt="html")
+
+
+def test_single_seed_and_default_out_dir(tmp_path, monkeypatch):
+    run = write_run(tmp_path / "runs", False, 0, CIL[(False, 0)])
+    text = report_runs([run])
+    row = line_of(text, "l2p")
+    assert f"{final(CIL[(False, 0)]):.2f}" in row and "+-" not in row
+    assert "PGP - baseline" not in text
+    assert (run / "report" / "summary.json").exists()
+    monkeypatch.chdir(tmp_path)
+    other = write_run(tmp_path / "runs", False, 1, CIL[(False, 1)])
+    report_runs([run, other])
+    assert (tmp_path / "report" / "accuracy_curves.png").exists()
+
+
+def test_no_files_without_plots_or_out_dir(runs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    report_runs(runs, plots=False)
+    assert not (tmp_path / "report").exists()
+
+
+def test_incomplete_runs_are_skipped(runs, tmp_path):
+    partial = [[90.0, None, None], [None, None, None], [None, None, None]]
+    running = write_run(tmp_path / "runs", False, 5, partial, status="running")
+    text = report_runs([*runs, running], plots=False)
+    assert f"skipped {(running / 'results.json').resolve()} (status running, 1/3 tasks done)" in text
+    assert " 2 " in line_of(text, "l2p ")
+    text = report_runs([*runs, running], plots=False, include_incomplete=True)
+    assert " 3 " in line_of(text, "l2p ")
+    with pytest.raises(PgpclError, match="none of the 1 results file"):
+        report_runs([running], plots=False)
+
+
+def test_no_results_found(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PgpclError) as e:
+        report_runs([tmp_path / "empty"])
+    assert "\n" not in str(e.value)
+
+
+def test_grouping_variants_and_duplicates(tmp_path):
+    root = tmp_path / "runs"
+    for s in (0, 1):
+        write_run(root, True, s, CIL[(True, s)], name=f"eps5-{s}", eps=0.5)
+        write_run(root, True, s, CIL[(True, s)], name=f"eps9-{s}", eps=0.9)
+        write_run(root, False, s, CIL[(False, s)])
+    write_run(root, False, 0, CIL[(False, 1)], name="base-s0-again")  # same config and seed: a rerun
+    write_run(root, False, 0, CIL[(False, 0)], dataset="imr", name="imr")
+    text = report_runs([root], plots=False)
+    assert "l2p-PGP [pgp.eps.prompt=0.5]" in text and "l2p-PGP [pgp.eps.prompt=0.9]" in text
+    paired = text.split("PGP - baseline")[1]
+    assert paired.count("l2p-PGP [") == 2  # both PGP variants paired with the one baseline
+    assert "seed 0 repeats" in text
+    imr = [line for line in text.splitlines() if " imr " in line]
+    assert len(imr) == 1 and imr[0].startswith("l2p ") and " 1 " in imr[0]
