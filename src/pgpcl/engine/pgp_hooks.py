@@ -18,6 +18,7 @@ class PGPHooks:
         # measure_step_leak=False: the task-level leak (end_task) is measured anyway, at no step cost.
         self.pgp = PGP(method.protected_groups(eps), cfg, method.default_eps, measure_step_leak=False)
         self.basis_log: list[dict] = []
+        self.active = False
 
     @torch.no_grad()
     def build_basis(self, task: int, loader) -> None:
@@ -37,17 +38,23 @@ class PGPHooks:
         self.method.train(was_training)
 
     def begin_task(self, task: int) -> None:
-        self.pgp.begin_task()
+        # No projection on the first task, even when the method builds its basis at task start (L2P).
+        self.active = task > 0
+        if self.active:
+            self.pgp.begin_task()
 
     def before_step(self) -> None:
-        self.pgp.before_step()
+        if self.active:
+            self.pgp.before_step()
 
     def after_step(self) -> None:
-        self.pgp.after_step()
+        if self.active:
+            self.pgp.after_step()
 
     def end_task(self, task: int) -> dict[str, dict[str, float]]:
-        """Per group: basis rank in force during the task and the leak of the task's real change."""
-        return self.pgp.end_task()
+        """Per group: basis rank in force during the task and the leak of the task's real change;
+        empty for the first task, which is never projected."""
+        return self.pgp.end_task() if self.active else {}
 
     def state_dict(self) -> dict:
         return self.pgp.state_dict()

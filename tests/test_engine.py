@@ -1,0 +1,126 @@
+"""End to end through the CLI: L2P and DualPrompt (with and without PGP) train 2 tasks on offline
+data, write results files that ``pgpcl report`` and ``pgpcl eval`` read; frozen weights stay frozen."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pgpcl.cli import main
+from pgpcl.config import load_config
+from pgpcl.engine.results import read_results
+from pgpcl.engine.trainer import Trainer
+
+FAST = ["train.progress=false", "data.train_per_class=24", "data.test_per_class=10"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One 2-task run per tiny preset, through ``pgpcl train``."""
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    for preset in ("tiny_l2p", "tiny_l2p_pgp", "tiny_dualprompt", "tiny_dualprompt_pgp"):
+        assert main(["train", preset, f"output_dir={root}", *FAST]) == 0
+        out[preset] = root / preset / "seed0"
+    return out
+
+
+def test_cli_runs_write_complete_results(runs):
+    for preset, run_dir in runs.items():
+        r = read_results(run_dir / "results.json")
+        assert r.status == "complete"
+        assert r.method == preset.split("_")[1]
+        assert r.pgp == preset.endswith("_pgp")
+        assert len(r.acc["cil"]) == 2 and all(v is not None for v in (r.acc["cil"][0][0], r.acc["cil"][1][1]))
+        assert r.acc["cil"][1][0] is None  # a[i][t] is undefined for i > t
+        assert r.metrics["cil"]["final_acc"] == pytest.approx((r.acc["cil"][0][1] + r.acc["cil"][1][1]) / 2)
+        assert r.weights["source"] == "random"
+        assert [t["task"] for t in r.timings] == [0, 1]
+        assert (run_dir / "config.yaml").exists()
+        assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt")) == ["task000.pt", "task001.pt"]
+        if r.pgp:
+            groups = {p["group"] for p in r.projection}
+            assert groups == ({"prompt", "key"} if "l2p" in preset else {"g_key.l0", "e_key.l1", "e_key.l2"})
+
+
+def test_til_accuracy_not_below_cil(runs):
+    for run_dir in runs.values():
+        r = read_results(run_dir / "results.json")
+        for i in range(2):
+            assert r.acc["til"][i][1] >= r.acc["cil"][i][1]
+
+
+def test_report_reads_the_runs(runs, tmp_path, capsys):
+    assert main(["report", *map(str, runs.values()), "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "l2p" in text and "dualprompt" in text
+    assert list(tmp_path.glob("*.png"))
+    assert json.loads((tmp_path / "summary.json").read_text())
+
+
+def test_eval_reproduces_final_accuracies(runs, capsys):
+    run_dir = runs["tiny_dualprompt_pgp"]
+    assert main(["eval", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    r = read_results(run_dir / "results.json")
+    cil_line = next(line for line in out.splitlines() if line.startswith("CIL"))
+    assert f"{r.acc['cil'][0][1]:6.2f}" in cil_line and f"{r.acc['cil'][1][1]:6.2f}" in cil_line
+
+
+def test_finished_run_is_not_overwritten(runs, capsys):
+    run_dir = runs["tiny_l2p"]
+    before = (run_dir / "results.json").read_bytes()
+    code = main(["train", "tiny_l2p", f"output_dir={run_dir.parent.parent}", *FAST])
+    err = capsys.readouterr().err
+    assert code == 2 and "already holds a finished run" in err and "--overwrite" in err
+    assert len(err.strip().splitlines()) == 1
+    assert (run_dir / "results.json").read_bytes() == before
+
+
+def test_unknown_key_exits_2_with_one_line(capsys):
+    assert main(["train", "tiny_l2p", "train.epoch=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "pgpcl: error: unknown config key 'train.epoch'; did you mean 'train.epochs'?"
+
+
+def test_configs_lists_presets(capsys):
+    assert main(["configs"]) == 0
+    names = capsys.readouterr().out.split()
+    assert "cifar100_10_l2p_pgp" in names and "tiny_dualprompt" in names
+
+
+@pytest.mark.parametrize("preset", ["tiny_l2p_pgp", "tiny_dualprompt_pgp"])
+def test_frozen_backbone_bit_identical_after_training(tmp_path, preset):
+    tr = Trainer(load_config(preset, [*FAST, "train.epochs=2"]), tmp_path / "run")
+    frozen = {k: v.clone() for k, v in tr.method.backbone.state_dict().items()}
+    trainable = {n: p.detach().clone() for n, p in tr.method.named_parameters() if p.requires_grad}
+    assert not any(n.startswith("backbone.") for n in trainable)
+    tr.run()
+    for k, v in tr.method.backbone.state_dict().items():
+        assert torch.equal(v, frozen[k]), k
+    changed = [n for n, p in tr.method.named_parameters() if p.requires_grad and not torch.equal(p, trainable[n])]
+    assert "head.weight" in changed and any("prompt" in n for n in changed)
+
+
+def test_same_seed_same_results(tmp_path):
+    accs = []
+    for i in range(2):
+        tr = Trainer(load_config("tiny_l2p_pgp", FAST), tmp_path / f"r{i}")
+        accs.append(tr.run().acc)
+    assert accs[0] == accs[1]
+
+
+def test_train_mask_restricts_loss_to_current_task(tmp_path):
+    tr = Trainer(load_config("tiny_l2p", FAST), tmp_path / "run")
+    method = tr.method
+    x, y, t = next(iter(tr.scenario.train_loader(1, 8, generator_seed=0)))
+    out = method(x, t)
+    mask = tr.scenario.class_mask(1)
+    loss = method.loss(out, y, mask)
+    out.logits.retain_grad()
+    loss.backward()
+    # classes outside task 1 receive no gradient through the logits
+    assert torch.all(out.logits.grad[:, ~mask] == 0)
+    assert torch.any(out.logits.grad[:, mask] != 0)
