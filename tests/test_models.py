@@ -172,6 +172,54 @@ def test_capture_queries_equal_wq_ln_x():
             h = blk(h)
 
 
+@pytest.mark.parametrize("kw", [{}, {"qk_norm": True}, {"qkv_bias": False}])
+@pytest.mark.parametrize("layers", [[0], [1, 2], [2, 0]])
+def test_queries_only_equal_captured_queries(kw, layers):
+    """The early-stopping query pass gives forward_features' captured queries, prompts or prefixes."""
+    vit = tiny_vit(**kw)
+    pv = PromptedViT(vit)
+    x = images()
+    prefixes = {0: (torch.randn(2, 3, D), torch.randn(2, 3, D)), 2: (torch.randn(2, 3, D), torch.randn(2, 3, D))}
+    with torch.no_grad():
+        for inputs in ({"prompts": torch.randn(2, 4, D)}, {"prefixes": prefixes}, {}):
+            want = pv.forward_features(x, capture_queries=layers, **inputs).queries
+            got = pv.queries(x, layers, **inputs)
+            assert sorted(got) == sorted(want)
+            for layer in want:
+                assert got[layer].shape == want[layer].shape
+                assert torch.allclose(got[layer], want[layer], atol=1e-5)
+    assert pv.queries(x, []) == {}
+    with pytest.raises(ValueError):
+        pv.queries(x, [DEPTH])
+
+
+def test_queries_only_skips_later_blocks():
+    vit = tiny_vit()
+    pv = PromptedViT(vit)
+    calls = []
+    for i, blk in enumerate(vit.blocks):
+        blk.mlp.register_forward_hook(lambda *_, i=i: calls.append(i))
+    with torch.no_grad():
+        pv.queries(images(), [1])
+    assert calls == [0]  # block 1 computes its queries only; block 2 never runs
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"qk_norm": True, "init_values": 0.5}, {"reg_tokens": 2, "no_embed_class": True},
+     {"qkv_bias": False}, {"pre_norm": True}],
+)
+@pytest.mark.parametrize("fused", [True, False])
+def test_query_cls_only_last_block_matches_timm(kw, fused):
+    """query() runs the last block for the CLS row only; the result is timm's CLS feature."""
+    vit = tiny_vit(**kw)
+    pv = PromptedViT(vit, fused_attention=fused)
+    x = images(3)
+    with torch.no_grad():
+        want = vit.forward_features(x)[:, 0]
+    assert torch.allclose(pv.query(x), want, atol=1e-5)
+
+
 def test_query_is_timm_cls_feature_and_shares_weights():
     vit = tiny_vit()
     pv = PromptedViT(vit)

@@ -17,11 +17,49 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from pgpcl.config import load_config
     from pgpcl.engine.trainer import default_run_dir, train
 
+    if args.resume:
+        return _cmd_resume(args)
+    if not args.config:
+        raise PgpclError("give a config (a preset name or a YAML path), or --resume RUN_DIR to continue a run")
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
     results = train(cfg, run_dir, overwrite=args.overwrite)
-    _print_summary(results, run_dir)
+    if _is_main_process():
+        _print_summary(results, run_dir)
     return 0
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from pgpcl.engine.results import read_results
+    from pgpcl.engine.rundir import run_status
+    from pgpcl.engine.trainer import resume_config, train
+
+    run_dir = Path(args.resume)
+    if args.run_dir or args.overwrite:
+        raise PgpclError("--resume takes the run folder itself and never overwrites it; drop --run-dir / --overwrite")
+    overrides = ([args.config] if args.config else []) + list(args.overrides)
+    stray = [o for o in overrides if "=" not in o]
+    if stray:
+        raise PgpclError(
+            f"with --resume the config comes from {run_dir / 'config.yaml'}; drop '{stray[0]}' "
+            "(only key=value overrides such as train.device=... are accepted)"
+        )
+    cfg = resume_config(run_dir, overrides)
+    if run_status(run_dir) == "complete":
+        if _is_main_process():
+            print(f"{run_dir} is already complete; nothing to resume")
+            _print_summary(read_results(run_dir / "results.json"), run_dir)
+        return 0
+    results = train(cfg, run_dir, resume=True)
+    if _is_main_process():
+        _print_summary(results, run_dir)
+    return 0
+
+
+def _is_main_process() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _print_summary(results, run_dir: Path) -> None:
@@ -65,6 +103,26 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pgpcl.demo import DEFAULT_SEEDS, run_demo
+
+    seeds = args.seeds if args.seeds else ([0] if args.quick else list(DEFAULT_SEEDS))
+    print(run_demo(Path(args.out), seeds=seeds, quick=args.quick, overwrite=args.overwrite, extra=args.overrides))
+    return 0
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    import json
+
+    from pgpcl.pretrain import PretrainConfig, pretrain
+
+    cfg = PretrainConfig(name=args.name, epochs=args.epochs, seed=args.seed, root=args.data_root)
+    record = pretrain(cfg, Path(args.out))
+    print(json.dumps({k: record[k] for k in ("sha256", "params", "fashion_mnist_test_acc", "train_seconds")}))
+    print(f"weights: {Path(args.out) / (args.name + '.safetensors')} (use backbone.weights=PATH)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pgpcl",
@@ -74,11 +132,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train a config through its task sequence")
-    p.add_argument("config", help="preset name (see 'pgpcl configs') or path to a YAML file")
+    p = sub.add_parser(
+        "train",
+        help="train a config through its task sequence (multi-GPU: torchrun --nproc_per_node=N -m pgpcl train ...)",
+        description="Train a config through its task sequence. Checkpoints go to RUN_DIR/checkpoints after "
+        "every task and every train.checkpoint_every steps; Ctrl+C saves one and exits 130; --resume "
+        "continues. Under torchrun each process trains on its slice of every global batch of "
+        "train.batch_size (the batch size is global, not per process).",
+    )
+    p.add_argument("config", nargs="?", help="preset name (see 'pgpcl configs') or path to a YAML file")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.epochs=1 pgp.enabled=true")
     p.add_argument("--run-dir", help="output folder (default: OUTPUT_DIR/NAME/seedSEED)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in the output folder")
+    p.add_argument(
+        "--resume", metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its last checkpoint, with its own config.yaml (overrides may "
+        "only change where/how it runs: data.root, data.num_workers, train.device, train.progress, ...)",
+    )
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="re-evaluate a run's last checkpoint on every task it has seen")
@@ -88,6 +158,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("configs", help="list presets, or print one resolved preset")
     p.add_argument("name", nargs="?")
     p.set_defaults(func=_cmd_configs)
+
+    p = sub.add_parser("demo", help="offline demo: L2P, DualPrompt, each +-PGP, several seeds, on MNIST digits")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides applied to every demo run")
+    p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 0 1 2; --quick: 0)")
+    p.add_argument("--quick", action="store_true", help="fewer images and one seed: under a minute")
+    p.add_argument("--overwrite", action="store_true", help="retrain runs that already finished")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("pretrain", help="pretrain the small offline ViT on Fashion-MNIST")
+    p.add_argument("--out", default="pretrained", help="folder for NAME.safetensors and NAME.json")
+    p.add_argument("--name", default="vit_fmnist_d96")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-root", help="Fashion-MNIST folder (default: Debian's dataset-fashion-mnist)")
+    p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("report", help="tables (mean +- std over seeds) and plots from run folders")
     p.add_argument("runs", nargs="+", help="run folders or results.json files")
@@ -100,7 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if "--debug" in extra:  # also accepted after the command: pgpcl train ... --debug
+        args.debug = True
+        extra = [e for e in extra if e != "--debug"]
+    if extra:
+        # key=value overrides may also follow options (pgpcl train CONFIG --run-dir D a.b=1)
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides or []) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 0
@@ -109,11 +204,42 @@ def main(argv: list[str] | None = None) -> int:
     except PgpclError as e:
         if args.debug:
             raise
-        print(f"pgpcl: error: {e}", file=sys.stderr)
+        print(f"pgpcl: error: {_rank_prefix()}{_one_line(e)}", file=sys.stderr)
         return 2
+    except Exception as e:
+        # Only raised once the engine is imported, so these imports cost nothing.
+        from pgpcl.engine.distributed import PeerFailed
+        from pgpcl.engine.trainer import Interrupted
+
+        if isinstance(e, Interrupted):  # Ctrl+C / SIGTERM: progress saved, one line on how to resume
+            if _is_main_process():
+                print(f"pgpcl: {e}", file=sys.stderr)
+            return e.exit_code
+        if isinstance(e, PeerFailed) and not args.debug:  # another torchrun process failed and said why
+            return 2
+        raise
     except KeyboardInterrupt:
-        print("pgpcl: interrupted", file=sys.stderr)
+        print("pgpcl: interrupted (no checkpoint written for the current step); 'pgpcl train --resume RUN_DIR' "
+              "continues from the last one", file=sys.stderr)
         return 130
+
+
+def _one_line(e: BaseException) -> str:
+    """A user error on one line: errors re-raised by DataLoader workers carry the worker's traceback,
+    whose last line holds the original message."""
+    text = str(e).strip()
+    if "\n" not in text:
+        return text
+    last = text.splitlines()[-1].strip()
+    head, sep, rest = last.partition(": ")
+    return rest if sep and head.split(".")[-1].endswith("Error") else last
+
+
+def _rank_prefix() -> str:
+    import os
+
+    rank = os.environ.get("RANK")
+    return f"[rank {rank}] " if rank not in (None, "0") and os.environ.get("WORLD_SIZE", "1") != "1" else ""
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -99,6 +100,9 @@ class TrainConfig:
     clip_grad: float | None = 1.0
     max_steps_per_task: int | None = None
     """Stop a task after this many steps (smoke tests); None = full epochs."""
+    checkpoint_every: int = 500
+    """Also write a resumable checkpoint every this many optimizer steps within a task (0 = only at the
+    end of each task's training and after each task). ``pgpcl train --resume RUN_DIR`` continues from it."""
     device: str = "auto"
     """auto | cpu | cuda | cuda:N."""
     deterministic: bool = True
@@ -157,6 +161,9 @@ class Config:
 # Building typed configs from plain dicts
 
 
+_SCIENTIFIC = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -213,6 +220,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _SCIENTIFIC.match(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
         raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -274,10 +283,18 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.epochs must be >= 1, got {t.epochs}")
     if t.batch_size < 1 or t.eval_batch_size < 1:
         raise ConfigError("train.batch_size and train.eval_batch_size must be >= 1")
-    if t.lr <= 0:
-        raise ConfigError(f"train.lr must be > 0, got {t.lr}")
+    if not t.lr > 0 or t.lr == float("inf"):
+        raise ConfigError(f"train.lr must be a finite number > 0, got {t.lr}")
+    if t.checkpoint_every < 0:
+        raise ConfigError(f"train.checkpoint_every must be >= 0 (0 = only at task ends), got {t.checkpoint_every}")
+    if t.max_steps_per_task is not None and t.max_steps_per_task < 1:
+        raise ConfigError(f"train.max_steps_per_task must be >= 1 or null, got {t.max_steps_per_task}")
     if p.num_samples < 1:
         raise ConfigError(f"pgp.num_samples must be >= 1, got {p.num_samples}")
+    if p.sample_batch_size < 1:
+        raise ConfigError(f"pgp.sample_batch_size must be >= 1, got {p.sample_batch_size}")
+    if t.clip_grad is not None and t.clip_grad <= 0:
+        raise ConfigError(f"train.clip_grad must be > 0 or null (no clipping), got {t.clip_grad}")
     check = getattr(cfg.method.params, "validate", None)
     if check is not None:
         check()

@@ -6,16 +6,31 @@ from pathlib import Path
 
 import yaml
 
-from pgpcl.errors import PgpclError
+from pgpcl.errors import ConfigError, PgpclError
+
+
+def load_run_config_raw(run_dir: Path) -> dict:
+    """The plain dict in ``run_dir/config.yaml``; PgpclError if the folder is not a run folder."""
+    run_dir = Path(run_dir)
+    path = run_dir / "config.yaml"
+    if not run_dir.is_dir():
+        raise PgpclError(f"{run_dir} does not exist; give the folder 'pgpcl train' wrote (RUN_DIR)")
+    if not path.exists():
+        raise PgpclError(f"{run_dir} is not a pgpcl run folder (no config.yaml); give the folder 'pgpcl train' wrote")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{path} cannot be read ({first}); restore it from the run's results.json 'config'") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} is not a YAML mapping; restore it from the run's results.json 'config'")
+    return raw
 
 
 def load_run_config(run_dir: Path):
     from pgpcl.config import config_from_dict
 
-    path = Path(run_dir) / "config.yaml"
-    if not path.exists():
-        raise PgpclError(f"{run_dir} is not a pgpcl run folder (no config.yaml); give the folder 'pgpcl train' wrote")
-    return config_from_dict(yaml.safe_load(path.read_text()))
+    return config_from_dict(load_run_config_raw(run_dir))
 
 
 def evaluate_run(run_dir: Path) -> list[str]:
@@ -28,15 +43,18 @@ def evaluate_run(run_dir: Path) -> list[str]:
     cfg = load_run_config(run_dir)
     ckpt_path = latest_checkpoint(run_dir)
     if ckpt_path is None:
-        raise PgpclError(f"{run_dir} has no checkpoint yet; train at least one task first")
+        raise PgpclError(f"{run_dir} has no end-of-task checkpoint yet; train at least one task first")
     seed_everything(cfg.seed, cfg.train.deterministic)
     device = resolve_device(cfg.train.device)
     scenario = build_scenario(cfg.data, cfg.seed)
     method = build_method(cfg, scenario).to(device)
     state = load_checkpoint(ckpt_path)
-    method.load_trainable_state_dict(state["method"])
     task = int(state["task"])
-    method.begin_task(task)
+    method.begin_task(task)  # first, so that whatever it initialises is overwritten by the checkpoint
+    method.load_trainable_state_dict(state["method"])
+    extra = state.get("method_extra") or {}
+    if extra:
+        method.load_state_dict(extra, strict=False)
     method.eval()
     ev = evaluate_method(method, scenario, task, cfg, device)
     lines = [f"{run_dir}: after task {task + 1}/{scenario.num_tasks}"]

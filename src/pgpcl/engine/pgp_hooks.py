@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from pgpcl.config import PGPConfig
+from pgpcl.errors import PgpclError
 from pgpcl.projection import PGP
 
 
+class BasisInterrupted(Exception):
+    """The representation pass was stopped by a signal before the basis was built (memory unchanged)."""
+
+
 class PGPHooks:
-    """Builds bases from a method's declared representations and projects its protected parameters."""
+    """Builds bases from a method's declared representations and projects its protected parameters.
+
+    Protected parameters are held by reference (``ProtectedGroup.param``), so wrapping the method in
+    DistributedDataParallel (``module.`` names) cannot switch the projection off.
+    """
 
     def __init__(self, method, cfg: PGPConfig, device: torch.device):
         self.method = method
@@ -21,13 +32,43 @@ class PGPHooks:
         self.active = False
 
     @torch.no_grad()
-    def build_basis(self, task: int, loader) -> None:
-        """Collect the task's representations (batched, no grad) and grow every group's basis."""
+    def build_basis(
+        self,
+        task: int,
+        loader,
+        *,
+        should_stop: Callable[[], bool] | None = None,
+        agree: Callable[[BaseException | None, bool], bool] | None = None,
+        on_batch: Callable[[], None] | None = None,
+    ) -> None:
+        """Collect the task's representations (batched, no grad) and grow every group's basis.
+
+        Under torch.distributed ``loader`` holds this rank's share of the samples; the collectors
+        combine all ranks' statistics in ``build()`` and every rank ends with the same bases.
+        ``should_stop`` is polled per batch; ``agree(error, stopped)`` is the ranks' sync point before
+        the collective build (it raises on any rank's error and returns True if any rank stopped).
+        """
         was_training = self.method.training
         self.method.eval()
         self.pgp.collectors()
-        for x, _, t in loader:
-            self.pgp.collect(self.method.representations(x.to(self.device), t.to(self.device)))
+        error, stopped = None, False
+        try:
+            for x, _, t in loader:
+                if should_stop is not None and should_stop():
+                    stopped = True
+                    break
+                self.pgp.collect(self.method.representations(x.to(self.device), t.to(self.device)))
+                if on_batch is not None:
+                    on_batch()
+        except PgpclError as e:
+            error = e
+        if agree is not None:
+            stopped = agree(error, stopped)
+        elif error is not None:
+            raise error
+        if stopped:
+            self.method.train(was_training)
+            raise BasisInterrupted(f"stopped while building the basis of task {task}")
         for name, rows in self.method.extra_representations().items():
             self.pgp.collect_extra(name, rows)
         for name, info in self.pgp.build().items():
@@ -56,8 +97,46 @@ class PGPHooks:
         empty for the first task, which is never projected."""
         return self.pgp.end_task() if self.active else {}
 
+    def ranks(self) -> dict[str, int]:
+        return self.pgp.ranks()
+
+    # -- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """The subspace memory (every group's basis)."""
         return self.pgp.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         self.pgp.load_state_dict(state)
+
+    def task_start_state(self) -> dict[str, torch.Tensor]:
+        """The projector's snapshot of each protected part at ``begin_task`` (for the task's leak);
+        empty when the running task is not projected (the first)."""
+        if not self.active:
+            return {}
+        # The projector keeps it privately; a public accessor on Projector would be cleaner.
+        return {k: v.detach().cpu().clone() for k, v in self.pgp.projector._task_start.items()}
+
+    def load_task_start_state(self, task: int, state: dict[str, torch.Tensor] | None) -> None:
+        """Re-enter task ``task`` mid-way (resume): what ``begin_task`` set, from a checkpoint."""
+        from pgpcl.errors import CheckpointError
+
+        self.active = task > 0
+        if not self.active:
+            return
+        state = state or {}
+        groups = {g.name: g for g in self.pgp.groups}
+        if set(state) != set(groups):
+            raise CheckpointError(
+                f"checkpoint protects groups {sorted(state)}, this method {sorted(groups)}; resume with "
+                "the config the run was started with"
+            )
+        out = {}
+        for name, value in state.items():
+            ref = groups[name].selected_data()
+            if tuple(value.shape) != tuple(ref.shape):
+                raise CheckpointError(
+                    f"checkpoint snapshot of group '{name}' has shape {tuple(value.shape)}, the method "
+                    f"{tuple(ref.shape)}; resume with the config the run was started with"
+                )
+            out[name] = value.to(ref.device, ref.dtype)
+        self.pgp.projector._task_start = out

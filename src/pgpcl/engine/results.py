@@ -163,9 +163,8 @@ class Results:
         self.status, self.error = status, error
 
     def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-        d = {"schema_version": d.pop("schema_version"), **d, **self.extra}
-        return _plain(d)
+        order = ["schema_version", "status", "error", *[k for k in _REQUIRED if k not in ("schema_version", "status")]]
+        return _plain({**{k: getattr(self, k) for k in order}, **self.extra})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Results:

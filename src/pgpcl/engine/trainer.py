@@ -1,25 +1,75 @@
 """The task loop: train each task, build PGP bases, evaluate on every seen task, write results.
 
 Order of a training step (as released): forward, loss, backward, clip grad norm, project, optimizer step.
+
+Per task: ``method.begin_task``; PGP basis (if the method builds it at task start); projector snapshot;
+training (checkpoint every ``train.checkpoint_every`` steps and after the last step); projector leak;
+PGP basis (if built at task end); ``method.end_task``; evaluation on every seen task; results and the
+task's checkpoint.
+
+Resume (``pgpcl train --resume RUN_DIR``): the newest checkpoint (see :mod:`pgpcl.engine.checkpoint`)
+restores the trainable state, optimizer, scheduler, RNG states, projection memory and task-start
+snapshot, results so far and the position; the data order of an epoch is a function of (seed, task,
+epoch) and augmentation is seeded per sample, so skipping the batches already done reproduces the
+uninterrupted run exactly on CPU. SIGINT / SIGTERM write a checkpoint at the next step boundary (or
+point to the last one) and raise :class:`Interrupted`; the CLI exits 130 / 143 with one line.
+
+Multi-process: see :mod:`pgpcl.engine.distributed` (``train.batch_size`` is the global batch).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from pgpcl.config import Config, dump_yaml
-from pgpcl.engine.checkpoint import save_task_checkpoint
-from pgpcl.engine.results import write_results
-from pgpcl.engine.rundir import prepare_run_dir
-from pgpcl.engine.seed import resolve_device, seed_everything
-from pgpcl.errors import PgpclError
+from pgpcl.engine import checkpoint as ckpt
+from pgpcl.engine.distributed import (
+    DistContext,
+    EpochPlan,
+    PeerFailed,
+    already_agreed,
+    derive_seed,
+    init_distributed,
+    one_line,
+    sharded_loader,
+)
+from pgpcl.engine.results import Results, now_iso, write_results
+from pgpcl.engine.rundir import check_run_dir, prepare_run_dir
+from pgpcl.engine.seed import seed_everything
+from pgpcl.errors import CheckpointError, ConfigError, DataError, PgpclError
 from pgpcl.io import atomic_write_text
+
+TEST_HOOK_ENV = "PGPCL_TEST_HOOK"
+"""``POINT=SIG[,POINT=SIG...]``: the process sends itself SIG (KILL, INT or TERM) at POINT. For tests of
+resume and interrupts only. Points: ``step:T:K`` (after step K of task T, and its checkpoint, if any),
+``basis:T`` (during the representation pass of task T), ``task_end:T`` (after task T's checkpoint and
+results). Tasks count from 0, steps from 1."""
+
+RESUME_MUTABLE = frozenset(
+    {
+        "output_dir",
+        "data.root",
+        "data.num_workers",
+        "data.pin_memory",
+        "train.device",
+        "train.progress",
+        "train.log_every",
+        "train.tensorboard",
+        "train.checkpoint_every",
+    }
+)
+"""Config keys that may differ on ``--resume`` (where and how fast, never what is computed)."""
 
 
 @dataclass
@@ -28,6 +78,22 @@ class TaskEval:
 
     cil: list[float] = field(default_factory=list)
     til: list[float] = field(default_factory=list)
+
+
+class Interrupted(Exception):
+    """Training stopped on SIGINT / SIGTERM; ``str(e)`` says where the progress is and how to resume."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = int(signum)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class _EvalStopped(Exception):
+    pass
 
 
 def build_method(cfg: Config, scenario):
@@ -47,22 +113,160 @@ def effective_lr(cfg: Config, lr: float) -> float:
     return lr * cfg.train.batch_size / 256 if cfg.train.lr_scale_by_batch else lr
 
 
-class Trainer:
-    """Runs one config through its whole task sequence into ``run_dir``."""
+# ----------------------------------------------------------------------------------------------------
+# Signals and test hooks
 
-    def __init__(self, cfg: Config, run_dir: Path, *, overwrite: bool = False):
+
+class _StopOnSignal:
+    """First SIGINT / SIGTERM sets ``signum`` (the loop checkpoints and stops); a second one aborts."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread() or self._old:
+            return
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self._old[s] = signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:  # second signal: stop waiting for a step boundary
+            self.restore()
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def restore(self) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+        self._old = {}
+
+
+class _TestHooks:
+    def __init__(self, spec: str):
+        self.points: dict[str, int] = {}
+        for item in filter(None, (s.strip() for s in spec.split(","))):
+            point, _, sig = item.rpartition("=")
+            self.points[point] = int(getattr(signal, f"SIG{sig.strip().upper()}"))
+
+    def fire(self, point: str) -> None:
+        sig = self.points.get(point)
+        if sig is not None:
+            os.kill(os.getpid(), sig)
+            if sig in (signal.SIGINT, signal.SIGTERM):
+                time.sleep(0.05)  # let the handler run before the next step boundary
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config checks for --resume
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k != "eps":
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_difference(a: dict, b: dict, ignore=RESUME_MUTABLE) -> tuple[str, Any, Any] | None:
+    """First (key, a's value, b's value) where two ``Config.to_dict()`` differ, outside ``ignore``."""
+    import json
+
+    fa, fb = (_flatten(json.loads(json.dumps(x))) for x in (a, b))
+    for key in sorted(set(fa) | set(fb)):
+        if key not in ignore and fa.get(key) != fb.get(key):
+            return key, fa.get(key), fb.get(key)
+    return None
+
+
+def resume_config(run_dir: Path, overrides: list[str] | None = None) -> Config:
+    """The config of the run in ``run_dir`` (its config.yaml), with overrides of the keys a resume may
+    change (:data:`RESUME_MUTABLE`); any other override must equal the run's value."""
+    from pgpcl.config import apply_overrides, config_from_dict
+    from pgpcl.engine.evaluate import load_run_config_raw
+
+    raw = load_run_config_raw(run_dir)
+    stored = config_from_dict(raw)
+    if not overrides:
+        return stored
+    cfg = config_from_dict(apply_overrides(raw, list(overrides)))
+    diff = config_difference(stored.to_dict(), cfg.to_dict())
+    if diff is not None:
+        key, was, now = diff
+        raise ConfigError(
+            f"--resume cannot change {key} (the run has {was!r}, the override gives {now!r}); only "
+            f"{', '.join(sorted(RESUME_MUTABLE))} may change on resume: start a new run to change it"
+        )
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Runs one config through its whole task sequence into ``run_dir``.
+
+    ``resume=True`` continues the run in ``run_dir`` from its newest checkpoint (from the beginning if it
+    has none). ``dist``: the torch.distributed context (default: joined from torchrun's environment, or
+    one process).
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: Path,
+        *,
+        overwrite: bool = False,
+        resume: bool = False,
+        dist: DistContext | None = None,
+    ):
         from pgpcl.data import build_scenario
 
         self.cfg = cfg
-        self.run_dir = prepare_run_dir(run_dir, overwrite=overwrite)
-        seed_everything(cfg.seed, cfg.train.deterministic)
-        self.device = resolve_device(cfg.train.device)
-        self.scenario = build_scenario(cfg.data, cfg.seed)
-        self.method = build_method(cfg, self.scenario).to(self.device)
-        self.pgp = self._build_pgp()
-        self.results = self._new_results()
-        self.tb = self._tensorboard()
-        atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
+        self.run_dir = Path(run_dir)
+        self.dist = dist if dist is not None else init_distributed(cfg.train.device)
+        self.device = self.dist.device
+        self.is_main = self.dist.is_main
+        self.hooks = _TestHooks(os.environ.get(TEST_HOOK_ENV, ""))
+        self._signals = _StopOnSignal()
+        self._pending: dict | None = None
+        self._start_task = 0
+        self._last_ckpt: tuple[Path, str] | None = None
+        self._ddp = None
+        self.tb = None
+        error = None
+        try:
+            if not resume and self.is_main:
+                check_run_dir(self.run_dir, overwrite=overwrite)  # fail before any work, write nothing
+            seed_everything(cfg.seed, cfg.train.deterministic)
+            self.scenario = build_scenario(cfg.data, cfg.seed)
+            self.method = build_method(cfg, self.scenario).to(self.device)
+            self.pgp = self._build_pgp()
+            self.results = self._new_results()
+            if resume:
+                self._resume()
+        except PgpclError as e:
+            if already_agreed(e):
+                raise
+            error = e
+        self.dist.agree(error)
+        error = None
+        if self.is_main:
+            try:
+                with _writing(self.run_dir):
+                    if not resume:
+                        prepare_run_dir(self.run_dir, overwrite=overwrite)
+                        atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
+                    self.run_dir.mkdir(parents=True, exist_ok=True)
+                    self._write()
+                    self.tb = self._tensorboard()
+            except PgpclError as e:
+                error = e
+        self.dist.agree(error)
 
     # -- set-up ------------------------------------------------------------------------------------
     def _build_pgp(self):
@@ -72,21 +276,40 @@ class Trainer:
 
         return PGPHooks(self.method, self.cfg.pgp, self.device)
 
+    def _device_label(self) -> str:
+        if self.dist.world_size > 1:
+            return f"{self.device.type} x{self.dist.world_size}"
+        return str(self.device)
+
+    def _weights_sha(self) -> str | None:
+        return getattr(getattr(self.method, "weights_info", None), "sha256", None)
+
     def _new_results(self):
         from pgpcl.engine.results import new_results
 
         info = getattr(self.method, "weights_info", None)
         sc = self.scenario
-        return new_results(
+        r = new_results(
             self.cfg,
             num_tasks=sc.num_tasks,
             class_order=sc.class_order,
             task_classes=sc.task_classes,
             class_names=sc.class_names,
             weights={"source": getattr(info, "source", None), "sha256": getattr(info, "sha256", None)},
-            device=str(self.device),
+            device=self._device_label(),
             eval_til=self.cfg.data.setting != "dil",
         )
+        self._note_world(r)
+        return r
+
+    def _note_world(self, r: Results) -> None:
+        r.extra.pop("distributed", None)
+        if self.dist.world_size > 1:
+            r.extra["distributed"] = {
+                "world_size": self.dist.world_size,
+                "backend": self.dist.backend,
+                "global_batch_size": self.cfg.train.batch_size,
+            }
 
     def _tensorboard(self):
         if not self.cfg.train.tensorboard:
@@ -97,24 +320,144 @@ class Trainer:
             raise PgpclError("train.tensorboard=true needs tensorboard: pip install tensorboard") from None
         return SummaryWriter(str(self.run_dir / "tensorboard"))
 
+    def _scenario_record(self) -> dict:
+        d = self.scenario.describe()
+        return {k: d[k] for k in ("class_order", "task_classes", "train_sizes", "test_sizes")}
+
+    # -- resume ------------------------------------------------------------------------------------
+    def _resume(self) -> None:
+        found, error = None, None
+        if self.is_main:
+            try:
+                found = ckpt.find_resume_checkpoint(self.run_dir)
+            except PgpclError as e:
+                error = e
+        self.dist.agree(error)
+        found = self.dist.broadcast_object(found)
+        if found is None:  # nothing saved yet: start from the beginning in the same folder
+            return
+        path, state = found
+        self._check_resume_state(path, state)
+        self.results = Results.from_dict(ckpt.from_json(state["results"], "results", path))
+        self.results.mark("running")
+        self.results.device = self._device_label()
+        self._note_world(self.results)
+        self.results.extra.setdefault("resumes", []).append(
+            {"from": ckpt.describe(state, self.scenario.num_tasks), "at": now_iso()}
+        )
+        if self.pgp is not None:
+            self.pgp.load_state_dict(state["pgp"])
+            self.pgp.basis_log = list(ckpt.from_json(state["basis_log"], "basis log", path))
+        pos = state["position"]
+        task = int(pos["task"])
+        if pos["stage"] == "train":
+            self.method.begin_task(task)  # re-enter the task, then overwrite whatever it initialised
+        self._load_method_state(state)
+        if pos["stage"] == "train":
+            if self.pgp is not None:
+                self.pgp.load_task_start_state(task, state["pgp_task_start"])
+            self._pending = {
+                "task": task,
+                "step": int(pos["step"]),
+                "optimizer": state["optimizer"],
+                "scheduler": state["scheduler"],
+                "timing": dict(state["timing"]),
+            }
+        self._start_task = task
+        self._last_ckpt = (path, ckpt.describe(state, self.scenario.num_tasks))
+        ckpt.restore_rng(state["rng"])  # last: building the model above drew from the generators
+
+    def _check_resume_state(self, path: Path, state: dict) -> None:
+        then = ckpt.from_json(state["config"], "config", path)
+        diff = config_difference(then, self.cfg.to_dict())
+        if diff is not None:
+            key, was, now = diff
+            raise CheckpointError(
+                f"checkpoint {path} was written with {key}={was!r} but the run's config.yaml now says "
+                f"{now!r}; restore {self.run_dir / 'config.yaml'} or start a new run"
+            )
+        now_sc = self._scenario_record()
+        for key, label in (("class_order", "class order"), ("task_classes", "task split"),
+                           ("train_sizes", "training images per task"), ("test_sizes", "test images per task")):
+            if list(state["scenario"][key]) != list(now_sc[key]):
+                raise CheckpointError(
+                    f"the dataset no longer matches checkpoint {path}: the {label} differs "
+                    f"({state['scenario'][key]} then, {now_sc[key]} now); restore the data the run started with"
+                )
+        then_sha, now_sha = state.get("weights_sha256"), self._weights_sha()
+        if then_sha != now_sha:
+            raise CheckpointError(
+                f"the backbone weights differ from those the run started with (sha256 {str(then_sha)[:12]} "
+                f"then, {str(now_sha)[:12]} now); restore backbone.weights={self.cfg.backbone.weights}"
+            )
+        if (state.get("pgp") is None) != (self.pgp is None):
+            raise CheckpointError(f"checkpoint {path} does not match pgp.enabled; resume with the run's config")
+
+    def _method_extra(self) -> dict:
+        params = {n for n, _ in self.method.named_parameters()}
+        return {k: (v.detach().clone() if isinstance(v, Tensor) else v)
+                for k, v in self.method.state_dict().items() if k not in params}
+
+    def _load_method_state(self, state: dict) -> None:
+        self.method.load_trainable_state_dict(state["method"])
+        extra = state.get("method_extra") or {}
+        if extra:
+            own = set(self._method_extra())
+            unexpected = sorted(set(extra) - own)
+            if unexpected:
+                raise CheckpointError(
+                    f"checkpoint holds '{unexpected[0]}' unknown to this method; resume with the run's config"
+                )
+            self.method.load_state_dict(extra, strict=False)
+
     # -- the loop ----------------------------------------------------------------------------------
-    def run(self):
-        for task in range(self.scenario.num_tasks):
-            self.run_task(task)
-        self.results.mark("complete")
-        self._write()
-        if self.tb is not None:
-            self.tb.close()
+    def run(self) -> Results:
+        self._signals.install()
+        try:
+            for task in range(self._start_task, self.scenario.num_tasks):
+                self.run_task(task)
+            self.results.mark("complete")
+            self._write()
+            if self.is_main:
+                ckpt.last_path(self.run_dir).unlink(missing_ok=True)
+        except DataError as e:
+            # e.g. a corrupt image met mid-run: the progress so far is kept and can be continued
+            err = e
+            if self._last_ckpt is not None:
+                err = DataError(f"{one_line(e)}; progress so far is in {self._last_ckpt[0]}: once fixed, "
+                                f"continue with {self._resume_command()}")
+            self._fail(err)
+            if err is e:
+                raise
+            raise err from None
+        except (PgpclError, PeerFailed) as e:
+            self._fail(e)
+            raise
+        finally:
+            self._signals.restore()
+            if self.tb is not None:
+                self.tb.close()
         return self.results
 
+    def _fail(self, e: BaseException) -> None:
+        self.results.mark("failed", one_line(e)[:1000])
+        with contextlib.suppress(Exception):
+            self._write()
+
     def run_task(self, task: int) -> None:
-        method, timing = self.method, {"task": task, "basis_s": 0.0}
-        method.begin_task(task)
-        if self.pgp is not None and method.basis_timing == "task_start":
-            timing["basis_s"] += self._build_basis(task)
-        if self.pgp is not None:
-            self.pgp.begin_task(task)
-        timing.update(self.train_task(task))
+        method, timing = self.method, None
+        pending = self._pending if self._pending is not None and self._pending["task"] == task else None
+        self._pending = None
+        if pending is None:
+            timing = {"task": task, "basis_s": 0.0, "train_s": 0.0, "steps": 0, "images": 0}
+            method.begin_task(task)
+            if self.pgp is not None and method.basis_timing == "task_start":
+                timing["basis_s"] += self._build_basis(task)
+            if self.pgp is not None:
+                self.pgp.begin_task(task)
+        else:
+            timing = pending["timing"]
+        self.train_task(task, timing, pending)
         if self.pgp is not None:
             for group, rec in self.pgp.end_task(task).items():
                 self.results.add_projection(task, group, rec["rank"], rec["dim"], rec["leak"])
@@ -125,62 +468,139 @@ class Trainer:
         ev = self.evaluate(task)
         timing["eval_s"] = time.perf_counter() - start
         self._record(task, ev, timing)
-        save_task_checkpoint(self.run_dir, task, method, self.pgp, self.results)
+        self._save_task_checkpoint(task)
         self._write()
+        self.hooks.fire(f"task_end:{task}")
 
     def _build_basis(self, task: int) -> float:
+        from pgpcl.engine.pgp_hooks import BasisInterrupted
+
         start = time.perf_counter()
         p = self.cfg.pgp
-        loader = self.scenario.sample_loader(
-            task, p.num_samples, p.sample_batch_size, seed=self.cfg.seed + 1000 * task, augment=p.sample_augment
-        )
-        self.pgp.build_basis(task, loader)
+        seed = self.cfg.seed + 1000 * task
+        base = self.scenario.sample_loader(task, p.num_samples, p.sample_batch_size, seed=seed, augment=p.sample_augment)
+        loader = sharded_loader(base.dataset, p.sample_batch_size, self.cfg.data, self.dist, seed=seed)
+        try:
+            self.pgp.build_basis(
+                task, loader, should_stop=self._stop_requested, agree=self.dist.agree,
+                on_batch=lambda: self.hooks.fire(f"basis:{task}"),
+            )
+        except BasisInterrupted:
+            self._interrupted(f"while building the PGP basis of task {task + 1}/{self.scenario.num_tasks}")
         return time.perf_counter() - start
 
     # -- training ----------------------------------------------------------------------------------
-    def train_task(self, task: int) -> dict:
-        cfg, method = self.cfg, self.method
+    def _epoch_seed(self, task: int, epoch: int) -> int:
+        return derive_seed(self.cfg.seed, 7919, task, epoch)
+
+    def train_task(self, task: int, timing: dict | None = None, pending: dict | None = None) -> dict:
+        """Train ``task`` from step 0, or from ``pending`` (a resumed position). Returns the timing."""
+        cfg, method, d = self.cfg, self.method, self.dist
+        if timing is None:
+            timing = {"task": task, "basis_s": 0.0, "train_s": 0.0, "steps": 0, "images": 0}
         lr, wd = method.task_optimizer_settings(task, cfg.train.lr, cfg.train.weight_decay)
         params = method.trainable_parameters()
         optimizer = make_optimizer(params, cfg, effective_lr(cfg, lr), wd)
+        dataset = self.scenario.train_loader(task, cfg.train.batch_size, generator_seed=0).dataset
+        B = cfg.train.batch_size
+        per_epoch = math.ceil(len(dataset) / B)
         epochs = 1 if self.scenario.online else cfg.train.epochs
-        loader_len = len(self.scenario.train_loader(task, cfg.train.batch_size, generator_seed=0))
-        total = epochs * loader_len
+        total = epochs * per_epoch
         if cfg.train.max_steps_per_task is not None:
             total = min(total, cfg.train.max_steps_per_task)
         scheduler = None
         if cfg.train.scheduler == "cosine":
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1))
+        steps, images = int(timing.get("steps", 0)), int(timing.get("images", 0))
+        if pending is not None:
+            optimizer.load_state_dict(pending["optimizer"])
+            if scheduler is not None and pending.get("scheduler") is not None:
+                scheduler.load_state_dict(pending["scheduler"])
+            steps = int(pending["step"])
         class_mask = self.scenario.class_mask(task).to(self.device)
+        model = self._wrap_ddp()
         method.train()
-        steps, images, start = 0, 0, time.perf_counter()
-        bar = _progress(total, f"task {task + 1}/{self.scenario.num_tasks} train", cfg.train.progress)
-        for epoch in range(epochs):
-            seed = cfg.seed * 7919 + task * 101 + epoch
-            for x, y, t in self.scenario.train_loader(task, cfg.train.batch_size, generator_seed=seed):
-                if steps >= total:
-                    break
-                loss, correct = self.train_step(x, y, t, class_mask, optimizer, params)
-                if scheduler is not None:
-                    scheduler.step()
-                steps, images = steps + 1, images + len(y)
-                self._log_step(bar, task, steps, loss, correct / len(y))
-        bar.close()
-        elapsed = time.perf_counter() - start
-        return {"train_s": elapsed, "steps": steps, "images": images}
+        augments = bool(getattr(dataset.transform, "augments", False))
+        every = cfg.train.checkpoint_every
+        T = self.scenario.num_tasks
+        bar = _progress(total, f"task {task + 1}/{T} train", cfg.train.progress and self.is_main, initial=steps)
+        start, base_s = time.perf_counter(), float(timing.get("train_s", 0.0))
 
-    def train_step(self, x: Tensor, y: Tensor, t: Tensor, class_mask: Tensor, optimizer, params) -> tuple[float, int]:
+        def timing_now() -> dict:
+            return {**timing, "train_s": base_s + time.perf_counter() - start, "steps": steps, "images": images}
+
+        try:
+            while steps < total:
+                epoch, first = divmod(steps, per_epoch)
+                plan = EpochPlan(len(dataset), B, self._epoch_seed(task, epoch), d.rank, d.world_size, augments)
+                loader, real = plan.loader(dataset, cfg.data, first)
+                it = iter(loader)
+                for k in range(len(real)):
+                    if steps >= total:
+                        break
+                    batch, error = None, None
+                    try:
+                        batch = next(it)
+                    except PgpclError as e:
+                        error = e
+                    if d.agree(error, self._stop_requested()):
+                        path = self._save_mid_checkpoint(task, steps, optimizer, scheduler, timing_now())
+                        raise Interrupted(
+                            self._signum(),
+                            f"interrupted at task {task + 1}/{T}, step {steps}/{total}; saved {path}; "
+                            f"continue with: {self._resume_command()}",
+                        )
+                    n_global = plan.global_size(first + k)
+                    loss, correct = self.train_step(*batch, class_mask, optimizer, params, model=model,
+                                                    real=real[k], n_global=n_global, task=task, step=steps + 1)
+                    if scheduler is not None:
+                        scheduler.step()
+                    steps, images = steps + 1, images + n_global
+                    self._log_step(bar, task, steps, loss, correct / n_global)
+                    if (every and steps % every == 0) or steps == total:
+                        self._save_mid_checkpoint(task, steps, optimizer, scheduler, timing_now())
+                    self.hooks.fire(f"step:{task}:{steps}")
+                del it, loader
+        finally:
+            bar.close()
+            self._release_ddp()
+        timing.update(timing_now())
+        return timing
+
+    def train_step(
+        self, x: Tensor, y: Tensor, t: Tensor, class_mask: Tensor, optimizer, params, *,
+        model=None, real: bool = True, n_global: int | None = None, task: int | None = None,
+        step: int | None = None,
+    ) -> tuple[float, int]:
+        """One optimizer step on this rank's share of a global batch. Returns (mean loss over the
+        global batch, correct predictions in the global batch)."""
+        d = self.dist
+        model = model if model is not None else self.method
         x, y, t = (v.to(self.device, non_blocking=True) for v in (x, y, t))
         with self._autocast():
-            out = self.method(x, t)
+            out = model(x, t)
             loss = self.method.loss(out, y, class_mask)
-        if not torch.isfinite(loss):
-            raise PgpclError(
-                f"training loss became {loss.item()} at task {self.method.current_task}; the last good "
-                f"checkpoint is in {self.run_dir / 'checkpoints'}; lower train.lr or check the data"
+        masked = out.logits.detach().masked_fill(~class_mask, float("-inf"))
+        correct = (masked.argmax(1) == y).sum()
+        if d.enabled:
+            n_local = len(y) if real else 0
+            finite = bool(torch.isfinite(loss.detach()))
+            stats = torch.tensor(
+                [float(loss.detach()) * n_local if finite else 0.0, float(correct) if real else 0.0,
+                 float(n_local), 0.0 if finite else 1.0], dtype=torch.float64,
             )
+            stats = d.all_reduce_sum(stats)
+            n_global = int(stats[2])
+            loss_value = float(stats[0]) / max(n_global, 1) if stats[3] == 0 else float("nan")
+            correct_value = int(stats[1])
+            # DDP averages gradients over ranks: weight each rank's mean loss by its share of the batch.
+            weight = n_local * d.world_size / max(n_global, 1)
+        else:
+            loss_value, correct_value, weight = loss.item(), int(correct), 1.0
+        if not math.isfinite(loss_value):
+            raise self._nonfinite_error(task, step, f"the training loss became {loss_value}")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if weight == 1.0 else loss * weight).backward()
         if self.cfg.train.clip_grad is not None:
             torch.nn.utils.clip_grad_norm_(params, self.cfg.train.clip_grad)
         if self.pgp is not None:
@@ -188,8 +608,37 @@ class Trainer:
         optimizer.step()
         if self.pgp is not None:
             self.pgp.after_step()
-        masked = out.logits.detach().masked_fill(~class_mask, float("-inf"))
-        return loss.item(), int((masked.argmax(1) == y).sum())
+        return loss_value, correct_value
+
+    def _wrap_ddp(self):
+        """The method under DistributedDataParallel (multi-process), else the method itself.
+
+        A fresh wrapper per task (methods may train other parameters in other tasks). Only trainable
+        parameters are registered with DDP: the frozen backbone and buffers are ignored, so nothing frozen
+        is broadcast or all-reduced. ``find_unused_parameters`` follows the method's
+        ``ddp_find_unused_parameters`` (True when absent: always correct, one graph traversal per step;
+        a method whose every trainable parameter takes part in every step sets it False).
+        """
+        if not self.dist.enabled:
+            return self.method
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        self._release_ddp()
+        m = self.method
+        ignore = [n for n, p in m.named_parameters() if not p.requires_grad] + [n for n, _ in m.named_buffers()]
+        DDP._set_params_and_buffers_to_ignore_for_model(m, ignore)
+        kwargs = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
+        # static_graph=True is not used: with ignored frozen parameters it gave different gradients
+        # from one process (torch 2.14), find_unused_parameters does not.
+        find_unused = bool(getattr(m, "ddp_find_unused_parameters", True))
+        self._ddp = DDP(m, find_unused_parameters=find_unused, **kwargs)
+        return self._ddp
+
+    def _release_ddp(self) -> None:
+        if self._ddp is not None:
+            with contextlib.suppress(Exception):
+                self._ddp._remove_autograd_hooks()  # the next task's wrapper registers its own
+            self._ddp = None
 
     def _autocast(self):
         if self.cfg.train.amp == "bf16":
@@ -205,12 +654,99 @@ class Trainer:
                 self.tb.add_scalar(f"train/loss_task{task}", loss, global_step)
                 self.tb.add_scalar(f"train/acc_task{task}", acc, global_step)
 
+    # -- interrupts and failures -------------------------------------------------------------------
+    def _stop_requested(self) -> bool:
+        return self._signals.signum is not None
+
+    def _signum(self) -> int:
+        return self._signals.signum or int(signal.SIGINT)
+
+    def _resume_command(self) -> str:
+        if self.dist.world_size > 1:
+            return f"torchrun --nproc_per_node=N -m pgpcl train --resume {self.run_dir}"
+        return f"pgpcl train --resume {self.run_dir}"
+
+    def _last_checkpoint_text(self) -> str:
+        if self._last_ckpt is None:
+            return "no checkpoint was written yet"
+        path, desc = self._last_ckpt
+        return f"the last checkpoint is {path} ({desc})"
+
+    def _interrupted(self, during: str):
+        raise Interrupted(
+            self._signum(),
+            f"interrupted {during}; {self._last_checkpoint_text()}; continue with: {self._resume_command()}",
+        )
+
+    def _nonfinite_error(self, task: int | None, step: int | None, what: str) -> PgpclError:
+        where = "" if task is None else f" at task {task + 1}/{self.scenario.num_tasks}" + (
+            f", step {step}" if step is not None else "")
+        return PgpclError(
+            f"{what}{where}; training stopped and {self._last_checkpoint_text()}; lower train.lr "
+            "(or check the data), then start again with --overwrite"
+        )
+
+    def _check_finite(self, task: int, step: int | None) -> None:
+        for name, p in self.method.named_parameters():
+            if p.requires_grad and not bool(torch.isfinite(p.detach()).all()):
+                raise self._nonfinite_error(task, step, f"parameter '{name}' became NaN/inf")
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def _state(self, position: dict, *, task: int, optimizer=None, scheduler=None, timing=None) -> dict:
+        r = self.results
+        if self.pgp is not None:
+            r.extra["basis"] = self.pgp.basis_log
+        return {
+            "task": task,
+            "position": position,
+            "method": self.method.trainable_state_dict(),
+            "method_extra": self._method_extra(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "pgp": self.pgp.state_dict() if self.pgp is not None else None,
+            "pgp_task_start": self.pgp.task_start_state()
+            if self.pgp is not None and position["stage"] == "train" else None,
+            "basis_log": ckpt.to_json(self.pgp.basis_log if self.pgp is not None else []),
+            "rng": ckpt.capture_rng(),
+            "results": ckpt.to_json(r.to_dict()),
+            "timing": timing,
+            "config": ckpt.to_json(self.cfg.to_dict()),
+            "scenario": self._scenario_record(),
+            "weights_sha256": self._weights_sha(),
+            "world_size": self.dist.world_size,
+        }
+
+    def _save_mid_checkpoint(self, task: int, steps: int, optimizer, scheduler, timing: dict) -> Path:
+        self._check_finite(task, steps)
+        path = ckpt.last_path(self.run_dir)
+        if self.is_main:
+            state = self._state({"task": task, "stage": "train", "step": steps}, task=task,
+                                optimizer=optimizer, scheduler=scheduler, timing=timing)
+            with _writing(path):
+                ckpt.save_checkpoint(path, state)
+        self._last_ckpt = (path, f"task {task + 1}/{self.scenario.num_tasks}, step {steps}")
+        return path
+
+    def _save_task_checkpoint(self, task: int) -> Path:
+        self._check_finite(task, None)
+        path = ckpt.checkpoint_path(self.run_dir, task)
+        if self.is_main:
+            with _writing(path):
+                ckpt.save_checkpoint(path, self._state({"task": task + 1, "stage": "start", "step": 0}, task=task))
+                ckpt.last_path(self.run_dir).unlink(missing_ok=True)
+        self._last_ckpt = (path, f"after task {task + 1}/{self.scenario.num_tasks}")
+        return path
+
     # -- evaluation --------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, after_task: int) -> TaskEval:
         """CIL: argmax over all classes seen so far, no task id; TIL: argmax within the true task's classes."""
         self.method.eval()
-        return evaluate_method(self.method, self.scenario, after_task, self.cfg, self.device)
+        try:
+            return evaluate_method(self.method, self.scenario, after_task, self.cfg, self.device,
+                                   dist=self.dist, should_stop=self._stop_requested)
+        except _EvalStopped:
+            self._interrupted(f"while evaluating after task {after_task + 1}/{self.scenario.num_tasks}")
 
     def _record(self, task: int, ev: TaskEval, timing: dict) -> None:
         r = self.results
@@ -229,45 +765,105 @@ class Trainer:
                     self.tb.add_scalar(f"eval/{setting}_avg_acc", m["final_acc"], task)
 
     def _write(self) -> None:
-        write_results(self.run_dir / "results.json", self.results)
+        if self.is_main:
+            with _writing(self.run_dir / "results.json"):
+                write_results(self.run_dir / "results.json", self.results)
+
+    def close(self) -> None:
+        self._release_ddp()
+        self.dist.close()
+
+
+@contextlib.contextmanager
+def _writing(path: Path):
+    """Turn a failed write (unwritable folder, disk full) into a one-line user error."""
+    try:
+        yield
+    except OSError as e:
+        raise PgpclError(
+            f"cannot write {path} ({e.strerror or e}); choose a writable folder (--run-dir / output_dir=...) "
+            "or free disk space"
+        ) from None
 
 
 @torch.no_grad()
-def evaluate_method(method, scenario, after_task: int, cfg: Config, device: torch.device) -> TaskEval:
+def evaluate_method(
+    method, scenario, after_task: int, cfg: Config, device: torch.device, *,
+    dist: DistContext | None = None, should_stop=None,
+) -> TaskEval:
+    """Accuracy on the test sets of tasks 0..after_task. Under torch.distributed each rank evaluates a
+    contiguous block of the test batches and the counts are summed over ranks."""
     seen = torch.zeros(scenario.num_classes, dtype=torch.bool, device=device)
     for i in range(after_task + 1):
         seen |= scenario.class_mask(i).to(device)
+    counts = torch.zeros(after_task + 1, 3, dtype=torch.float64)  # CIL correct, TIL correct, images
+    error, stopped = None, False
+    try:
+        for i in range(after_task + 1):
+            task_mask = scenario.class_mask(i).to(device)
+            dataset = scenario.test_loader(i, cfg.train.eval_batch_size).dataset
+            for x, y, _ in sharded_loader(dataset, cfg.train.eval_batch_size, cfg.data, dist):
+                if should_stop is not None and should_stop():
+                    stopped = True
+                    break
+                x, y = x.to(device), y.to(device)
+                logits = method.predict(x).float()
+                counts[i, 0] += int((logits.masked_fill(~seen, float("-inf")).argmax(1) == y).sum())
+                counts[i, 1] += int((logits.masked_fill(~task_mask, float("-inf")).argmax(1) == y).sum())
+                counts[i, 2] += len(y)
+            if stopped:
+                break
+    except PgpclError as e:
+        error = e
+    if dist is not None:
+        stopped = dist.agree(error, stopped)
+        counts = dist.all_reduce_sum(counts)
+    elif error is not None:
+        raise error
+    if stopped:
+        raise _EvalStopped()
     ev = TaskEval()
     for i in range(after_task + 1):
-        task_mask = scenario.class_mask(i).to(device)
-        correct_cil = correct_til = count = 0
-        for x, y, _ in scenario.test_loader(i, cfg.train.eval_batch_size):
-            x, y = x.to(device), y.to(device)
-            logits = method.predict(x).float()
-            correct_cil += int((logits.masked_fill(~seen, float("-inf")).argmax(1) == y).sum())
-            correct_til += int((logits.masked_fill(~task_mask, float("-inf")).argmax(1) == y).sum())
-            count += len(y)
+        cil, til, count = (float(v) for v in counts[i])
         if count == 0:
             raise PgpclError(f"task {i} has no test images; check data.test_per_class and the dataset files")
-        ev.cil.append(100.0 * correct_cil / count)
-        ev.til.append(100.0 * correct_til / count)
+        ev.cil.append(100.0 * cil / count)
+        ev.til.append(100.0 * til / count)
     return ev
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def _progress(total: int, desc: str, enabled: bool, initial: int = 0):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True, initial=initial)
 
 
 def default_run_dir(cfg: Config) -> Path:
     return Path(cfg.output_dir) / cfg.name / f"seed{cfg.seed}"
 
 
-def train(cfg: Config, run_dir: str | Path | None = None, *, overwrite: bool = False):
-    """Train ``cfg`` end to end; returns the :class:`Results` (also written to ``run_dir/results.json``)."""
+def train(cfg: Config, run_dir: str | Path | None = None, *, overwrite: bool = False, resume: bool = False):
+    """Train ``cfg`` end to end; returns the :class:`Results` (also written to ``run_dir/results.json``).
+
+    Under torchrun this joins the process group (NCCL on GPUs, gloo on CPU) and leaves it at the end.
+    ``resume=True`` continues the run in ``run_dir`` from its newest checkpoint.
+    """
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
-    return Trainer(cfg, run_dir, overwrite=overwrite).run()
+    dist = init_distributed(cfg.train.device)
+    try:
+        return Trainer(cfg, run_dir, overwrite=overwrite, resume=resume, dist=dist).run()
+    finally:
+        dist.close()
 
 
-__all__ = ["Trainer", "train", "evaluate_method", "build_method", "default_run_dir"]
+__all__ = [
+    "Interrupted",
+    "RESUME_MUTABLE",
+    "Trainer",
+    "build_method",
+    "config_difference",
+    "default_run_dir",
+    "evaluate_method",
+    "resume_config",
+    "train",
+]

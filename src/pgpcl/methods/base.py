@@ -38,6 +38,9 @@ class Method(nn.Module):
     """eps per protected-group kind, as released; ``pgp.eps`` overrides it."""
     basis_timing: ClassVar[Literal["task_start", "task_end"]] = "task_end"
     """When PGP builds a task's basis: before training it on that task's data (L2P as released) or after."""
+    ddp_find_unused_parameters: ClassVar[bool] = True
+    """Multi-GPU: False when every trainable parameter takes part in every training step (saves DDP a
+    graph traversal per step); True when some may not (DDP must then find them)."""
 
     def __init__(self, params, num_classes: int, task_classes: list[list[int]]):
         super().__init__()

@@ -54,6 +54,7 @@ class DualPrompt(Method):
 
     default_eps = {"prefix": 0.50}
     basis_timing = "task_end"
+    ddp_find_unused_parameters = False  # prompt pools are whole tensors: always used
 
     def __init__(self, params: Params, backbone: nn.Module, num_classes: int, task_classes):
         super().__init__(params, num_classes, task_classes)

@@ -9,7 +9,8 @@ The original Google ``ViT-B_16.npz`` is timm's ``vit_base_patch16_224.orig_in21k
 :class:`PromptedViT` never forks timm's ``vision_transformer.py``: it calls the timm modules
 (``patch_embed``, ``_pos_embed``, each block's ``norm1``, ``attn.qkv``, ``q_norm``/``k_norm``,
 ``attn.proj``, ``ls1``/``ls2``, ``drop_path1``/``drop_path2``, ``norm2``, ``mlp``, the final ``norm``)
-and only re-implements the attention product where prefixes join the keys and values.
+and only re-implements the attention product where prefixes join the keys and values (and, for the
+query pass, the last block for the CLS row alone).
 """
 
 from __future__ import annotations
@@ -253,10 +254,88 @@ class PromptedViT(nn.Module):
     def forward(self, x: Tensor, **kwargs: Any) -> FeatureOutput:
         return self.forward_features(x, **kwargs)
 
+    def queries(
+        self,
+        x: Tensor,
+        layers: Iterable[int],
+        prompts: Tensor | None = None,
+        prefixes: Mapping[int, tuple[Tensor, Tensor]] | None = None,
+    ) -> dict[int, Tensor]:
+        """Only the captured queries of :meth:`forward_features`: {layer: W_q LN(x) (B, T, D)}.
+
+        Same values as ``forward_features(x, prompts, prefixes, capture_queries=layers).queries``, but
+        runs the blocks only up to the last requested layer, and in that one only ``norm1`` and the
+        query third of ``qkv``: no later block, no final norm. (DualPrompt's PGP memory pass needs
+        layers 0-4 of a 12-block ViT.)
+        """
+        wanted = sorted(set(layers))
+        prefixes = dict(prefixes or {})
+        for layer in set(prefixes) | set(wanted):
+            if not 0 <= layer < self.depth:
+                raise ValueError(f"layer {layer} out of range for a {self.depth}-block ViT")
+        if not wanted:
+            return {}
+        last = wanted[-1]
+        h = self._sequence(x, prompts)
+        out: dict[int, Tensor] = {}
+        for i, blk in enumerate(self.vit.blocks[:last]):
+            if i in prefixes or i in wanted:
+                h, q = self._block(blk, h, prefixes.get(i), i in wanted)
+                if q is not None:
+                    out[i] = q
+            else:
+                h = blk(h)
+        blk = self.vit.blocks[last]
+        out[last] = self._query_only(blk.attn, blk.norm1(h))
+        return out
+
+    def _block_rows(self, blk: nn.Module, x: Tensor, rows: int) -> Tensor:
+        """timm Block output for the first ``rows`` tokens only: (B, T, D) -> (B, rows, D).
+
+        Queries, attention output, MLP and residuals for those rows; keys and values from all T.
+        """
+        attn = blk.attn
+        B, T, _ = x.shape
+        H, hd = attn.num_heads, attn.head_dim
+        A = H * hd
+        h = blk.norm1(x)
+        w, b = attn.qkv.weight, attn.qkv.bias
+        q = F.linear(h[:, :rows], w[:A], None if b is None else b[:A])
+        kv = F.linear(h, w[A:], None if b is None else b[A:])
+        q = q.reshape(B, rows, H, hd).transpose(1, 2)
+        k, v = kv.reshape(B, T, 2, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        out = self._product(attn, q, k, v).transpose(1, 2).reshape(B, rows, A)
+        if getattr(attn, "norm", None) is not None:
+            out = attn.norm(out)
+        if getattr(attn, "gate", None) is not None:
+            out = out * attn.gate(h[:, :rows]).sigmoid()
+        out = attn.proj_drop(attn.proj(out))
+        y = x[:, :rows] + blk.drop_path1(blk.ls1(out))
+        return y + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(y))))
+
+    @staticmethod
+    def _query_only(attn: nn.Module, x: Tensor) -> Tensor:
+        """W_q x (after q_norm) of normed input (B, T, D) -> (B, T, A), without computing K and V."""
+        B, T, _ = x.shape
+        H, hd = attn.num_heads, attn.head_dim
+        A = H * hd
+        bias = attn.qkv.bias[:A] if attn.qkv.bias is not None else None
+        q = F.linear(x, attn.qkv.weight[:A], bias).reshape(B, T, H, hd)
+        return attn.q_norm(q).reshape(B, T, A)  # q_norm acts on head_dim, the last axis either way
+
     @torch.no_grad()
     def query(self, x: Tensor) -> Tensor:
-        """(B, C, H, W) -> (B, D): final-norm CLS of the un-prompted image (the L2P/DualPrompt query)."""
-        return self.vit.forward_features(x)[:, 0]
+        """(B, C, H, W) -> (B, D): final-norm CLS of the un-prompted image (the L2P/DualPrompt query).
+
+        Equals timm's ``forward_features(x)[:, 0]``; the last block is run for the CLS row only (its
+        keys and values still come from every token), which skips most of that block's work.
+        """
+        blocks = self.vit.blocks
+        h = self._sequence(x, None)
+        for blk in blocks[:-1]:
+            h = blk(h)
+        return self.vit.norm(self._block_rows(blocks[-1], h, 1))[:, 0]
 
     # -- prefix-tuning block ---------------------------------------------------------------------------
 

@@ -72,10 +72,11 @@ def plot_matrices(group: RunGroup, path: Path) -> bool:
         return False
     T = next(iter(mats.values())).shape[0]
     side = min(2.0 + 0.45 * T, 14.0)
-    fig = Figure(figsize=(side * len(mats) + 1.0, side))
+    fig = Figure(figsize=(side * len(mats) + 1.5, side + 0.6), layout="constrained")
     axes = fig.subplots(1, len(mats), squeeze=False)[0]
     for ax, (setting, m) in zip(axes, mats.items()):
-        _heatmap(fig, ax, m, f"{setting.upper()}  {group.label}  (n={len(group.runs)})")
+        _heatmap(fig, ax, m, setting.upper())
+    fig.suptitle(f"{group.label} (mean of {len(group.runs)} run(s))", fontsize=10)
     _save(fig, path)
     return True
 
@@ -83,7 +84,7 @@ def plot_matrices(group: RunGroup, path: Path) -> bool:
 def _heatmap(fig: Any, ax: Any, m: np.ndarray, title: str) -> None:
     T = m.shape[0]
     im = ax.imshow(np.ma.masked_invalid(m), vmin=0.0, vmax=100.0, cmap="viridis")
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="top-1 accuracy (%)")
+    fig.colorbar(im, ax=ax, shrink=0.8, label="top-1 accuracy (%)")
     size = max(4.0, 10.0 - 0.3 * T)
     for i in range(T):
         for t in range(T):
@@ -94,7 +95,7 @@ def _heatmap(fig: Any, ax: Any, m: np.ndarray, title: str) -> None:
     ax.set_yticks(range(T))
     ax.set_xlabel("after training task t")
     ax.set_ylabel("evaluated task i")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title)
 
 
 def plot_curves(groups: Sequence[RunGroup], path: Path) -> bool:
@@ -104,7 +105,7 @@ def plot_curves(groups: Sequence[RunGroup], path: Path) -> bool:
     panels = [s for s in SETTINGS if any(curve_stats(g, s) is not None for g in groups)]
     if not panels:
         return False
-    fig = Figure(figsize=(6.0 * len(panels), 4.5))
+    fig = Figure(figsize=(6.0 * len(panels), 4.5), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, setting in zip(axes, panels):
         _curve_panel(ax, groups, setting)
@@ -122,6 +123,7 @@ def _curve_panel(ax: Any, groups: Sequence[RunGroup], setting: str) -> None:
         line = ax.plot(x, mean, marker="o", markersize=3, label=f"{g.label} (n={len(g.runs)})")[0]
         if not np.all(np.isnan(std)):
             ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("tasks learned")
     ax.set_ylabel("average accuracy A_t (%)")
     ax.set_title(f"{setting.upper()} accuracy over tasks")

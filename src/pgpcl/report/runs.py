@@ -196,7 +196,8 @@ def group_runs(runs: Sequence[Run]) -> tuple[list[RunGroup], list[str]]:
 def _latest_per_seed(runs: Sequence[Run]) -> tuple[list[Run], list[tuple[Run, Run]]]:
     by_seed: dict[int, Run] = {}
     dropped = []
-    for run in sorted(runs, key=lambda r: r.results.updated, reverse=True):
+    # Newest `updated` wins; equal stamps (second resolution) fall back to the later path, for determinism.
+    for run in sorted(runs, key=lambda r: (r.results.updated, str(r.path)), reverse=True):
         if run.seed in by_seed:
             dropped.append((run, by_seed[run.seed]))
         else:

@@ -1,0 +1,106 @@
+"""Evaluation throughput (images/s): pgpcl vs the reference, and torch.inference_mode vs no_grad.
+
+One evaluation batch = the query pass + the prompted pass + head (CIL logits over all classes), as
+``evaluate_method`` runs it. Paths, timed round-robin on the same images:
+
+- ``reference``: two ViT copies, eager attention, under ``torch.no_grad()`` (as released);
+- ``pgpcl``: ``method.predict(x)`` under ``torch.no_grad()`` (what the engine does today);
+- ``pgpcl+inference_mode``: the same under ``torch.inference_mode()`` (proposed for the engine's
+  evaluation loop; no view/version-counter tracking).
+
+    python benchmarks/eval.py                           # ~4 min on 2 shared cores
+    python benchmarks/eval.py --models b --batch 128 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+
+from _common import (
+    MODEL_LABEL,
+    NUM_CLASSES,
+    add_common_args,
+    build_vit,
+    finish,
+    interleaved,
+    med,
+    pgpcl_method,
+    setup,
+    table,
+)
+from _reference import build_reference, check_equivalence
+
+DEFAULT_BATCH = {"ti": 16, "s": 8, "b": 4}
+
+
+def run_one(name: str, size: str, vit, x, args, device) -> dict:
+    torch.manual_seed(args.seed)
+    method = pgpcl_method(name, vit).to(device).eval()
+    ref = build_reference(name, copy.deepcopy(vit), NUM_CLASSES).to(device).eval()
+    diff = check_equivalence(ref, method, x[:2], torch.zeros(2, dtype=torch.long, device=device))
+    ref.eval()
+    method.eval()
+
+    def run_ref():
+        with torch.no_grad():
+            ref(x, None)[0].argmax(1)
+
+    def run_nograd():
+        with torch.no_grad():
+            method.predict(x).argmax(1)
+
+    def run_inference():
+        with torch.inference_mode():
+            method.predict(x).argmax(1)
+
+    times = interleaved({"reference": run_ref, "pgpcl": run_nograd, "pgpcl+inference_mode": run_inference},
+                        args.repeats, 1, device)
+    b = x.shape[0]
+    r = {
+        "model": MODEL_LABEL[size],
+        "method": name,
+        "batch": b,
+        "logit_max_abs_diff_ref_vs_pgpcl": diff,
+        "median_batch_s": {k: med(v) for k, v in times.items()},
+        "images_per_s": {k: b / med(v) for k, v in times.items()},
+        "all": times,
+    }
+    r["speedup"] = r["median_batch_s"]["reference"] / r["median_batch_s"]["pgpcl"]
+    r["inference_mode_gain"] = r["median_batch_s"]["pgpcl"] / r["median_batch_s"]["pgpcl+inference_mode"]
+    return r
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    p.add_argument("--models", default="ti,s,b")
+    p.add_argument("--methods", default="l2p,dualprompt")
+    p.add_argument("--batch", type=int, default=0, help=f"0 = per model {DEFAULT_BATCH}")
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    mach = setup(args)
+    device = torch.device(args.device)
+    results, rows = [], []
+    for size in args.models.split(","):
+        b = args.batch or DEFAULT_BATCH[size]
+        x = torch.rand(b, 3, 224, 224, generator=torch.Generator().manual_seed(args.seed)).to(device)
+        vit = build_vit(size, device)
+        for name in args.methods.split(","):
+            r = run_one(name, size, vit, x, args, device)
+            results.append(r)
+            ips = r["images_per_s"]
+            rows.append([r["model"], name, b, ips["reference"], ips["pgpcl"], r["speedup"],
+                         ips["pgpcl+inference_mode"], r["inference_mode_gain"]])
+            print(f"done {r['model']} {name} (logit diff {r['logit_max_abs_diff_ref_vs_pgpcl']:.1e})", flush=True)
+    print()
+    print(table(["model", "method", "batch", "ref img/s", "pgpcl img/s", "pgpcl/ref",
+                 "pgpcl+inference_mode img/s", "inference_mode/no_grad"], rows))
+    notes = ["img/s from the median batch time; pgpcl/ref > 1 means pgpcl is faster"]
+    finish("eval", args, mach, results, notes)
+
+
+if __name__ == "__main__":
+    main()

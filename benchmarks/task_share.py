@@ -1,0 +1,153 @@
+"""Basis building as a share of task time, from real ``pgpcl train`` runs (results.json timings).
+
+Runs each preset end to end in a fresh process (``python -m pgpcl train PRESET train.progress=false``)
+and reads ``timings`` of its results.json: per task ``basis_s`` (PGP representation pass + basis
+update), ``train_s`` and ``eval_s``. Reports basis_s / train_s per task and over the run.
+
+For the released ViT-B/16 configs (768 samples, thousands of steps per task) a full task is hours on
+a CPU, so the last table is *computed* from per-image times measured by ``benchmarks/train.py`` and
+``benchmarks/basis.py`` (their JSON in benchmarks/results/), labelled as such.
+
+    python benchmarks/task_share.py                                  # tiny presets + demo presets
+    python benchmarks/task_share.py --presets tiny_l2p_pgp --omp-threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import RESULTS, ROOT, add_common_args, finish, setup, table
+
+# Released 10-split CIFAR-100 ViT-B/16 configs (design note, section 4): 5000 train images per task.
+RELEASED = {
+    "l2p": {"images_per_task": 5000, "epochs": 5, "batch": 16, "samples": 768},
+    "dualprompt": {"images_per_task": 5000, "epochs": 20, "batch": 24, "samples": 768},
+}
+
+
+_PATCHED_CLI = (
+    "import sys; sys.path.insert(0, {bench!r}); import basis; "
+    "from pgpcl.methods.dualprompt import DualPrompt; "
+    "DualPrompt.representations = lambda self, x, t: basis.dualprompt_representations_fast(self, x, t); "
+    "from pgpcl.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+def run_preset(preset: str, overrides: list[str], omp_threads: int | None, proposed_fast: bool = False) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    if omp_threads:
+        env["OMP_NUM_THREADS"] = str(omp_threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        entry = ["-c", _PATCHED_CLI.format(bench=str(Path(__file__).parent))] if proposed_fast else ["-m", "pgpcl"]
+        cmd = [sys.executable, *entry, "train", preset, "train.progress=false", *overrides,
+               "--run-dir", str(Path(tmp) / "run"), "--overwrite"]
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+        res = json.loads((Path(tmp) / "run" / "results.json").read_text())
+    timings = res["timings"]
+    basis = sum(t["basis_s"] for t in timings)
+    train = sum(t["train_s"] for t in timings)
+    evals = sum(t["eval_s"] for t in timings)
+    return {
+        "preset": preset + (" (proposed DualPrompt fast representations)" if proposed_fast else ""),
+        "overrides": overrides,
+        "wall_s": wall,
+        "timings": timings,
+        "basis_s": basis,
+        "train_s": train,
+        "eval_s": evals,
+        "basis_pct_of_train": 100 * basis / train,
+        "basis_pct_of_task": 100 * basis / (basis + train + evals),
+        "max_task_basis_pct_of_train": max(100 * t["basis_s"] / t["train_s"] for t in timings),
+    }
+
+
+def projected_released() -> list[dict]:
+    """Released ViT-B/16 task: basis share computed from the measured per-image times (if present)."""
+    try:
+        train = json.loads((RESULTS / "train.json").read_text())
+        basis = json.loads((RESULTS / "basis.json").read_text())
+    except (OSError, ValueError):
+        return []
+    out = []
+    for method, cfg in RELEASED.items():
+        steps = [r for r in train["results"] if r["model"] == "ViT-B/16" and r["method"] == method]
+        cases = [r for r in basis["results"]["cases"] if r["model"] == "ViT-B/16" and r["method"] == method]
+        if not steps or not cases:
+            continue
+        s, c = steps[0], max(cases, key=lambda r: r["samples"])
+        per_image = s["median_step_s"]["pgpcl+pgp"] / s["batch"]
+        n_steps = cfg["epochs"] * math.ceil(cfg["images_per_task"] / cfg["batch"])
+        train_s = per_image * cfg["batch"] * n_steps
+        row = {"method": method, "measured_batch": s["batch"], "steps_per_task": n_steps,
+               "train_s_computed": train_s, "clock": train["args"].get("clock")}
+        for path, per_sample in c["seconds_per_sample"].items():
+            row[f"basis_s_{path}"] = per_sample * cfg["samples"]
+            row[f"basis_pct_{path}"] = 100 * per_sample * cfg["samples"] / train_s
+        out.append(row)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    p.add_argument("--presets", default="tiny_l2p_pgp,tiny_dualprompt_pgp,demo_l2p_pgp,demo_dualprompt_pgp")
+    p.add_argument("--repeats", type=int, default=1, help="runs per preset; the median run is reported")
+    p.add_argument("--omp-threads", type=int, default=None, help="OMP_NUM_THREADS for the runs (default: unset)")
+    p.add_argument("--proposed-fast", action="store_true",
+                   help="also run the DualPrompt presets with the proposed representations fast path "
+                   "(benchmarks/basis.py: no query pass, PromptedViT.queries early stop), patched in")
+    p.add_argument("overrides", nargs="*", help="extra section.key=value overrides for every run")
+    args = p.parse_args()
+    mach = setup(args)
+    results, rows = [], []
+    runs = [(pr, False) for pr in args.presets.split(",")]
+    if args.proposed_fast:
+        runs += [(pr, True) for pr in args.presets.split(",") if "dualprompt" in pr]
+    for preset, fast in runs:
+        reps = [run_preset(preset, args.overrides, args.omp_threads, fast) for _ in range(args.repeats)]
+        # the run with the median basis share stands for the preset; every run is kept in the JSON
+        r = sorted(reps, key=lambda v: v["basis_pct_of_train"])[len(reps) // 2]
+        r = {**r, "repeats": [{k: v[k] for k in ("basis_pct_of_train", "max_task_basis_pct_of_train", "basis_s",
+                                                 "train_s", "timings")} for v in reps]}
+        results.append(r)
+        shares = sorted(v["basis_pct_of_train"] for v in reps)
+        rows.append([r["preset"], len(r["timings"]), r["train_s"], r["basis_s"], r["eval_s"],
+                     r["basis_pct_of_train"], f"{shares[0]:.3g}-{shares[-1]:.3g}",
+                     r["max_task_basis_pct_of_train"], r["wall_s"]])
+        print(f"done {r['preset']}", flush=True)
+    print(table(["preset", "tasks", "train s", "basis s", "eval s", "basis % of train (median run)",
+                 "range over runs", "worst task %", "wall s"], rows))
+    projected = projected_released()
+    if projected:
+        print("\nreleased ViT-B/16 10-split CIFAR-100 task, COMPUTED from measured per-image times "
+              "(benchmarks/results/train.json, basis.json):")
+        prow = []
+        for r in projected:
+            prow.append([r["method"], r["steps_per_task"], r["train_s_computed"],
+                         r.get("basis_s_pgpcl"), r.get("basis_pct_pgpcl"), r.get("basis_pct_pgpcl-fast", "-"),
+                         r.get("basis_pct_reference")])
+        print(table(["method", "steps/task", "train s", "basis s", "basis % (pgpcl)", "basis % (fast)",
+                     "basis % (ref)"], prow))
+    notes = [
+        "basis % of train = sum of basis_s / sum of train_s over the run's tasks (results.json timings)",
+        "worst task % = the largest per-task basis_s / train_s (of the median run)",
+        "times are the engine's wall-clock timings (time.perf_counter) in results.json",
+    ]
+    finish("task_share", args, mach, {"runs": results, "projected_released_vit_b": projected}, notes)
+
+
+if __name__ == "__main__":
+    main()

