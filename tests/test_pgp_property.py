@@ -110,3 +110,20 @@ def test_no_projection_on_first_task(tmp_path):
     assert all(p["task"] == 1 for p in tr.results.projection)
     # L2P builds its basis at the start of every task (as released), task 0 included
     assert [b["task"] for b in tr.results.extra["basis"] if b["group"] == "prompt"] == [0, 1]
+
+
+def test_dualprompt_memory_queries_are_those_of_the_training_forward(tmp_path):
+    """The basis pass (true task's E-prompt, blocks up to the last prefixed layer) sees exactly the
+    queries that a training forward with the E-prompt forced to the task computes."""
+    tr = _trainer(tmp_path, "tiny_dualprompt", True, "sgd-gradient")
+    method = tr.method.train()
+    x, _, task = _task1_images(tr)
+    task = task + 1  # not the prompt a key match or id 0 would give by chance
+    _, prefixes = method._prefixes(x, task)
+    layers = [layer for *_, layer in method._prefixed_layers()]
+    with torch.no_grad():
+        full = method.backbone.forward_features(x, prefixes=prefixes, capture_queries=layers).queries
+    reps = method.representations(x, task)
+    assert set(reps) == {"g_key.l0", "e_key.l1", "e_key.l2"}
+    for name, _, _, layer in method._prefixed_layers():
+        torch.testing.assert_close(reps[name], full[layer], rtol=0, atol=1e-6)

@@ -88,18 +88,21 @@ class DualPrompt(Method):
 
     def _prefixes(self, x: Tensor, task: Tensor | None):
         """E-prompt selection (forced to ``task`` when given) and the per-layer prefix dict."""
-        from pgpcl.models import join_layer_prefixes
-
         p = self.params
         batchwise = p.batchwise_prompt if self.training else p.test_batchwise
         sel = self.pool.select(self.backbone.query(x), 1, batchwise=batchwise, force_idx=task)
-        b = x.shape[0]
-        e = self.pool.gather(sel.idx)[:, 0]  # (B, n_e_layers, 2, L, D)
+        return sel, self._prefix_dict(self.pool.gather(sel.idx)[:, 0])
+
+    def _prefix_dict(self, e: Tensor) -> dict[int, tuple[Tensor, Tensor]]:
+        """Chosen E-prompts e (B, n_e_layers, 2, L, D) and the G-prompt -> {layer: (key, value)}."""
+        from pgpcl.models import join_layer_prefixes
+
+        p = self.params
         prefixes = join_layer_prefixes(e, p.e_layers)
         if self.g_prompt is not None:
-            g = self.g_prompt.unsqueeze(0).expand(b, *self.g_prompt.shape)
+            g = self.g_prompt.unsqueeze(0).expand(e.shape[0], *self.g_prompt.shape)
             prefixes.update(join_layer_prefixes(g, p.g_layers))
-        return sel, prefixes
+        return prefixes
 
     def forward(self, x: Tensor, task: Tensor | None = None) -> MethodOutput:
         sel, prefixes = self._prefixes(x, task)
@@ -130,10 +133,14 @@ class DualPrompt(Method):
 
     @torch.no_grad()
     def representations(self, x: Tensor, task: Tensor) -> dict[str, Tensor]:
-        """Per prefixed layer, the queries W_q LN(x) of the prompted forward: (B, T, D)."""
+        """Per prefixed layer, the queries W_q LN(x) of the prompted forward: (B, T, D).
+
+        The E-prompt is the true task's, as in training, so no query pass is needed; the blocks run only
+        up to the last prefixed layer (``PromptedViT.queries``).
+        """
         layers = [layer for *_, layer in self._prefixed_layers()]
-        _, prefixes = self._prefixes(x, task)
-        queries = self.backbone.forward_features(x, prefixes=prefixes, capture_queries=layers).queries
+        idx = self.pool.forced_ids(task, x.shape[0])
+        queries = self.backbone.queries(x, layers, prefixes=self._prefix_dict(self.pool.gather(idx)[:, 0]))
         return {name: queries[layer] for name, _, _, layer in self._prefixed_layers()}
 
 

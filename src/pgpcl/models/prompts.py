@@ -87,7 +87,7 @@ class PromptPool(nn.Module):
         """
         sim = self.similarity(query)
         if force_idx is not None:
-            idx = self._forced(force_idx, sim.shape[0])
+            idx = self.forced_ids(force_idx, sim.shape[0])
         else:
             if not 1 <= top_k <= self.pool_size:
                 raise ValueError(f"top_k must be in 1..{self.pool_size}, got {top_k}")
@@ -96,7 +96,8 @@ class PromptPool(nn.Module):
                 idx = batch_vote(idx, sim, top_k).expand(sim.shape[0], -1)
         return Selection(idx, sim, sim.gather(1, idx))
 
-    def _forced(self, force_idx: Tensor, B: int) -> Tensor:
+    def forced_ids(self, force_idx: Tensor, B: int) -> Tensor:
+        """Checked ids (B, k) from force_idx (B,) or (B, k)."""
         idx = force_idx.to(device=self.keys.device, dtype=torch.long)
         idx = idx.reshape(B, -1) if idx.dim() == 1 else idx
         if idx.dim() != 2 or idx.shape[0] != B:
