@@ -369,8 +369,15 @@ class PromptedCLIP(nn.Module):
         clip.eval()
 
     def train(self, mode: bool = True) -> PromptedCLIP:
-        super().train(mode)
-        self.clip.eval()  # frozen backbone: patch dropout and any dropout stay off
+        # The frozen backbone stays in eval mode (dropout, drop-path off). Only the flags of the other
+        # children change: recursing into every backbone module twice per switch costs milliseconds,
+        # which the small presets' basis passes and evaluations would pay each time.
+        self.training = mode
+        for child in self.children():
+            if child is not self.clip:
+                child.train(mode)
+        if self.clip.training:
+            self.clip.eval()
         return self
 
     @property

@@ -162,8 +162,15 @@ class PromptedViT(nn.Module):
         vit.eval()
 
     def train(self, mode: bool = True) -> PromptedViT:
-        super().train(mode)
-        self.vit.eval()  # frozen backbone: keep dropout / drop-path off
+        # The frozen backbone stays in eval mode (dropout, drop-path off). Only the flags of the other
+        # children change: recursing into every backbone module twice per switch costs milliseconds,
+        # which the small presets' basis passes and evaluations would pay each time.
+        self.training = mode
+        for child in self.children():
+            if child is not self.vit:
+                child.train(mode)
+        if self.vit.training:
+            self.vit.eval()
         return self
 
     # -- sizes ---------------------------------------------------------------------------------------
