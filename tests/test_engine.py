@@ -124,3 +124,23 @@ def test_train_mask_restricts_loss_to_current_task(tmp_path):
     # classes outside task 1 receive no gradient through the logits
     assert torch.all(out.logits.grad[:, ~mask] == 0)
     assert torch.any(out.logits.grad[:, mask] != 0)
+
+
+def test_bf16_on_a_cpu_without_bf16_arithmetic_warns(tmp_path, monkeypatch, capsys):
+    from pgpcl.engine import seed
+
+    flags = tmp_path / "cpuinfo"
+    flags.write_text("processor : 0\nflags : fpu sse2 avx2\n")
+    assert seed.cpu_has_bf16(str(flags)) is False
+    flags.write_text("flags : fpu avx2 avx512f avx512_bf16\n")
+    assert seed.cpu_has_bf16(str(flags)) is True
+    assert seed.cpu_has_bf16(str(tmp_path / "absent")) is None
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(seed, "cpu_has_bf16", lambda: False)
+    assert seed.bf16_cpu_warning("none", cpu) is None
+    Trainer(load_config("tiny_l2p", ["train.progress=false", "train.amp=bf16"]), tmp_path / "run")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.amp=bf16 on a CPU without AVX512-BF16 or AMX" in err[0], err
+    monkeypatch.setattr(seed, "cpu_has_bf16", lambda: True)
+    assert seed.bf16_cpu_warning("bf16", cpu) is None

@@ -113,8 +113,7 @@ class PGPHooks:
         empty when the running task is not projected (the first)."""
         if not self.active:
             return {}
-        # The projector keeps it privately; a public accessor on Projector would be cleaner.
-        return {k: v.detach().cpu().clone() for k, v in self.pgp.projector._task_start.items()}
+        return {k: v.detach().cpu().clone() for k, v in self.pgp.projector.task_start().items()}
 
     def load_task_start_state(self, task: int, state: dict[str, torch.Tensor] | None) -> None:
         """Re-enter task ``task`` mid-way (resume): what ``begin_task`` set, from a checkpoint."""
@@ -139,4 +138,4 @@ class PGPHooks:
                     f"{tuple(ref.shape)}; resume with the config the run was started with"
                 )
             out[name] = value.to(ref.device, ref.dtype)
-        self.pgp.projector._task_start = out
+        self.pgp.projector.set_task_start(out)

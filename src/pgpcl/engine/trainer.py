@@ -23,6 +23,7 @@ import contextlib
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ from pgpcl.engine.distributed import (
 )
 from pgpcl.engine.results import Results, now_iso, write_results
 from pgpcl.engine.rundir import check_run_dir, prepare_run_dir
-from pgpcl.engine.seed import seed_everything
+from pgpcl.engine.seed import bf16_cpu_warning, seed_everything
 from pgpcl.errors import CheckpointError, ConfigError, DataError, PgpclError
 from pgpcl.io import atomic_write_text
 
@@ -243,6 +244,9 @@ class Trainer:
             if not resume and self.is_main:
                 check_run_dir(self.run_dir, overwrite=overwrite)  # fail before any work, write nothing
             seed_everything(cfg.seed, cfg.train.deterministic)
+            warning = bf16_cpu_warning(cfg.train.amp, self.device)
+            if warning and self.is_main:
+                print(warning, file=sys.stderr)
             self.scenario = build_scenario(cfg.data, cfg.seed)
             self.method = build_method(cfg, self.scenario).to(self.device)
             self.pgp = self._build_pgp()

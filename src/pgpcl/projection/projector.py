@@ -166,6 +166,14 @@ class Projector:
         """Remember every group's protected part, to measure the task's total change."""
         self._task_start = {g.name: snapshot(g) for g in self.groups}
 
+    def task_start(self) -> dict[str, Tensor]:
+        """The snapshot taken by :meth:`begin_task` (group name -> protected part); empty outside a task."""
+        return dict(self._task_start)
+
+    def set_task_start(self, snapshots: dict[str, Tensor]) -> None:
+        """Re-enter a task mid-way (resume) with the snapshots its :meth:`begin_task` took."""
+        self._task_start = dict(snapshots)
+
     @torch.no_grad()
     def end_task(self) -> dict[str, dict[str, float]]:
         """Per group: rank and dim of the basis in force, and the leak of the task's real change.
