@@ -144,3 +144,18 @@ def test_bf16_on_a_cpu_without_bf16_arithmetic_warns(tmp_path, monkeypatch, caps
     assert len(err) == 1 and "train.amp=bf16 on a CPU without AVX512-BF16 or AMX" in err[0], err
     monkeypatch.setattr(seed, "cpu_has_bf16", lambda: True)
     assert seed.bf16_cpu_warning("bf16", cpu) is None
+
+
+def test_compiled_blocks_give_the_same_run(tmp_path):
+    """backbone.compile=true wraps every block with torch.compile ('eager' backend here: the plumbing, not
+    inductor's code generation) and trains to the same accuracy matrix."""
+    base = ["train.progress=false", "data.train_per_class=16", "data.test_per_class=10"]
+    plain = Trainer(load_config("tiny_dualprompt_pgp", base), tmp_path / "plain")
+    plain.run()
+    comp = Trainer(load_config("tiny_dualprompt_pgp", [*base, "backbone.compile=true",
+                                                       "backbone.compile_backend=eager"]), tmp_path / "comp")
+    assert all(blk._compiled_call_impl is not None for blk in comp.method.backbone.vit.blocks)
+    comp.run()
+    a, b = (read_results(d / "results.json") for d in (tmp_path / "plain", tmp_path / "comp"))
+    for setting in ("cil", "til"):
+        assert a.acc[setting] == b.acc[setting]

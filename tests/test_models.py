@@ -304,3 +304,26 @@ def test_bad_inputs_raise():
         pv.forward_features(x, prompts=torch.randn(3, 2, D))
     with pytest.raises(ValueError, match="key_prefix"):
         pv.forward_features(x, prefixes={0: (torch.randn(2, 2, D + 1), torch.randn(2, 2, D))})
+
+
+@pytest.mark.parametrize("kw", [{}, {"reg_tokens": 2}])
+def test_out_rows_equal_the_first_rows_of_the_full_forward_and_their_gradients(kw):
+    """out_rows=k computes the last block for k rows only: same tokens and same prompt gradients as
+    slicing the full forward; a prefix at the last layer falls back to the full block."""
+    pv = PromptedViT(tiny_vit(**kw))
+    x = images(3)
+    r = pv.num_prefix_tokens
+    for prefix_layers in ([], [0], [DEPTH - 1]):
+        prompts = torch.randn(3, 2, D, requires_grad=True)
+        prefixes = {layer: (torch.randn(3, 2, D), torch.randn(3, 2, D)) for layer in prefix_layers}
+        grads, outs = [], []
+        for rows in (None, r + 2):
+            out = pv.forward_features(x, prompts=prompts, prefixes=prefixes, out_rows=rows).tokens[:, : r + 2]
+            (g,) = torch.autograd.grad(out.square().sum(), prompts)
+            outs.append(out.detach())
+            grads.append(g)
+        assert outs[1].shape == (3, r + 2, D)
+        torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="out_rows"):
+        pv.forward_features(x, out_rows=0)

@@ -82,6 +82,11 @@ class BackboneConfig:
     num_heads: int | None = None
     fused_attention: bool = True
     """Use F.scaled_dot_product_attention in prompted blocks."""
+    compile: bool = False
+    """torch.compile every transformer block (ViT methods). No gain measured on a CPU (BENCHMARKS.md,
+    section 6) and a cold first step of ~20 s; meant for GPUs."""
+    compile_backend: str = "inductor"
+    """torch.compile backend when ``compile`` is on ('inductor'; 'eager' checks the plumbing only)."""
 
 
 @dataclass

@@ -102,6 +102,8 @@ class CLIPPrompt(Method):
 
         if cfg.data.channels != 3:
             raise ConfigError(f"CLIP takes RGB images: set data.channels=3 (got {cfg.data.channels})")
+        if cfg.backbone.compile:
+            raise ConfigError("backbone.compile is implemented for the ViT methods only; set backbone.compile=false")
         clip, tokenizer, info = build_clip(cfg.backbone)
         backbone = PromptedCLIP(clip, tokenizer)
         if cfg.data.img_size != backbone.image_size:

@@ -106,8 +106,10 @@ class DualPrompt(Method):
 
     def forward(self, x: Tensor, task: Tensor | None = None) -> MethodOutput:
         sel, prefixes = self._prefixes(x, task)
-        tokens = self.backbone.forward_features(x, prefixes=prefixes).tokens
-        feat = tokens[:, 0] if self.params.head == "token" else tokens[:, 1:].mean(dim=1)
+        if self.params.head == "token":
+            feat = self.backbone.forward_features(x, prefixes=prefixes, out_rows=1).tokens[:, 0]
+        else:
+            feat = self.backbone.forward_features(x, prefixes=prefixes).tokens[:, 1:].mean(dim=1)
         aux = -self.params.pull_lambda * sel.key_sim.mean()
         return MethodOutput(self.head(feat), aux, {"prompt_idx": sel.idx})
 

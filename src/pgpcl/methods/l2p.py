@@ -80,11 +80,12 @@ class L2P(Method):
         sel = self._select(x)
         b, k = sel.idx.shape
         prompts = self.pool.gather(sel.idx).reshape(b, k * self.params.length, -1)
-        tokens = self.backbone.forward_features(x, prompts=prompts).tokens
+        r = self.backbone.num_prefix_tokens  # CLS (+ register tokens): the prompts follow them
         if self.params.head == "prompt":
-            feat = tokens[:, 1 : 1 + prompts.shape[1]].mean(dim=1)
+            tokens = self.backbone.forward_features(x, prompts=prompts, out_rows=r + prompts.shape[1]).tokens
+            feat = tokens[:, r:].mean(dim=1)
         else:
-            feat = tokens[:, 0]
+            feat = self.backbone.forward_features(x, prompts=prompts, out_rows=1).tokens[:, 0]
         aux = -self.params.pull_lambda * sel.key_sim.mean()
         return MethodOutput(self.head(feat), aux, {"prompt_idx": sel.idx})
 

@@ -10,7 +10,10 @@ def build_backbone(backbone_cfg):
     from pgpcl.models import PromptedViT, build_vit
 
     vit, info = build_vit(backbone_cfg)
-    return PromptedViT(vit, fused_attention=backbone_cfg.fused_attention), info
+    backbone = PromptedViT(vit, fused_attention=backbone_cfg.fused_attention)
+    if backbone_cfg.compile:
+        backbone.compile_blocks(backbone_cfg.compile_backend)
+    return backbone, info
 
 
 def init_head(head: nn.Linear) -> nn.Linear:

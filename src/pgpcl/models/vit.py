@@ -173,6 +173,12 @@ class PromptedViT(nn.Module):
             self.vit.eval()
         return self
 
+    def compile_blocks(self, backend: str = "inductor") -> None:
+        """torch.compile each block's forward in place (``nn.Module.compile``): weights, state-dict keys
+        and the prefix path (which drives the block's sub-modules itself) are unchanged."""
+        for blk in self.vit.blocks:
+            blk.compile(backend=backend)
+
     # -- sizes ---------------------------------------------------------------------------------------
 
     @property
@@ -235,12 +241,16 @@ class PromptedViT(nn.Module):
         prompts: Tensor | None = None,
         prefixes: Mapping[int, tuple[Tensor, Tensor]] | None = None,
         capture_queries: Iterable[int] = (),
+        out_rows: int | None = None,
     ) -> FeatureOutput:
         """Prompted forward.
 
         x: (B, C, H, W). prompts: (B, P, D) (or (1, P, D), shared) inserted after CLS.
         prefixes: {layer: (key_prefix (B, Lp, D), value_prefix (B, Lp, D))} joined in front of that
         layer's keys and values. capture_queries: layers whose W_q LN(x) (B, T, D) is returned.
+        out_rows: return only the first ``out_rows`` tokens, (B, out_rows, D); the last block then
+        computes queries, attention output and MLP for those rows alone (a classifier that reads CLS
+        or the prompt positions needs no patch outputs), which saves most of that block.
         """
         prefixes = dict(prefixes or {})
         capture = set(capture_queries)
@@ -248,14 +258,22 @@ class PromptedViT(nn.Module):
             if not 0 <= layer < self.depth:
                 raise ValueError(f"layer {layer} out of range for a {self.depth}-block ViT")
         h = self._sequence(x, prompts)
+        if out_rows is not None and not 1 <= out_rows <= h.shape[1]:
+            raise ValueError(f"out_rows must be in 1..{h.shape[1]}, got {out_rows}")
+        last = self.depth - 1
+        rows_only = out_rows is not None and last not in prefixes and last not in capture
         queries: dict[int, Tensor] = {}
         for i, blk in enumerate(self.vit.blocks):
-            if i in prefixes or i in capture:
+            if rows_only and i == last:
+                h = self._block_rows(blk, h, out_rows)
+            elif i in prefixes or i in capture:
                 h, q = self._block(blk, h, prefixes.get(i), i in capture)
                 if q is not None:
                     queries[i] = q
             else:
                 h = blk(h)
+        if out_rows is not None:
+            h = h[:, :out_rows]
         return FeatureOutput(self.vit.norm(h), queries)
 
     def forward(self, x: Tensor, **kwargs: Any) -> FeatureOutput:
