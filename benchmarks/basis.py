@@ -4,9 +4,8 @@ pgpcl: ``PGPHooks.build_basis`` exactly as the engine calls it (the method's ``r
 batches of ``pgp.sample_batch_size`` images, float64 Gram accumulated per batch, one eigh per group).
 Reference: one image at a time through a two-copy eager model, rows stacked, one SVD of the stacked
 rows per group (same feature-space geometry, so the same basis up to rounding).
-``dualprompt-fast`` is a proposed method change measured here (not in the method yet): no query
-pass when the task is known (the E-prompt is forced) and ``PromptedViT.queries``, which stops after
-the last prefixed layer instead of running all blocks.
+pgpcl's DualPrompt pass picks the true task's E-prompt without a query pass and stops after the last
+prefixed layer (``PromptedViT.queries``); the reference runs the query and the whole prompted model.
 
 The released configs use 768 samples; ViT-B forwards of 768 images take minutes on a CPU, so the
 default CPU run uses fewer samples and shows the scaling (time per sample is flat: the forward
@@ -41,38 +40,17 @@ from _common import (
 from _reference import build_basis_per_sample, build_reference, copy_trainables
 
 
-def dualprompt_representations_fast(method, x, task):
-    """Proposed DualPrompt.representations: forced E-prompt without a query pass, early-stopping queries."""
-    from pgpcl.models import join_layer_prefixes
-
-    p = method.params
-    e = method.pool.gather(task.view(-1, 1))[:, 0]
-    prefixes = join_layer_prefixes(e, p.e_layers)
-    if method.g_prompt is not None:
-        g = method.g_prompt.unsqueeze(0).expand(x.shape[0], *method.g_prompt.shape)
-        prefixes.update(join_layer_prefixes(g, p.g_layers))
-    layers = [layer for *_, layer in method._prefixed_layers()]
-    q = method.backbone.queries(x, layers, prefixes=prefixes)
-    return {name: q[layer] for name, _, _, layer in method._prefixed_layers()}
-
-
-def pgpcl_build(method, loader, device, fast: bool = False) -> tuple[float, dict, dict]:
+def pgpcl_build(method, loader, device) -> tuple[float, dict, dict]:
     """Time one PGPHooks.build_basis; returns (seconds, ranks, bases)."""
     from pgpcl.config import PGPConfig
     from pgpcl.engine.pgp_hooks import PGPHooks
 
     hooks = PGPHooks(method, PGPConfig(enabled=True), device)
-    if fast:
-        method.representations = lambda x, t: dualprompt_representations_fast(method, x, t)
-    try:
-        sync(device)
-        start = clock()
-        hooks.build_basis(0, loader)
-        sync(device)
-        elapsed = clock() - start
-    finally:
-        if fast:
-            del method.representations
+    sync(device)
+    start = clock()
+    hooks.build_basis(0, loader)
+    sync(device)
+    elapsed = clock() - start
     mem = hooks.pgp.memory
     return elapsed, {n: mem.rank(n) for n in mem.names()}, {n: mem.basis(n) for n in mem.names()}
 
@@ -151,7 +129,7 @@ def main() -> None:
             for n in counts:
                 loader = random_loader(n, args.sample_batch, device, seed=args.seed)
                 # Alternate the order between sample counts so load drift does not favour one path.
-                paths = ["reference", "pgpcl"] + (["pgpcl-fast"] if name == "dualprompt" else [])
+                paths = ["reference", "pgpcl"]
                 if n % 2:
                     paths.reverse()
                 out = {}
@@ -159,7 +137,7 @@ def main() -> None:
                     if path == "reference":
                         out[path] = ref_build(ref, method, loader, device, args.ref_batch)
                     else:
-                        out[path] = pgpcl_build(method, loader, device, fast=path == "pgpcl-fast")
+                        out[path] = pgpcl_build(method, loader, device)
                 gaps = {g: subspace_gap(out["pgpcl"][2][g], out["reference"][2][g]) for g in out["pgpcl"][2]}
                 r = {
                     "model": MODEL_LABEL[size],
@@ -171,22 +149,15 @@ def main() -> None:
                     "sin_max_angle_pgpcl_vs_reference": gaps,
                     "speedup": out["reference"][0] / out["pgpcl"][0],
                 }
-                if "pgpcl-fast" in out:
-                    r["speedup_fast_vs_pgpcl"] = out["pgpcl"][0] / out["pgpcl-fast"][0]
-                    r["sin_max_angle_fast_vs_pgpcl"] = {
-                        g: subspace_gap(out["pgpcl"][2][g], out["pgpcl-fast"][2][g]) for g in out["pgpcl"][2]
-                    }
                 results.append(r)
                 rows.append([r["model"], name, n, out["reference"][0], out["pgpcl"][0], r["speedup"],
-                             out["pgpcl-fast"][0] if "pgpcl-fast" in out else "-",
-                             f"{r['speedup_fast_vs_pgpcl']:.2f}" if "pgpcl-fast" in out else "-",
                              1e3 * out["pgpcl"][0] / n, max(gaps.values())])
                 print(f"done {r['model']} {name} n={n}", flush=True)
             del method, ref
         del vit
     print()
-    print(table(["model", "method", "samples", "ref s", "pgpcl s", "ratio", "fast s", "fast/pgpcl",
-                 "pgpcl ms/sample", "max sin angle"], rows))
+    print(table(["model", "method", "samples", "ref s", "pgpcl s", "ratio", "pgpcl ms/sample",
+                 "max sin angle"], rows))
     alg = None
     if args.algebra == "on":
         alg = algebra(768, 768, 196, args.sample_batch)
@@ -196,8 +167,6 @@ def main() -> None:
               f"{alg['reference_rows_bytes'] / 2**20:.0f} MiB of rows vs {alg['pgpcl_gram_bytes'] / 2**20:.1f} MiB Gram")
     notes = [
         f"reference feeds {args.ref_batch} image(s) per forward; pgpcl {args.sample_batch}",
-        "fast = proposed DualPrompt.representations (forced E-prompt without a query pass + "
-        "PromptedViT.queries early stop); not wired into the method yet",
         "max sin angle: largest principal-angle sine between pgpcl's and the reference's basis "
         "(same rank); ~0 means the same subspace",
     ]

@@ -33,22 +33,13 @@ RELEASED = {
 }
 
 
-_PATCHED_CLI = (
-    "import sys; sys.path.insert(0, {bench!r}); import basis; "
-    "from pgpcl.methods.dualprompt import DualPrompt; "
-    "DualPrompt.representations = lambda self, x, t: basis.dualprompt_representations_fast(self, x, t); "
-    "from pgpcl.cli import main; sys.exit(main(sys.argv[1:]))"
-)
-
-
-def run_preset(preset: str, overrides: list[str], omp_threads: int | None, proposed_fast: bool = False) -> dict:
+def run_preset(preset: str, overrides: list[str], omp_threads: int | None) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
     if omp_threads:
         env["OMP_NUM_THREADS"] = str(omp_threads)
     with tempfile.TemporaryDirectory() as tmp:
-        entry = ["-c", _PATCHED_CLI.format(bench=str(Path(__file__).parent))] if proposed_fast else ["-m", "pgpcl"]
-        cmd = [sys.executable, *entry, "train", preset, "train.progress=false", *overrides,
+        cmd = [sys.executable, "-m", "pgpcl", "train", preset, "train.progress=false", *overrides,
                "--run-dir", str(Path(tmp) / "run"), "--overwrite"]
         start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -61,7 +52,7 @@ def run_preset(preset: str, overrides: list[str], omp_threads: int | None, propo
     train = sum(t["train_s"] for t in timings)
     evals = sum(t["eval_s"] for t in timings)
     return {
-        "preset": preset + (" (proposed DualPrompt fast representations)" if proposed_fast else ""),
+        "preset": preset,
         "overrides": overrides,
         "wall_s": wall,
         "timings": timings,
@@ -106,18 +97,12 @@ def main() -> None:
     p.add_argument("--presets", default="tiny_l2p_pgp,tiny_dualprompt_pgp,demo_l2p_pgp,demo_dualprompt_pgp")
     p.add_argument("--repeats", type=int, default=1, help="runs per preset; the median run is reported")
     p.add_argument("--omp-threads", type=int, default=None, help="OMP_NUM_THREADS for the runs (default: unset)")
-    p.add_argument("--proposed-fast", action="store_true",
-                   help="also run the DualPrompt presets with the proposed representations fast path "
-                   "(benchmarks/basis.py: no query pass, PromptedViT.queries early stop), patched in")
     p.add_argument("overrides", nargs="*", help="extra section.key=value overrides for every run")
     args = p.parse_args()
     mach = setup(args)
     results, rows = [], []
-    runs = [(pr, False) for pr in args.presets.split(",")]
-    if args.proposed_fast:
-        runs += [(pr, True) for pr in args.presets.split(",") if "dualprompt" in pr]
-    for preset, fast in runs:
-        reps = [run_preset(preset, args.overrides, args.omp_threads, fast) for _ in range(args.repeats)]
+    for preset in args.presets.split(","):
+        reps = [run_preset(preset, args.overrides, args.omp_threads) for _ in range(args.repeats)]
         # the run with the median basis share stands for the preset; every run is kept in the JSON
         r = sorted(reps, key=lambda v: v["basis_pct_of_train"])[len(reps) // 2]
         r = {**r, "repeats": [{k: v[k] for k in ("basis_pct_of_train", "max_task_basis_pct_of_train", "basis_s",
@@ -137,10 +122,8 @@ def main() -> None:
         prow = []
         for r in projected:
             prow.append([r["method"], r["steps_per_task"], r["train_s_computed"],
-                         r.get("basis_s_pgpcl"), r.get("basis_pct_pgpcl"), r.get("basis_pct_pgpcl-fast", "-"),
-                         r.get("basis_pct_reference")])
-        print(table(["method", "steps/task", "train s", "basis s", "basis % (pgpcl)", "basis % (fast)",
-                     "basis % (ref)"], prow))
+                         r.get("basis_s_pgpcl"), r.get("basis_pct_pgpcl"), r.get("basis_pct_reference")])
+        print(table(["method", "steps/task", "train s", "basis s", "basis % (pgpcl)", "basis % (ref)"], prow))
     notes = [
         "basis % of train = sum of basis_s / sum of train_s over the run's tasks (results.json timings)",
         "worst task % = the largest per-task basis_s / train_s (of the median run)",
