@@ -244,10 +244,6 @@ def _count_passes(name: str, rows: list) -> dict:
         ("evaluation batch", lambda: method.predict(x)),
         ("PGP representation batch", lambda: method.representations(x, t)),
     ]
-    if name == "dualprompt":
-        from basis import dualprompt_representations_fast
-
-        calls.append(("PGP repr. batch, proposed fast", lambda: dualprompt_representations_fast(method, x, t)))
     for label, fn in calls:
         for k in counts:
             counts[k] = 0

@@ -28,6 +28,7 @@ def _trainer(tmp_path, preset: str, pgp: bool, variant: str) -> Trainer:
     overrides = [
         "train.progress=false", f"pgp.enabled={str(pgp).lower()}", f"pgp.eps={kind}", f"train.optimizer={opt}",
         f"pgp.target={target}", f"train.lr={lr}", "train.epochs=2", f"backbone.embed_dim={D}",
+        "pgp.num_samples=64",
     ]
     return Trainer(load_config(preset, overrides), tmp_path / f"{preset}-{pgp}-{variant}")
 
