@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from PIL import Image
 
 from pgpcl.cli import main
@@ -46,3 +47,35 @@ def test_demo_runs_and_writes_report(tmp_path, capsys):
     before = runs[0].read_bytes()
     assert main(["demo", "--quick", "--out", str(out), *TINY]) == 0
     assert runs[0].read_bytes() == before
+
+
+def test_pretrain_writes_checked_weights_and_its_record(tmp_path, data_write_idx, capsys):
+    """pgpcl pretrain on a tiny Fashion-MNIST in the real IDX format: weights without the classifier
+    head, a record (data, seed, settings, accuracy, time, sha256), and no silent overwrite."""
+    import torch
+    from safetensors.torch import load_file
+
+    from pgpcl.errors import PgpclError
+    from pgpcl.pretrain import PretrainConfig, pretrain
+
+    labels = list(range(10)) * 4
+    root = data_write_idx(tmp_path / "fmnist", labels, labels[:20])
+    cfg = PretrainConfig(name="toy", root=str(root), epochs=1, batch_size=16, seed=3, threads=1, vit_kwargs={
+        "img_size": 28, "patch_size": 7, "in_chans": 1, "embed_dim": 16, "depth": 1, "num_heads": 2})
+    out = tmp_path / "out"
+    record = pretrain(cfg, out, progress=False)
+    weights = out / "toy.safetensors"
+    assert record == json.loads((out / "toy.json").read_text())
+    assert record["sha256"] == sha256_file(weights)
+    assert record["pretrain"]["seed"] == 3 and record["pretrain"]["train_images"] == 40
+    assert record["pretrain"]["test_images"] == 20 and 0 <= record["fashion_mnist_test_acc"] <= 100
+    state = load_file(str(weights))
+    assert state and not any(k.startswith("head.") for k in state)
+    assert sum(v.numel() for v in state.values()) == record["params"]
+    assert state["blocks.0.attn.qkv.weight"].shape == torch.Size([48, 16])
+    before = weights.read_bytes()
+    with pytest.raises(PgpclError, match="already exists; pass --overwrite"):
+        pretrain(cfg, out, progress=False)
+    assert weights.read_bytes() == before
+    assert main(["pretrain", "--out", str(out), "--name", "toy", "--data-root", str(root), "--epochs", "1"]) == 2
+    assert "--overwrite" in capsys.readouterr().err

@@ -117,7 +117,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     from pgpcl.pretrain import PretrainConfig, pretrain
 
     cfg = PretrainConfig(name=args.name, epochs=args.epochs, seed=args.seed, root=args.data_root)
-    record = pretrain(cfg, Path(args.out))
+    record = pretrain(cfg, Path(args.out), overwrite=args.overwrite)
     print(json.dumps({k: record[k] for k in ("sha256", "params", "fashion_mnist_test_acc", "train_seconds")}))
     print(f"weights: {Path(args.out) / (args.name + '.safetensors')} (use backbone.weights=PATH)")
     return 0
@@ -173,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-root", help="Fashion-MNIST folder (default: Debian's dataset-fashion-mnist)")
+    p.add_argument("--overwrite", action="store_true", help="replace NAME.safetensors / NAME.json in --out")
     p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("report", help="tables (mean +- std over seeds) and plots from run folders")

@@ -32,7 +32,7 @@ class PretrainConfig:
     )
     dataset: str = "fashion_mnist"
     root: str | None = None
-    epochs: int = 8
+    epochs: int = 6  # what the shipped vit_fmnist_d96 used (its .json records every setting)
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.05
@@ -76,15 +76,23 @@ def _accuracy(model, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> flo
     return 100.0 * correct / len(x)
 
 
-def pretrain(cfg: PretrainConfig, out_dir: Path, progress: bool = True) -> dict:
-    """Train, save ``out_dir/NAME.{safetensors,json}``, return the record written to the json."""
+def pretrain(cfg: PretrainConfig, out_dir: Path, progress: bool = True, overwrite: bool = False) -> dict:
+    """Train, save ``out_dir/NAME.{safetensors,json}``, return the record written to the json.
+
+    Existing weights of the same name are kept (PgpclError before any training) unless ``overwrite``.
+    """
     import timm
     from safetensors.torch import save
     from tqdm.auto import tqdm
 
     from pgpcl.config import DataConfig
     from pgpcl.data import load_dataset
+    from pgpcl.errors import PgpclError
 
+    out_dir = Path(out_dir)
+    existing = [p for p in (out_dir / f"{cfg.name}.safetensors", out_dir / f"{cfg.name}.json") if p.exists()]
+    if existing and not overwrite:
+        raise PgpclError(f"{existing[0]} already exists; pass --overwrite to replace it, or choose --out / --name")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
