@@ -258,6 +258,10 @@ def test_backbone_frozen_through_optimizer_step():
 
 def test_train_mode_is_deterministic_with_dropout():
     pv = PromptedViT(tiny_vit(drop_path_rate=0.5, proj_drop_rate=0.5, pos_drop_rate=0.5)).train()
+    assert pv.training and not any(m.training for m in pv.vit.modules())
+    pv.vit.train()  # someone switched the backbone on: the next switch turns it off again
+    pv.train()
+    assert not any(m.training for m in pv.vit.modules())
     x, p = images(), torch.randn(2, 2, D)
     with torch.no_grad():
         a = pv.forward_features(x, prompts=p, prefixes={0: (p, p)}).tokens

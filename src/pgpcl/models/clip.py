@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from pgpcl.config import BackboneConfig
 from pgpcl.errors import CheckpointError, ConfigError
+from pgpcl.models.frozen import train_keeping_frozen
 from pgpcl.models.weights import WeightsInfo, _one_line, _unwrap, check_state_dict, read_state_dict
 
 # Model configs pgpcl defines, in open_clip's format ({embed_dim, vision_cfg, text_cfg}). The tiny one is
@@ -369,15 +370,7 @@ class PromptedCLIP(nn.Module):
         clip.eval()
 
     def train(self, mode: bool = True) -> PromptedCLIP:
-        # The frozen backbone stays in eval mode (dropout, drop-path off). Only the flags of the other
-        # children change: recursing into every backbone module twice per switch costs milliseconds,
-        # which the small presets' basis passes and evaluations would pay each time.
-        self.training = mode
-        for child in self.children():
-            if child is not self.clip:
-                child.train(mode)
-        if self.clip.training:
-            self.clip.eval()
+        train_keeping_frozen(self, self.clip, mode)
         return self
 
     @property

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from pgpcl.config import BackboneConfig
 from pgpcl.errors import ConfigError
+from pgpcl.models.frozen import train_keeping_frozen
 from pgpcl.models.weights import (
     WeightsInfo,
     _one_line,
@@ -162,15 +163,7 @@ class PromptedViT(nn.Module):
         vit.eval()
 
     def train(self, mode: bool = True) -> PromptedViT:
-        # The frozen backbone stays in eval mode (dropout, drop-path off). Only the flags of the other
-        # children change: recursing into every backbone module twice per switch costs milliseconds,
-        # which the small presets' basis passes and evaluations would pay each time.
-        self.training = mode
-        for child in self.children():
-            if child is not self.vit:
-                child.train(mode)
-        if self.vit.training:
-            self.vit.eval()
+        train_keeping_frozen(self, self.vit, mode)
         return self
 
     def compile_blocks(self, backend: str = "inductor") -> None:
