@@ -159,3 +159,24 @@ def test_compiled_blocks_give_the_same_run(tmp_path):
     a, b = (read_results(d / "results.json") for d in (tmp_path / "plain", tmp_path / "comp"))
     for setting in ("cil", "til"):
         assert a.acc[setting] == b.acc[setting]
+
+
+def test_tensorboard_logs_training_and_evaluation(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    cfg = load_config("tiny_l2p", ["train.progress=false", "train.tensorboard=true", "train.log_every=1",
+                                   "data.train_per_class=16", "data.test_per_class=10"])
+    Trainer(cfg, run).run()
+    files = list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert files
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss_task0", "train/loss_task1"} <= tags
+    assert len(acc.Scalars("train/loss_task0")) == 5  # 80 images / batch 16, one epoch, every step logged
+    results = read_results(run / "results.json")
+    for setting in ("cil", "til"):
+        logged = [e.value for e in acc.Scalars(f"eval/{setting}_avg_acc")]
+        assert logged == pytest.approx([sum(col) / len(col) for col in
+                                        ([results.acc[setting][i][t] for i in range(t + 1)] for t in range(2))])
