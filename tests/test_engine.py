@@ -180,3 +180,12 @@ def test_tensorboard_logs_training_and_evaluation(tmp_path):
         logged = [e.value for e in acc.Scalars(f"eval/{setting}_avg_acc")]
         assert logged == pytest.approx([sum(col) / len(col) for col in
                                         ([results.acc[setting][i][t] for i in range(t + 1)] for t in range(2))])
+
+
+def test_online_trains_one_pass_per_task_and_says_epochs_are_unused(tmp_path, capsys):
+    cfg = load_config("tiny_l2p", ["train.progress=false", "data.setting=online", "train.epochs=3"])
+    Trainer(cfg, tmp_path / "run").run()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.setting=online" in err[0] and "train.epochs=3 is not used" in err[0]
+    timings = read_results(tmp_path / "run" / "results.json").timings
+    assert [t["steps"] for t in timings] == [13, 13]  # 5 digits x 40 images per task, batch 16, one pass

@@ -25,7 +25,7 @@ from pgpcl.engine.checkpoint import last_path, load_checkpoint
 from pgpcl.engine.trainer import TEST_HOOK_ENV, Trainer
 
 SMALL = ["train.progress=false", "data.train_per_class=16", "data.test_per_class=10", "train.epochs=2",
-         "train.checkpoint_every=3", "pgp.sample_batch_size=8"]  # 80 images / task: 5 steps per epoch; 16-image basis sample: 2 batches
+         "train.checkpoint_every=3", "pgp.sample_batch_size=16"]  # 80 images / task: 5 steps per epoch; 32-image basis sample: 2 batches
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 

@@ -244,9 +244,13 @@ class Trainer:
             if not resume and self.is_main:
                 check_run_dir(self.run_dir, overwrite=overwrite)  # fail before any work, write nothing
             seed_everything(cfg.seed, cfg.train.deterministic)
-            warning = bf16_cpu_warning(cfg.train.amp, self.device)
-            if warning and self.is_main:
-                print(warning, file=sys.stderr)
+            warnings = [bf16_cpu_warning(cfg.train.amp, self.device)]
+            if cfg.data.setting == "online" and cfg.train.epochs != 1:
+                warnings.append(f"pgpcl: note: data.setting=online sees each training image once: train.epochs="
+                                f"{cfg.train.epochs} is not used (one pass per task)")
+            for warning in filter(None, warnings):
+                if self.is_main:
+                    print(warning, file=sys.stderr)
             self.scenario = build_scenario(cfg.data, cfg.seed)
             self.method = build_method(cfg, self.scenario).to(self.device)
             self.pgp = self._build_pgp()
