@@ -19,12 +19,7 @@ from pgpcl.engine.trainer import Trainer
 SMALL = ["train.progress=false", "data.train_per_class=16", "data.test_per_class=10"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("data_one_thread")
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -29,12 +29,7 @@ SMALL = ["train.progress=false", "data.train_per_class=16", "data.test_per_class
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("data_one_thread")
 
 
 def _child(argv: list[str], hook: str) -> None:

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from pgpcl.errors import ConfigError
 from pgpcl.methods import METHODS
 from pgpcl.methods.base import Method, MethodOutput
+from pgpcl.methods.vit_common import init_prompt_
 
 CTX_WORD = "X"
 """Placeholder word whose token embeddings the learned context replaces (CoOp)."""
@@ -295,9 +296,5 @@ def _init_prompt_(t: Tensor, kind: str) -> None:
     if kind == "kaiming":  # nn.Linear(D, P).weight as released: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(D))
         bound = 1.0 / math.sqrt(t.shape[-1])
         nn.init.uniform_(t, -bound, bound)
-    elif kind == "uniform":
-        nn.init.uniform_(t, -1.0, 1.0)
-    elif kind == "normal":
-        nn.init.normal_(t, std=0.02)
     else:
-        nn.init.zeros_(t)
+        init_prompt_(t, kind)
