@@ -53,27 +53,35 @@ def _embed(vit: nn.Module, x: Tensor, prompts: Tensor | None = None) -> Tensor:
     return h
 
 
-class RefL2P(nn.Module):
-    """L2P as released: a separate query ViT, prompts after CLS, eager attention."""
+class _TwoViTs(nn.Module):
+    """What the released code does: a deep copy of the backbone as the query encoder (two full ViTs in
+    memory), both frozen and in eval mode, eager attention everywhere."""
 
-    def __init__(self, vit: nn.Module, num_classes: int, pool_size=10, length=5, top_k=5, pull_lambda=0.1):
+    def __init__(self, vit: nn.Module):
         super().__init__()
         self.original_model = copy.deepcopy(vit)
         self.vit = vit
         for m in (self.original_model, self.vit):
             set_timm_fused(m, False)
             m.requires_grad_(False)
-        d = vit.embed_dim
-        self.top_k, self.length, self.pull_lambda = top_k, length, pull_lambda
-        self.prompt = nn.Parameter(torch.empty(pool_size, length, d).uniform_(-1, 1))
-        self.prompt_key = nn.Parameter(torch.empty(pool_size, d).uniform_(-1, 1))
-        self.head = nn.Linear(d, num_classes)
 
     def train(self, mode: bool = True):
         super().train(mode)
         self.original_model.eval()
         self.vit.eval()
         return self
+
+
+class RefL2P(_TwoViTs):
+    """L2P as released: a separate query ViT, prompts after CLS, eager attention."""
+
+    def __init__(self, vit: nn.Module, num_classes: int, pool_size=10, length=5, top_k=5, pull_lambda=0.1):
+        super().__init__(vit)
+        d = vit.embed_dim
+        self.top_k, self.length, self.pull_lambda = top_k, length, pull_lambda
+        self.prompt = nn.Parameter(torch.empty(pool_size, length, d).uniform_(-1, 1))
+        self.prompt_key = nn.Parameter(torch.empty(pool_size, d).uniform_(-1, 1))
+        self.head = nn.Linear(d, num_classes)
 
     def forward(self, x: Tensor, task: Tensor | None = None):
         with torch.no_grad():
@@ -113,7 +121,7 @@ class RefL2P(nn.Module):
         }
 
 
-class RefDualPrompt(nn.Module):
+class RefDualPrompt(_TwoViTs):
     """DualPrompt as released (without its key/value mixing defect): separate query ViT, eager attention."""
 
     def __init__(
@@ -127,24 +135,13 @@ class RefDualPrompt(nn.Module):
         e_length=5,
         pull_lambda=1.0,
     ):
-        super().__init__()
-        self.original_model = copy.deepcopy(vit)
-        self.vit = vit
-        for m in (self.original_model, self.vit):
-            set_timm_fused(m, False)
-            m.requires_grad_(False)
+        super().__init__(vit)
         d = vit.embed_dim
         self.g_layers, self.e_layers, self.pull_lambda = list(g_layers), list(e_layers), pull_lambda
         self.g_prompt = nn.Parameter(torch.empty(len(g_layers), 2, g_length, d).uniform_(-1, 1))
         self.e_prompt = nn.Parameter(torch.empty(pool_size, len(e_layers), 2, e_length, d).uniform_(-1, 1))
         self.e_key = nn.Parameter(torch.empty(pool_size, d).uniform_(-1, 1))
         self.head = nn.Linear(d, num_classes)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.original_model.eval()
-        self.vit.eval()
-        return self
 
     def _prefixes(self, x: Tensor, task: Tensor | None):
         with torch.no_grad():
