@@ -189,3 +189,26 @@ def test_online_trains_one_pass_per_task_and_says_epochs_are_unused(tmp_path, ca
     assert len(err) == 1 and "data.setting=online" in err[0] and "train.epochs=3 is not used" in err[0]
     timings = read_results(tmp_path / "run" / "results.json").timings
     assert [t["steps"] for t in timings] == [13, 13]  # 5 digits x 40 images per task, batch 16, one pass
+
+
+@pytest.mark.parametrize("preset", ["tiny_l2p", "tiny_dualprompt"])
+def test_evaluation_reuses_cached_queries_and_gives_the_same_accuracies(tmp_path, preset):
+    from pgpcl.engine.trainer import evaluate_method
+
+    tr = Trainer(load_config(preset, ["train.progress=false", "data.test_per_class=30", "train.eval_batch_size=64"]),
+                 tmp_path / "run")
+    tr.run()
+    method = tr.method.eval()
+    calls = []
+    original = method.backbone.query
+    method.backbone.query = lambda x: calls.append(len(x)) or original(x)
+    plain0 = evaluate_method(method, tr.scenario, 0, tr.cfg, tr.device)
+    plain = evaluate_method(method, tr.scenario, 1, tr.cfg, tr.device)
+    assert sum(calls) == 450  # without a cache: (1 + 2) tasks x 5 digits x 30 test images
+    cache, calls[:] = {}, []
+    first = evaluate_method(method, tr.scenario, 0, tr.cfg, tr.device, query_cache=cache)
+    assert sum(calls) == 150 and len(cache) == 3  # task 0: batches of 64, 64, 22
+    second = evaluate_method(method, tr.scenario, 1, tr.cfg, tr.device, query_cache=cache)
+    assert sum(calls) == 300  # only task 1's images were queried again
+    assert (first.cil, first.til) == (plain0.cil, plain0.til)
+    assert (second.cil, second.til) == (plain.cil, plain.til)

@@ -239,6 +239,7 @@ class Trainer:
         self._last_ckpt: tuple[Path, str] | None = None
         self._ddp = None
         self.tb = None
+        self._eval_queries: dict[tuple[int, int], Tensor] = {}  # evaluate_method's query_cache, per run
         error = None
         try:
             if not resume and self.is_main:
@@ -752,7 +753,8 @@ class Trainer:
         self.method.eval()
         try:
             return evaluate_method(self.method, self.scenario, after_task, self.cfg, self.device,
-                                   dist=self.dist, should_stop=self._stop_requested)
+                                   dist=self.dist, should_stop=self._stop_requested,
+                                   query_cache=self._eval_queries)
         except _EvalStopped:
             self._interrupted(f"while evaluating after task {after_task + 1}/{self.scenario.num_tasks}")
 
@@ -797,10 +799,15 @@ def _writing(path: Path):
 @torch.no_grad()
 def evaluate_method(
     method, scenario, after_task: int, cfg: Config, device: torch.device, *,
-    dist: DistContext | None = None, should_stop=None,
+    dist: DistContext | None = None, should_stop=None, query_cache: dict | None = None,
 ) -> TaskEval:
     """Accuracy on the test sets of tasks 0..after_task. Under torch.distributed each rank evaluates a
-    contiguous block of the test batches and the counts are summed over ranks."""
+    contiguous block of the test batches and the counts are summed over ranks.
+
+    ``query_cache``: a dict kept for the run; each test batch's ``method.frozen_query`` is computed the
+    first time the batch is evaluated and reused after later tasks (test transforms are deterministic
+    and the batches are the same each time), which saves the query pass, ~45% of an evaluation batch.
+    """
     seen = torch.zeros(scenario.num_classes, dtype=torch.bool, device=device)
     for i in range(after_task + 1):
         seen |= scenario.class_mask(i).to(device)
@@ -810,12 +817,12 @@ def evaluate_method(
         for i in range(after_task + 1):
             task_mask = scenario.class_mask(i).to(device)
             dataset = scenario.test_loader(i, cfg.train.eval_batch_size).dataset
-            for x, y, _ in sharded_loader(dataset, cfg.train.eval_batch_size, cfg.data, dist):
+            for b, (x, y, _) in enumerate(sharded_loader(dataset, cfg.train.eval_batch_size, cfg.data, dist)):
                 if should_stop is not None and should_stop():
                     stopped = True
                     break
                 x, y = x.to(device), y.to(device)
-                logits = method.predict(x).float()
+                logits = method.predict(x, query=_cached_query(query_cache, (i, b), method, x)).float()
                 counts[i, 0] += int((logits.masked_fill(~seen, float("-inf")).argmax(1) == y).sum())
                 counts[i, 1] += int((logits.masked_fill(~task_mask, float("-inf")).argmax(1) == y).sum())
                 counts[i, 2] += len(y)
@@ -838,6 +845,18 @@ def evaluate_method(
         ev.cil.append(100.0 * cil / count)
         ev.til.append(100.0 * til / count)
     return ev
+
+
+def _cached_query(cache: dict | None, key: tuple[int, int], method, x: Tensor) -> Tensor | None:
+    """``method.frozen_query(x)``, from ``cache`` when this (task, batch) was evaluated before."""
+    if cache is None:
+        return None
+    q = cache.get(key)
+    if q is None or q.shape[0] != x.shape[0]:
+        q = method.frozen_query(x)
+        if q is not None:
+            cache[key] = q
+    return q
 
 
 def _progress(total: int, desc: str, enabled: bool, initial: int = 0):

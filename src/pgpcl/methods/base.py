@@ -76,9 +76,19 @@ class Method(nn.Module):
         return loss
 
     @torch.no_grad()
-    def predict(self, x: Tensor) -> Tensor:
-        """(B, num_classes) logits without task identity (CIL); the engine masks as the setting needs."""
+    def predict(self, x: Tensor, query: Tensor | None = None) -> Tensor:
+        """(B, num_classes) logits without task identity (CIL); the engine masks as the setting needs.
+
+        ``query``: this batch's :meth:`frozen_query`, when the engine has it from an earlier evaluation.
+        """
         return self.forward(x, None).logits
+
+    @torch.no_grad()
+    def frozen_query(self, x: Tensor) -> Tensor | None:
+        """What ``predict`` computes with frozen weights only and can take back as ``query``: (B, D), or
+        None. A test image's value never changes during a run, so the engine computes it once per test
+        batch and reuses it in every later evaluation (L2P / DualPrompt: the query feature)."""
+        return None
 
     def task_optimizer_settings(self, task: int, lr: float, weight_decay: float) -> tuple[float, float]:
         """(lr, weight decay) for ``task``; methods with per-task schedules (CLIP) override this."""

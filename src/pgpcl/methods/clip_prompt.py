@@ -207,7 +207,7 @@ class CLIPPrompt(Method):
         return MethodOutput(self.backbone.logit_scale().float() * img @ txt.T)
 
     @torch.no_grad()
-    def predict(self, x: Tensor) -> Tensor:
+    def predict(self, x: Tensor, query: Tensor | None = None) -> Tensor:
         """(B, num_classes) cosine x logit scale against every class's text feature; no labels, no task ids."""
         img = self.image_features(x)
         return self.backbone.logit_scale().float() * img @ self.text_features(None).T

@@ -86,11 +86,13 @@ class DualPrompt(Method):
         method.weights_info = info
         return method
 
-    def _prefixes(self, x: Tensor, task: Tensor | None):
-        """E-prompt selection (forced to ``task`` when given) and the per-layer prefix dict."""
+    def _prefixes(self, x: Tensor, task: Tensor | None, query: Tensor | None = None):
+        """E-prompt selection (forced to ``task`` when given; ``query`` (B, D) given or computed) and the
+        per-layer prefix dict."""
         p = self.params
         batchwise = p.batchwise_prompt if self.training else p.test_batchwise
-        sel = self.pool.select(self.backbone.query(x), 1, batchwise=batchwise, force_idx=task)
+        q = self.backbone.query(x) if query is None else query
+        sel = self.pool.select(q, 1, batchwise=batchwise, force_idx=task)
         return sel, self._prefix_dict(self.pool.gather(sel.idx)[:, 0])
 
     def _prefix_dict(self, e: Tensor) -> dict[int, tuple[Tensor, Tensor]]:
@@ -104,14 +106,22 @@ class DualPrompt(Method):
             prefixes.update(join_layer_prefixes(g, p.g_layers))
         return prefixes
 
-    def forward(self, x: Tensor, task: Tensor | None = None) -> MethodOutput:
-        sel, prefixes = self._prefixes(x, task)
+    def forward(self, x: Tensor, task: Tensor | None = None, query: Tensor | None = None) -> MethodOutput:
+        sel, prefixes = self._prefixes(x, task, query)
         if self.params.head == "token":
             feat = self.backbone.forward_features(x, prefixes=prefixes, out_rows=1).tokens[:, 0]
         else:
             feat = self.backbone.forward_features(x, prefixes=prefixes).tokens[:, 1:].mean(dim=1)
         aux = -self.params.pull_lambda * sel.key_sim.mean()
         return MethodOutput(self.head(feat), aux, {"prompt_idx": sel.idx})
+
+    @torch.no_grad()
+    def predict(self, x: Tensor, query: Tensor | None = None) -> Tensor:
+        return self.forward(x, None, query=query).logits
+
+    @torch.no_grad()
+    def frozen_query(self, x: Tensor) -> Tensor:
+        return self.backbone.query(x)
 
     # -- PGP ---------------------------------------------------------------------------------------
     def _prefixed_layers(self) -> list[tuple[str, nn.Parameter, int, int]]:

@@ -70,14 +70,15 @@ class L2P(Method):
         method.weights_info = info
         return method
 
-    def _select(self, x: Tensor):
-        """Query the frozen ViT and pick prompts: idx (B, k), key cosine (B, k)."""
+    def _select(self, x: Tensor, query: Tensor | None = None):
+        """Query the frozen ViT (unless ``query`` (B, D) is given) and pick prompts: idx (B, k), cosine (B, k)."""
         p = self.params
         batchwise = p.batchwise_prompt if self.training else p.test_batchwise
-        return self.pool.select(self.backbone.query(x), p.top_k, batchwise=batchwise)
+        q = self.backbone.query(x) if query is None else query
+        return self.pool.select(q, p.top_k, batchwise=batchwise)
 
-    def forward(self, x: Tensor, task: Tensor | None = None) -> MethodOutput:
-        sel = self._select(x)
+    def forward(self, x: Tensor, task: Tensor | None = None, query: Tensor | None = None) -> MethodOutput:
+        sel = self._select(x, query)
         b, k = sel.idx.shape
         prompts = self.pool.gather(sel.idx).reshape(b, k * self.params.length, -1)
         r = self.backbone.num_prefix_tokens  # CLS (+ register tokens): the prompts follow them
@@ -88,6 +89,14 @@ class L2P(Method):
             feat = self.backbone.forward_features(x, prompts=prompts, out_rows=1).tokens[:, 0]
         aux = -self.params.pull_lambda * sel.key_sim.mean()
         return MethodOutput(self.head(feat), aux, {"prompt_idx": sel.idx})
+
+    @torch.no_grad()
+    def predict(self, x: Tensor, query: Tensor | None = None) -> Tensor:
+        return self.forward(x, None, query=query).logits
+
+    @torch.no_grad()
+    def frozen_query(self, x: Tensor) -> Tensor:
+        return self.backbone.query(x)
 
     # -- PGP ---------------------------------------------------------------------------------------
     def protected_groups(self, eps: dict[str, float]):
