@@ -247,25 +247,16 @@ class PromptedViT(nn.Module):
         """
         prefixes = dict(prefixes or {})
         capture = set(capture_queries)
-        for layer in set(prefixes) | capture:
-            if not 0 <= layer < self.depth:
-                raise ValueError(f"layer {layer} out of range for a {self.depth}-block ViT")
+        self._check_layers(set(prefixes) | capture)
         h = self._sequence(x, prompts)
         if out_rows is not None and not 1 <= out_rows <= h.shape[1]:
             raise ValueError(f"out_rows must be in 1..{h.shape[1]}, got {out_rows}")
         last = self.depth - 1
         rows_only = out_rows is not None and last not in prefixes and last not in capture
-        queries: dict[int, Tensor] = {}
-        for i, blk in enumerate(self.vit.blocks):
-            if rows_only and i == last:
-                h = self._block_rows(blk, h, out_rows)
-            elif i in prefixes or i in capture:
-                h, q = self._block(blk, h, prefixes.get(i), i in capture)
-                if q is not None:
-                    queries[i] = q
-            else:
-                h = blk(h)
-        if out_rows is not None:
+        h, queries = self._run_blocks(h, last if rows_only else self.depth, prefixes, capture)
+        if rows_only:
+            h = self._block_rows(self.vit.blocks[last], h, out_rows)
+        elif out_rows is not None:
             h = h[:, :out_rows]
         return FeatureOutput(self.vit.norm(h), queries)
 
@@ -286,26 +277,36 @@ class PromptedViT(nn.Module):
         query third of ``qkv``: no later block, no final norm. (DualPrompt's PGP memory pass needs
         layers 0-4 of a 12-block ViT.)
         """
-        wanted = sorted(set(layers))
+        wanted = set(layers)
         prefixes = dict(prefixes or {})
-        for layer in set(prefixes) | set(wanted):
-            if not 0 <= layer < self.depth:
-                raise ValueError(f"layer {layer} out of range for a {self.depth}-block ViT")
+        self._check_layers(set(prefixes) | wanted)
         if not wanted:
             return {}
-        last = wanted[-1]
-        h = self._sequence(x, prompts)
-        out: dict[int, Tensor] = {}
-        for i, blk in enumerate(self.vit.blocks[:last]):
-            if i in prefixes or i in wanted:
-                h, q = self._block(blk, h, prefixes.get(i), i in wanted)
-                if q is not None:
-                    out[i] = q
-            else:
-                h = blk(h)
+        last = max(wanted)
+        h, out = self._run_blocks(self._sequence(x, prompts), last, prefixes, wanted)
         blk = self.vit.blocks[last]
         out[last] = self._query_only(blk.attn, blk.norm1(h))
         return out
+
+    def _check_layers(self, layers: Iterable[int]) -> None:
+        for layer in layers:
+            if not 0 <= layer < self.depth:
+                raise ValueError(f"layer {layer} out of range for a {self.depth}-block ViT")
+
+    def _run_blocks(
+        self, h: Tensor, stop: int, prefixes: Mapping[int, tuple[Tensor, Tensor]], capture: set[int]
+    ) -> tuple[Tensor, dict[int, Tensor]]:
+        """Blocks 0..stop-1 on h (B, T, D): prefixed / captured ones through :meth:`_block`, the rest as
+        timm runs them. Returns (h, {layer: queries (B, T, D)} for the captured layers before ``stop``)."""
+        queries: dict[int, Tensor] = {}
+        for i, blk in enumerate(self.vit.blocks[:stop]):
+            if i in prefixes or i in capture:
+                h, q = self._block(blk, h, prefixes.get(i), i in capture)
+                if q is not None:
+                    queries[i] = q
+            else:
+                h = blk(h)
+        return h, queries
 
     def _block_rows(self, blk: nn.Module, x: Tensor, rows: int) -> Tensor:
         """timm Block output for the first ``rows`` tokens only: (B, T, D) -> (B, rows, D).
