@@ -24,11 +24,11 @@ from torch import Tensor, nn
 from pgpcl.errors import ConfigError
 from pgpcl.methods import METHODS
 from pgpcl.methods.base import Method, MethodOutput
-from pgpcl.methods.vit_common import build_backbone, init_head, init_prompt_
+from pgpcl.methods.vit_common import QueryPromptedPredict, build_backbone, init_head, init_prompt_
 
 
 @METHODS.register("dualprompt")
-class DualPrompt(Method):
+class DualPrompt(QueryPromptedPredict, Method):
     @dataclass
     class Params:
         g_length: int = 5
@@ -114,14 +114,6 @@ class DualPrompt(Method):
             feat = self.backbone.forward_features(x, prefixes=prefixes).tokens[:, 1:].mean(dim=1)
         aux = -self.params.pull_lambda * sel.key_sim.mean()
         return MethodOutput(self.head(feat), aux, {"prompt_idx": sel.idx})
-
-    @torch.no_grad()
-    def predict(self, x: Tensor, query: Tensor | None = None) -> Tensor:
-        return self.forward(x, None, query=query).logits
-
-    @torch.no_grad()
-    def frozen_query(self, x: Tensor) -> Tensor:
-        return self.backbone.query(x)
 
     # -- PGP ---------------------------------------------------------------------------------------
     def _prefixed_layers(self) -> list[tuple[str, nn.Parameter, int, int]]:

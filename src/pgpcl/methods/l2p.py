@@ -21,11 +21,11 @@ from torch import Tensor, nn
 from pgpcl.errors import ConfigError
 from pgpcl.methods import METHODS
 from pgpcl.methods.base import Method, MethodOutput
-from pgpcl.methods.vit_common import build_backbone, init_head
+from pgpcl.methods.vit_common import QueryPromptedPredict, build_backbone, init_head
 
 
 @METHODS.register("l2p")
-class L2P(Method):
+class L2P(QueryPromptedPredict, Method):
     @dataclass
     class Params:
         pool_size: int = 10
@@ -89,14 +89,6 @@ class L2P(Method):
             feat = self.backbone.forward_features(x, prompts=prompts, out_rows=1).tokens[:, 0]
         aux = -self.params.pull_lambda * sel.key_sim.mean()
         return MethodOutput(self.head(feat), aux, {"prompt_idx": sel.idx})
-
-    @torch.no_grad()
-    def predict(self, x: Tensor, query: Tensor | None = None) -> Tensor:
-        return self.forward(x, None, query=query).logits
-
-    @torch.no_grad()
-    def frozen_query(self, x: Tensor) -> Tensor:
-        return self.backbone.query(x)
 
     # -- PGP ---------------------------------------------------------------------------------------
     def protected_groups(self, eps: dict[str, float]):

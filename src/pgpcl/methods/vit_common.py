@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 
 def build_backbone(backbone_cfg):
@@ -14,6 +15,20 @@ def build_backbone(backbone_cfg):
     if backbone_cfg.compile:
         backbone.compile_blocks(backbone_cfg.compile_backend)
     return backbone, info
+
+
+class QueryPromptedPredict:
+    """Evaluation for methods that pick prompts with the frozen ViT's query (L2P, DualPrompt): the query
+    is the part of ``predict`` the engine may cache across evaluations. Mixed into a ``Method`` whose
+    ``forward(x, task, query=None)`` takes a precomputed query."""
+
+    @torch.no_grad()
+    def predict(self, x: Tensor, query: Tensor | None = None) -> Tensor:
+        return self.forward(x, None, query=query).logits
+
+    @torch.no_grad()
+    def frozen_query(self, x: Tensor) -> Tensor:
+        return self.backbone.query(x)
 
 
 def init_head(head: nn.Linear) -> nn.Linear:
