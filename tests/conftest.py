@@ -74,3 +74,13 @@ def data_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def module_one_thread():
+    """One torch thread for a whole module (its module-scoped fixtures build models): these tensors are
+    tiny, and on shared cores OpenMP workers waiting for each other make every op much slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -36,13 +36,8 @@ SMALL = {
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _threads():
-    # One thread: these tensors are tiny, and on shared cores OpenMP workers waiting for each other
-    # make every op an order of magnitude slower.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _threads(module_one_thread):
     yield
-    torch.set_num_threads(old)
 
 
 def small_clip(seed: int = 0, **cfg):

@@ -15,11 +15,8 @@ N = (IMG // PATCH) ** 2
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _threads(module_one_thread):
     yield
-    torch.set_num_threads(old)
 
 
 def tiny_vit(seed: int = 0, **kw) -> VisionTransformer:
