@@ -38,6 +38,10 @@ def test_cli_runs_write_complete_results(runs):
         assert r.metrics["cil"]["final_acc"] == pytest.approx((r.acc["cil"][0][1] + r.acc["cil"][1][1]) / 2)
         assert r.weights["source"] == "random"
         assert [t["task"] for t in r.timings] == [0, 1]
+        # the process's one-off set-up is charged to its first task, apart from the phases
+        assert r.timings[0]["setup_s"] > 0 and r.timings[1]["setup_s"] == 0
+        assert (r.timings[0]["basis_s"] > 0) == r.pgp
+        assert all(0 < t["checkpoint_s"] < t["train_s"] for t in r.timings)  # the end-of-training one
         assert (run_dir / "config.yaml").exists()
         assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt")) == ["task000.pt", "task001.pt"]
         if r.pgp:
@@ -102,6 +106,17 @@ def test_frozen_backbone_bit_identical_after_training(tmp_path, preset):
         assert torch.equal(v, frozen[k]), k
     changed = [n for n, p in tr.method.named_parameters() if p.requires_grad and not torch.equal(p, trainable[n])]
     assert "head.weight" in changed and any("prompt" in n for n in changed)
+
+
+@pytest.mark.parametrize("preset", ["tiny_l2p_pgp", "tiny_clip"])
+def test_warm_up_changes_no_state(tmp_path, preset):
+    tr = Trainer(load_config(preset, FAST), tmp_path / "run")
+    state = {k: v.clone() for k, v in tr.method.state_dict().items()}
+    rng, mode = torch.get_rng_state(), tr.method.training
+    assert tr._warm_up() > 0
+    assert tr.method.training == mode and torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, state[k]) for k, v in tr.method.state_dict().items())
+    assert tr.scenario._sources[0].data.test.cache  # the splits are converted up front
 
 
 def test_same_seed_same_results(tmp_path):

@@ -217,6 +217,15 @@ def test_query_cls_only_last_block_matches_timm(kw, fused):
     assert torch.allclose(pv.query(x), want, atol=1e-5)
 
 
+def test_patch_tokens_and_query_from_one_embedding_equal_the_separate_calls():
+    pv = PromptedViT(tiny_vit(reg_tokens=1))
+    x = images(3)
+    with torch.no_grad():
+        patches, query = pv.patch_tokens_and_query(x)
+        assert torch.equal(patches, pv.patch_tokens(x))
+        assert torch.allclose(query, pv.query(x), atol=1e-6)
+
+
 def test_query_is_timm_cls_feature_and_shares_weights():
     vit = tiny_vit()
     pv = PromptedViT(vit)

@@ -89,6 +89,35 @@ def test_basis_orthonormal_after_several_updates_and_never_exceeds_dim():
     assert memory.rank("w") == 12  # eps = 1 on full-rank data fills the space, and no more
 
 
+def _column_by_column(basis: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """Gram-Schmidt one column at a time, written out: what extend_orthonormal must equal."""
+    cols = basis
+    for j in range(new.shape[1]):
+        v = new[:, j : j + 1]
+        for _ in range(2):
+            v = v - cols @ (cols.T @ v)
+        if float(v.norm()) >= 0.5:
+            cols = torch.cat([cols, v / v.norm()], dim=1)
+    return cols
+
+
+@pytest.mark.parametrize("case", ["new_directions", "duplicate", "overflow"])
+def test_extend_orthonormal_equals_column_by_column_gram_schmidt(case):
+    from pgpcl.projection.linalg import extend_orthonormal
+
+    basis = orthonormal(10, 3, seed=1)
+    new = orthonormal(10, 4, seed=2)
+    if case == "duplicate":  # the third candidate lies (almost) in the basis: it must be dropped
+        new[:, 2] = basis[:, 0] * 0.99 + new[:, 2] * 0.01
+    if case == "overflow":  # more candidates than room: stop at D columns
+        new = orthonormal(10, 9, seed=3)
+    got, want = extend_orthonormal(basis, new), _column_by_column(basis, new)[:, :10]
+    assert got.shape == want.shape
+    assert got.shape[1] == {"new_directions": 7, "duplicate": 6, "overflow": 10}[case]
+    assert torch.allclose(got, want, atol=1e-10)
+    assert_orthonormal(got)
+
+
 def test_growth_adds_nothing_for_same_data_and_stops_exactly_at_target():
     e = torch.eye(8, dtype=torch.float64)
     memory = SubspaceMemory()

@@ -205,6 +205,38 @@ def test_fast_path_matches_per_item(mnist_root, monkeypatch):
     assert torch.equal(yf, ys) and torch.allclose(xf, xs, atol=1e-6)
 
 
+def test_prepare_converts_every_split_once_and_loaders_reuse_it(mnist_root):
+    sc = build_scenario(_cfg(mnist_root, num_tasks=2), seed=0)
+    src = sc._sources[0].data
+    sc.prepare(unaugmented_train=True)
+    train_cache, test_cache = dict(src.train.cache), dict(src.test.cache)
+    assert len(train_cache) == 1 and len(test_cache) == 1  # plain train and test geometry coincide
+    x = _all(sc.test_loader(1, 3))[0]
+    _all(sc.train_loader(1, 4, generator_seed=0))
+    _all(sc.sample_loader(1, 5, 2, seed=0, augment=False))
+    for split, before in ((src.train, train_cache), (src.test, test_cache)):
+        assert {k: id(v) for k, v in split.cache.items()} == {k: id(v) for k, v in before.items()}
+    fresh = build_scenario(_cfg(mnist_root, num_tasks=2), seed=0)  # converts on first use instead
+    assert torch.equal(x, _all(fresh.test_loader(1, 3))[0])
+
+
+def test_in_process_loader_yields_what_a_dataloader_yields(mnist_root):
+    from torch.utils.data import DataLoader
+
+    from pgpcl.engine.distributed import InProcessLoader, make_loader
+
+    cfg = _cfg(mnist_root, num_tasks=2, img_size=24, train_transform="vit")  # augmenting: per-item seeds
+    ds = build_scenario(cfg, seed=0).train_loader(0, 4, generator_seed=0).dataset
+    batches = [[(i, 100 + i) for i in range(s, min(s + 4, len(ds)))] for s in range(0, len(ds), 4)]
+    fast = make_loader(ds, batches, cfg, seed=0)
+    assert isinstance(fast, InProcessLoader) and len(fast) == len(batches)
+    pinned = make_loader(ds, batches, DataConfig(**{**cfg.__dict__, "pin_memory": True}), seed=0)
+    assert isinstance(pinned, DataLoader)
+    for a, b in zip(_all(fast), _all(DataLoader(fast.dataset, batch_sampler=batches, collate_fn=lambda b: b))):
+        assert torch.equal(a, b)
+    assert all(torch.equal(a, b) for a, b in zip(_all(fast), _all(fast)))  # re-iterable, same draws
+
+
 def test_workers_and_pin_memory_reproducible(mnist_root):
     sc = build_scenario(_cfg(mnist_root, img_size=24, train_transform="vit", num_workers=1), seed=0)
     a = _all(sc.train_loader(0, 4, generator_seed=5))

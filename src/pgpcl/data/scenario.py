@@ -215,6 +215,19 @@ class Scenario:
             worker_init_fn=seed_worker,
         )
 
+    def prepare(self, *, unaugmented_train: bool = False) -> None:
+        """Run the in-memory fast path's one-off conversion of every split now (see ``convert_split``).
+
+        Every loader of a split shares that conversion, and the first one to be built would otherwise
+        pay it inside whichever phase comes first. ``unaugmented_train``: also convert the training
+        split with the test transform (the PGP sample loader without augmentation uses it).
+        """
+        for src in {id(s): s for s in self._sources}.values():
+            convert_split(src.data.train, self.train_transform, src.train_keep)
+            convert_split(src.data.test, self.test_transform, src.test_keep)
+            if unaugmented_train:
+                convert_split(src.data.train, self.test_transform, src.train_keep)
+
     def train_loader(self, t: int, batch_size: int, *, generator_seed: int) -> DataLoader:
         """Shuffled training data of task ``t``; one iteration is one pass over every sample once.
 
@@ -234,9 +247,7 @@ class Scenario:
         ds = self._dataset(self._check(t), "test", self._tasks[t].test, self.test_transform, 0)
         return self._loader(ds, batch_size, False, 0)
 
-    def sample_loader(
-        self, t: int, num_samples: int, batch_size: int, *, seed: int, augment: bool
-    ) -> DataLoader:
+    def sample_dataset(self, t: int, num_samples: int, *, seed: int, augment: bool) -> TaskDataset:
         """A fixed seeded subset of ``num_samples`` training images of task ``t`` (all if fewer).
 
         Uses the train transform if ``augment`` (augmentation also seeded by ``seed``), else the test one.
@@ -247,9 +258,13 @@ class Scenario:
                 np.random.default_rng(derive_seed(seed, 2)).choice(rows, num_samples, replace=False)
             )
         tf = self.train_transform if augment else self.test_transform
-        return self._loader(
-            self._dataset(t, "train", rows, tf, derive_seed(seed, 3)), batch_size, False, seed
-        )
+        return self._dataset(t, "train", rows, tf, derive_seed(seed, 3))
+
+    def sample_loader(
+        self, t: int, num_samples: int, batch_size: int, *, seed: int, augment: bool
+    ) -> DataLoader:
+        """:meth:`sample_dataset` in a fixed order, ``batch_size`` at a time."""
+        return self._loader(self.sample_dataset(t, num_samples, seed=seed, augment=augment), batch_size, False, seed)
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready summary for results files."""

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from pgpcl.errors import ConfigError
@@ -237,8 +238,30 @@ def _passthrough(batch):
     return batch
 
 
-def make_loader(dataset, batches: list[list[tuple[int, int]]], data_cfg, seed: int) -> DataLoader:
-    """A DataLoader yielding ``(x, y, task)`` for each of ``batches`` in order."""
+class InProcessLoader:
+    """Yields ``items.__getitems__(batch)`` for each batch in order, in this process.
+
+    What a DataLoader with ``num_workers=0`` and no pinned memory does with these batches, without
+    its per-loader and per-batch machinery (~0.3 ms per tiny-preset epoch, about as much as a PGP
+    basis pass's whole data loading; BENCHMARKS.md section 5).
+    """
+
+    def __init__(self, items: SeededItems, batches: list[list[tuple[int, int]]]):
+        self.dataset, self.batches = items, batches
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        for batch in self.batches:
+            yield self.dataset.__getitems__(batch)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def make_loader(dataset, batches: list[list[tuple[int, int]]], data_cfg, seed: int) -> DataLoader | InProcessLoader:
+    """A loader yielding ``(x, y, task)`` for each of ``batches`` in order (an in-process one when
+    ``data.num_workers`` is 0 and memory is not pinned, a DataLoader otherwise)."""
+    if data_cfg.num_workers == 0 and not data_cfg.pin_memory:
+        return InProcessLoader(SeededItems(dataset), batches)
     return DataLoader(
         SeededItems(dataset),
         batch_sampler=_Batches(batches),
@@ -278,7 +301,7 @@ class EpochPlan:
         seed = (lambda p: derive_seed(self.seed, 5, p)) if self.augments else (lambda p: 0)
         return [(self.perm[p], seed(p)) for p in mine], real
 
-    def loader(self, dataset, data_cfg, start: int = 0) -> tuple[DataLoader, list[bool]]:
+    def loader(self, dataset, data_cfg, start: int = 0) -> tuple[DataLoader | InProcessLoader, list[bool]]:
         """Loader over batches ``start..num_batches-1`` of this rank, and which of them are real."""
         parts = [self.local(b) for b in range(start, self.num_batches)]
         return make_loader(dataset, [p[0] for p in parts], data_cfg, self.seed), [p[1] for p in parts]
@@ -293,7 +316,9 @@ def shard_batches(n: int, batch_size: int, rank: int, world: int) -> list[list[i
     return [batches[int(i)] for i in blocks[rank]]
 
 
-def sharded_loader(dataset, batch_size: int, data_cfg, dist_ctx: DistContext | None, seed: int = 0) -> DataLoader:
+def sharded_loader(
+    dataset, batch_size: int, data_cfg, dist_ctx: DistContext | None, seed: int = 0
+) -> DataLoader | InProcessLoader:
     """Fixed-order loader over this rank's share of ``dataset`` (evaluation, PGP samples).
 
     Item ``i`` draws its augmentation (if the dataset's transform augments) from ``derive_seed(seed, 5, i)``.
@@ -321,6 +346,7 @@ def one_line(e: BaseException) -> str:
 __all__ = [
     "DistContext",
     "EpochPlan",
+    "InProcessLoader",
     "PeerFailed",
     "SeededItems",
     "init_distributed",

@@ -57,7 +57,11 @@ class PGPHooks:
                 if should_stop is not None and should_stop():
                     stopped = True
                     break
-                self.pgp.collect(self.method.representations(x.to(self.device), t.to(self.device)))
+                # inference_mode: less per-op bookkeeping than no_grad (~5% of a tiny preset's pass);
+                # the collectors copy the rows into ordinary tensors.
+                with torch.inference_mode():
+                    reps = self.method.representations(x.to(self.device), t.to(self.device))
+                self.pgp.collect(reps)
                 if on_batch is not None:
                     on_batch()
         except PgpclError as e:

@@ -143,12 +143,14 @@ class Results:
         self.metrics = {s: None if m is None else summarize(m) for s, m in self.acc.items()}
 
     def add_timing(
-        self, task: int, train_s: float, eval_s: float, basis_s: float, steps: int, train_images: int
+        self, task: int, train_s: float, eval_s: float, basis_s: float, steps: int, train_images: int,
+        setup_s: float = 0.0, checkpoint_s: float = 0.0,
     ) -> None:
         rate = train_images / train_s if train_s > 0 else None
         self.timings.append(
             {"task": task, "train_s": float(train_s), "eval_s": float(eval_s), "basis_s": float(basis_s),
-             "steps": int(steps), "train_images_per_s": rate}
+             "setup_s": float(setup_s), "checkpoint_s": float(checkpoint_s), "steps": int(steps),
+             "train_images_per_s": rate}
         )
 
     def add_projection(self, task: int, group: str, rank: int, dim: int, leak: float | None) -> None:

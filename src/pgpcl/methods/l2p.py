@@ -103,7 +103,8 @@ class L2P(QueryPromptedPredict, Method):
     @torch.no_grad()
     def representations(self, x: Tensor, task: Tensor) -> dict[str, Tensor]:
         """prompt: patch-embedding tokens (B, N, D); key: query features (B, 1, D)."""
-        return {"prompt": self.backbone.patch_tokens(x), "key": self.backbone.query(x).unsqueeze(1)}
+        patches, query = self.backbone.patch_tokens_and_query(x)
+        return {"prompt": patches, "key": query.unsqueeze(1)}
 
     @torch.no_grad()
     def extra_representations(self) -> dict[str, Tensor]:

@@ -206,10 +206,13 @@ class PromptedViT(nn.Module):
         """(B, C, H, W) -> (B, 1+N, D): CLS + patches with positions (then pos_drop, norm_pre)."""
         return self._sequence(x, None)
 
-    def _sequence(self, x: Tensor, prompts: Tensor | None) -> Tensor:
-        """Embedded input with prompts (B, P, D) inserted after the prefix tokens -> (B, R+P+N, D)."""
+    def _sequence(self, x: Tensor, prompts: Tensor | None, patches: Tensor | None = None) -> Tensor:
+        """Embedded input with prompts (B, P, D) inserted after the prefix tokens -> (B, R+P+N, D).
+
+        ``patches``: ``patch_embed(x)`` when the caller already has it.
+        """
         vit = self.vit
-        h = vit.patch_drop(vit._pos_embed(vit.patch_embed(x)))
+        h = vit.patch_drop(vit._pos_embed(vit.patch_embed(x) if patches is None else patches))
         if prompts is not None:
             prompts = _batched(prompts, h.shape[0], "prompts")
             if prompts.shape[-1] != h.shape[-1]:
@@ -350,8 +353,16 @@ class PromptedViT(nn.Module):
         Equals timm's ``forward_features(x)[:, 0]``; the last block is run for the CLS row only (its
         keys and values still come from every token), which skips most of that block's work.
         """
+        return self._query(x, None)
+
+    def patch_tokens_and_query(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(patch_tokens(x), query(x))`` from one patch embedding: (B, N, D), (B, D)."""
+        raw = self.vit.patch_embed(x)
+        return raw.reshape(raw.shape[0], -1, raw.shape[-1]), self._query(x, raw)
+
+    def _query(self, x: Tensor, patches: Tensor | None) -> Tensor:
         blocks = self.vit.blocks
-        h = self._sequence(x, None)
+        h = self._sequence(x, None, patches)
         for blk in blocks[:-1]:
             h = blk(h)
         return self.vit.norm(self._block_rows(blocks[-1], h, 1))[:, 0]

@@ -23,7 +23,7 @@ def energy_in_span(basis: Tensor, gram: Tensor) -> float:
     """tr(U^T G U): energy of the rows behind Gram ``gram`` (D, D) inside span(``basis``) (D, k)."""
     if basis.shape[1] == 0:
         return 0.0
-    return float(torch.einsum("dk,de,ek->", basis, gram, basis))
+    return float((basis * (gram @ basis)).sum())
 
 
 def residual_spectrum(basis: Tensor, gram: Tensor) -> tuple[Tensor, Tensor]:
@@ -59,6 +59,9 @@ def extend_orthonormal(basis: Tensor, new: Tensor) -> Tensor:
     Each column is orthogonalised twice against the growing basis (once is not enough in floating
     point) and dropped when less than DUPLICATE_NORM of it is new. Never exceeds D columns.
     """
+    fast = _extend_block(basis, new)
+    if fast is not None:
+        return fast
     cols = [basis]
     current = basis
     for j in range(new.shape[1]):
@@ -73,6 +76,26 @@ def extend_orthonormal(basis: Tensor, new: Tensor) -> Tensor:
         cols.append(v / norm)
         current = torch.cat(cols, dim=1)
     return current
+
+
+def _extend_block(basis: Tensor, new: Tensor) -> Tensor | None:
+    """The common case of :func:`extend_orthonormal` in a few matrix operations, or None.
+
+    Removes span(basis) from all columns at once (twice), then a QR of the block does the
+    Gram-Schmidt among the new columns: |R_jj| is what column j keeps after the basis and the
+    columns before it, the norm the column-by-column loop tests. None (use the loop) when a column
+    would be dropped or the basis would overflow D.
+    """
+    if new.shape[1] == 0 or basis.shape[1] + new.shape[1] > basis.shape[0]:
+        return None
+    v = new
+    for _ in range(2):
+        v = v - basis @ (basis.T @ v)
+    q, r = torch.linalg.qr(v)
+    diag = torch.diagonal(r)
+    if bool((diag.abs() < DUPLICATE_NORM).any()):
+        return None
+    return torch.cat([basis, q * diag.sign()], dim=1)
 
 
 def grow_basis(basis: Tensor, gram: Tensor, eps: float) -> tuple[Tensor, float, float]:
