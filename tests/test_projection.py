@@ -101,19 +101,22 @@ def _column_by_column(basis: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     return cols
 
 
-@pytest.mark.parametrize("case", ["new_directions", "duplicate", "overflow"])
+@pytest.mark.parametrize("case", ["complement", "general", "duplicate", "overflow"])
 def test_extend_orthonormal_equals_column_by_column_gram_schmidt(case):
-    from pgpcl.projection.linalg import extend_orthonormal
+    from pgpcl.projection.linalg import _extend_block, extend_orthonormal
 
-    basis = orthonormal(10, 3, seed=1)
-    new = orthonormal(10, 4, seed=2)
+    full = orthonormal(10, 10, seed=1)
+    basis, new = full[:, :3], orthonormal(10, 4, seed=2)
+    if case == "complement":  # what grow_basis passes: orthonormal directions outside span(basis)
+        new = full[:, 3:7]
     if case == "duplicate":  # the third candidate lies (almost) in the basis: it must be dropped
         new[:, 2] = basis[:, 0] * 0.99 + new[:, 2] * 0.01
-    if case == "overflow":  # more candidates than room: stop at D columns
-        new = orthonormal(10, 9, seed=3)
-    got, want = extend_orthonormal(basis, new), _column_by_column(basis, new)[:, :10]
+    if case == "overflow":  # the complement fills R^10, then more candidates come: stop at D columns
+        new = torch.cat([full[:, 3:], orthonormal(10, 2, seed=3)], dim=1)
+    got, want = extend_orthonormal(basis, new), _column_by_column(basis, new)
+    assert (_extend_block(basis, new) is not None) == (case == "complement")  # the block path
     assert got.shape == want.shape
-    assert got.shape[1] == {"new_directions": 7, "duplicate": 6, "overflow": 10}[case]
+    assert got.shape[1] == {"complement": 7, "general": 7, "duplicate": 6, "overflow": 10}[case]
     assert torch.allclose(got, want, atol=1e-10)
     assert_orthonormal(got)
 

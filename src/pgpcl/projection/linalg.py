@@ -13,6 +13,8 @@ REACH_TOL = 1e-9
 NULL_TOL = 1e-12
 # A new direction keeps less than this norm after removing its part in the basis: a duplicate.
 DUPLICATE_NORM = 0.5
+# A block of candidate directions whose Gram differs from I by at most this is treated as orthonormal.
+ORTHO_TOL = 1e-12
 
 
 def empty_basis(dim: int) -> Tensor:
@@ -79,23 +81,24 @@ def extend_orthonormal(basis: Tensor, new: Tensor) -> Tensor:
 
 
 def _extend_block(basis: Tensor, new: Tensor) -> Tensor | None:
-    """The common case of :func:`extend_orthonormal` in a few matrix operations, or None.
+    """The common case of :func:`extend_orthonormal` in a few matrix products, or None.
 
-    Removes span(basis) from all columns at once (twice), then a QR of the block does the
-    Gram-Schmidt among the new columns: |R_jj| is what column j keeps after the basis and the
-    columns before it, the norm the column-by-column loop tests. None (use the loop) when a column
-    would be dropped or the basis would overflow D.
+    ``grow_basis`` passes eigenvectors of the residual Gram: orthonormal, and orthogonal to the
+    basis up to rounding. Removing span(basis) from all of them at once (twice) then leaves a block
+    that is still orthonormal to within ORTHO_TOL, for which the column-by-column Gram-Schmidt would
+    only renormalise each column; that is done here. None (use the loop) for any other block, or
+    when the basis would exceed D columns.
     """
-    if new.shape[1] == 0 or basis.shape[1] + new.shape[1] > basis.shape[0]:
+    k, r = basis.shape[1], new.shape[1]
+    if r == 0 or k + r > basis.shape[0]:
         return None
     v = new
     for _ in range(2):
         v = v - basis @ (basis.T @ v)
-    q, r = torch.linalg.qr(v)
-    diag = torch.diagonal(r)
-    if bool((diag.abs() < DUPLICATE_NORM).any()):
+    off = v.T @ v - torch.eye(r, dtype=v.dtype)
+    if float(off.abs().max()) > ORTHO_TOL:
         return None
-    return torch.cat([basis, q * diag.sign()], dim=1)
+    return torch.cat([basis, v / torch.linalg.vector_norm(v, dim=0, keepdim=True)], dim=1)
 
 
 def grow_basis(basis: Tensor, gram: Tensor, eps: float) -> tuple[Tensor, float, float]:

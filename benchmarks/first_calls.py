@@ -1,0 +1,156 @@
+"""Where a tiny preset's first basis pass spends more than later ones, and what the block update saves.
+
+First calls are per process, so each first-call case runs in a fresh interpreter (``--case``), several
+times; the table gives medians over those processes.
+
+- ``basis``: a tiny preset's ``Trainer`` after its set-up (``_warm_up``), then ``_build_basis(0)``
+  three times: the first pass against the warm ones, with its parts (representation forward, memory
+  update) timed separately.
+- ``eigh``: the process's first ``torch.linalg.eigh`` of a D x D matrix against the second, at D = 32
+  and 96 (after a matmul has loaded BLAS).
+- ``update`` (in this process, warm): one ``grow_basis`` with the block orthonormalisation against the
+  column-by-column loop, medians of many calls.
+
+    python benchmarks/first_calls.py --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import ROOT, add_common_args, finish, med, setup, table
+
+
+def case_basis(preset: str) -> dict:
+    import torch
+
+    from pgpcl.config import load_config
+    from pgpcl.engine.trainer import Trainer
+    from pgpcl.projection.pgp import PGP
+
+    parts: dict[str, list[float]] = {"reps": [], "update": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = Trainer(load_config(preset, ["train.progress=false"]), Path(tmp) / "run")
+        method = tr.method
+        reps, build = method.representations, PGP.build
+
+        def timed_reps(*a, **k):
+            t = time.perf_counter()
+            out = reps(*a, **k)
+            parts["reps"].append(time.perf_counter() - t)
+            return out
+
+        def timed_build(self):
+            t = time.perf_counter()
+            out = build(self)
+            parts["update"].append(time.perf_counter() - t)
+            return out
+
+        method.representations, PGP.build = timed_reps, timed_build
+        tr._warm_up()
+        method.begin_task(0)
+        with torch.no_grad():
+            passes = [tr._build_basis(0) for _ in range(3)]
+    return {"pass_s": passes, "reps_s": parts["reps"], "update_s": parts["update"]}
+
+
+def case_eigh() -> dict:
+    import torch
+
+    torch.randn(64, 64) @ torch.randn(64, 64)
+    out = {}
+    for d in (32, 96):
+        a = torch.randn(d, d, dtype=torch.float64)
+        a = a @ a.T
+        times = []
+        for _ in range(2):
+            t = time.perf_counter()
+            torch.linalg.eigh(a)
+            times.append(time.perf_counter() - t)
+        out[str(d)] = times
+    return out
+
+
+def fresh(argv: list[str], threads: int) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, __file__, "--threads", str(threads), *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def update_times(calls: int) -> list[list]:
+    import torch
+
+    from pgpcl.projection import linalg
+
+    rows, block = [], linalg._extend_block
+    for d in (32, 96):
+        g = torch.Generator().manual_seed(d)
+        x = torch.randn(20 * d, d, generator=g, dtype=torch.float64) * torch.logspace(0, -3, d, dtype=torch.float64)
+        gram, empty = x.T @ x, torch.zeros(d, 0, dtype=torch.float64)
+        for eps in (0.5, 0.97):
+            res = {}
+            for name, fn in (("block", block), ("loop", lambda b, n: None)):
+                linalg._extend_block = fn
+                linalg.grow_basis(empty, gram, eps)
+                ts = []
+                for _ in range(calls):
+                    t = time.perf_counter()
+                    basis, _, _ = linalg.grow_basis(empty, gram, eps)
+                    ts.append(time.perf_counter() - t)
+                res[name] = (med(ts), basis.shape[1])
+            linalg._extend_block = block
+            rows.append([d, eps, res["block"][1], 1e3 * res["loop"][0], 1e3 * res["block"][0]])
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    p.add_argument("--case", choices=["basis", "eigh"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--preset", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--presets", default="tiny_l2p_pgp,tiny_dualprompt_pgp")
+    p.add_argument("--processes", type=int, default=5, help="fresh processes per first-call case")
+    args = p.parse_args()
+    mach = setup(args)
+    if args.case is not None:
+        print(json.dumps(case_basis(args.preset) if args.case == "basis" else case_eigh()))
+        return
+    ms = 1e3
+    results: dict = {"basis": {}, "eigh": [], "update": None}
+    rows = []
+    for preset in args.presets.split(","):
+        runs = [fresh(["--case", "basis", "--preset", preset], args.threads) for _ in range(args.processes)]
+        results["basis"][preset] = runs
+        for key in ("pass_s", "reps_s", "update_s"):
+            first = med(r[key][0] for r in runs)
+            warm = med(v for r in runs for v in r[key][1:])
+            rows.append([preset, key[:-2], ms * first, ms * warm, ms * (first - warm)])
+        print(f"done {preset}", flush=True)
+    print(table(["preset", "part", "first pass ms", "later passes ms", "extra ms"], rows))
+    eigh = [fresh(["--case", "eigh"], args.threads) for _ in range(args.processes)]
+    results["eigh"] = eigh
+    erows = [[d, ms * med(r[d][0] for r in eigh), ms * med(r[d][1] for r in eigh)] for d in ("32", "96")]
+    print(table(["D", "first eigh ms", "second eigh ms"], erows))
+    urows = update_times(200)
+    results["update"] = urows
+    print(table(["D", "eps", "rank", "loop ms", "block ms"], urows))
+    notes = [
+        "basis: medians over fresh processes; first pass = the process's first _build_basis after set-up",
+        "eigh: the process's first call of a size against its second (medians over fresh processes)",
+        "update: one grow_basis from an empty basis, median of 200 warm calls, block vs column-by-column",
+    ]
+    finish("first_calls", args, mach, results, notes)
+
+
+if __name__ == "__main__":
+    main()
