@@ -90,3 +90,26 @@ def test_only_rank_0_writes(runs):
     files = sorted(p.relative_to(two).as_posix() for p in two.rglob("*") if p.is_file())
     assert files == ["checkpoints/task000.pt", "checkpoints/task001.pt", "config.yaml", "results.json"]
     assert "Traceback" not in proc.stderr
+
+
+def test_entry_ends_a_torchrun_process_with_os_exit_and_the_code(monkeypatch):
+    """Under torchrun the process exits without interpreter teardown of the process group that
+    DistributedDataParallel keeps alive (its teardown at exit aborted finished jobs now and then)."""
+    from pgpcl import cli
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(code):
+        raise Exited(code)
+
+    monkeypatch.setattr(cli, "main", lambda: 3)
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(Exited) as hard:
+        cli.entry()
+    assert hard.value.args == (3,)
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(SystemExit) as normal:
+        cli.entry()
+    assert normal.value.code == 3

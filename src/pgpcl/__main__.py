@@ -1,3 +1,3 @@
-from pgpcl.cli import main
+from pgpcl.cli import entry
 
-raise SystemExit(main())
+entry()

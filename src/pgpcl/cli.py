@@ -6,6 +6,7 @@ User errors print one line ``pgpcl: error: ...`` and exit with status 2; ``--deb
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -245,3 +246,22 @@ def _rank_prefix() -> str:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def entry() -> None:
+    """Process entry point (``pgpcl`` and ``python -m pgpcl``): :func:`main`, then exit with its code.
+
+    Under torchrun the process ends with ``os._exit`` once everything is written and flushed:
+    DistributedDataParallel keeps the process group alive past ``destroy_process_group`` (torch
+    2.14: its gloo threads outlive the call), and tearing it down during interpreter exit now and then
+    aborts (SIGABRT, "terminate called without an active exception"), which fails a finished job.
+    """
+    code = main()
+    from pgpcl.engine.distributed import launched_world_size
+
+    if launched_world_size() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code)
+
