@@ -465,18 +465,22 @@ class Trainer:
         """
         if self._start_task >= self.scenario.num_tasks:
             return 0.0
-        start = time.perf_counter()
+        start, error = time.perf_counter(), None
         p = self.cfg.pgp
-        self.scenario.prepare(unaugmented_train=p.enabled and not p.sample_augment)
-        ds = self.scenario.test_loader(self._start_task, self.cfg.train.batch_size).dataset
-        n = min(self.cfg.train.batch_size, len(ds))
-        if n > 0:
-            x, _, _ = ds.__getitems__(list(range(n)))
-            was_training = self.method.training
-            self.method.eval()
-            with torch.no_grad(), self._autocast():
-                self.method.predict(x.to(self.device))
-            self.method.train(was_training)
+        try:
+            self.scenario.prepare(unaugmented_train=p.enabled and not p.sample_augment)
+            ds = self.scenario.test_loader(self._start_task, self.cfg.train.batch_size).dataset
+            n = min(self.cfg.train.batch_size, len(ds))
+            if n > 0:
+                x, _, _ = ds.__getitems__(list(range(n)))
+                was_training = self.method.training
+                self.method.eval()
+                with torch.no_grad(), self._autocast():
+                    self.method.predict(x.to(self.device))
+                self.method.train(was_training)
+        except PgpclError as e:  # e.g. an unreadable test image: every rank stops, one prints it
+            error = e
+        self.dist.agree(error)
         return time.perf_counter() - start
 
     def _take_setup_s(self) -> float:
