@@ -18,14 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import ROOT, add_common_args, finish, med, setup, table
+from _common import add_common_args, finish, med, run_case_subprocess, setup, table
 
 
 def case_basis(preset: str) -> dict:
@@ -79,12 +76,7 @@ def case_eigh() -> dict:
 
 
 def fresh(argv: list[str], threads: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, __file__, "--threads", str(threads), *argv]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_case_subprocess(Path(__file__), ["--threads", str(threads), *argv], timeout=600)
 
 
 def update_times(calls: int) -> list[list]:

@@ -238,14 +238,8 @@ def _one_line(e: BaseException) -> str:
 
 
 def _rank_prefix() -> str:
-    import os
-
     rank = os.environ.get("RANK")
     return f"[rank {rank}] " if rank not in (None, "0") and os.environ.get("WORLD_SIZE", "1") != "1" else ""
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
 
 
 def entry() -> None:
@@ -265,3 +259,6 @@ def entry() -> None:
         os._exit(code)
     raise SystemExit(code)
 
+
+if __name__ == "__main__":
+    entry()

@@ -260,10 +260,11 @@ class InProcessLoader:
 def make_loader(dataset, batches: list[list[tuple[int, int]]], data_cfg, seed: int) -> DataLoader | InProcessLoader:
     """A loader yielding ``(x, y, task)`` for each of ``batches`` in order (an in-process one when
     ``data.num_workers`` is 0 and memory is not pinned, a DataLoader otherwise)."""
+    items = SeededItems(dataset)
     if data_cfg.num_workers == 0 and not data_cfg.pin_memory:
-        return InProcessLoader(SeededItems(dataset), batches)
+        return InProcessLoader(items, batches)
     return DataLoader(
-        SeededItems(dataset),
+        items,
         batch_sampler=_Batches(batches),
         collate_fn=_passthrough,
         num_workers=data_cfg.num_workers,

@@ -240,7 +240,6 @@ class Trainer:
         self._ddp = None
         self.tb = None
         self._eval_queries: dict[tuple[int, int], Tensor] = {}  # evaluate_method's query_cache, per run
-        self._setup_s = 0.0
         error = None
         try:
             if not resume and self.is_main:
@@ -424,9 +423,9 @@ class Trainer:
     def run(self) -> Results:
         self._signals.install()
         try:
-            self._setup_s = self._warm_up()
+            setup_s = self._warm_up()
             for task in range(self._start_task, self.scenario.num_tasks):
-                self.run_task(task)
+                self.run_task(task, setup_s if task == self._start_task else 0.0)
             self.results.mark("complete")
             self._write()
             if self.is_main:
@@ -483,18 +482,14 @@ class Trainer:
         self.dist.agree(error)
         return time.perf_counter() - start
 
-    def _take_setup_s(self) -> float:
-        """The set-up seconds not yet charged to a task (charged to the first task this process runs)."""
-        value, self._setup_s = self._setup_s, 0.0
-        return value
-
-    def run_task(self, task: int) -> None:
+    def run_task(self, task: int, setup_s: float = 0.0) -> None:
+        """Train, (build the basis,) evaluate and checkpoint ``task``; ``setup_s`` is the process's
+        set-up time charged to it (the first task this process runs)."""
         method, timing = self.method, None
         pending = self._pending if self._pending is not None and self._pending["task"] == task else None
         self._pending = None
         if pending is None:
             timing = {"task": task, "basis_s": 0.0, "train_s": 0.0, "steps": 0, "images": 0}
-            timing["setup_s"] = self._take_setup_s()
             method.begin_task(task)
             if self.pgp is not None and method.basis_timing == "task_start":
                 timing["basis_s"] += self._build_basis(task)
@@ -502,7 +497,7 @@ class Trainer:
                 self.pgp.begin_task(task)
         else:
             timing = pending["timing"]
-            timing["setup_s"] = float(timing.get("setup_s", 0.0)) + self._take_setup_s()
+        timing["setup_s"] = float(timing.get("setup_s", 0.0)) + setup_s
         self.train_task(task, timing, pending)
         if self.pgp is not None:
             for group, rec in self.pgp.end_task(task).items():
@@ -571,16 +566,17 @@ class Trainer:
         T = self.scenario.num_tasks
         bar = _progress(total, f"task {task + 1}/{T} train", cfg.train.progress and self.is_main, initial=steps)
         start, base_s = time.perf_counter(), float(timing.get("train_s", 0.0))
-        ckpt_s = [float(timing.get("checkpoint_s", 0.0))]  # checkpoint writes, inside train_s
+        ckpt_s = float(timing.get("checkpoint_s", 0.0))  # checkpoint writes, inside train_s
 
         def timing_now() -> dict:
             return {**timing, "train_s": base_s + time.perf_counter() - start, "steps": steps, "images": images,
-                    "checkpoint_s": ckpt_s[0]}
+                    "checkpoint_s": ckpt_s}
 
         def save_checkpoint() -> None:
+            nonlocal ckpt_s
             t0 = time.perf_counter()
             self._save_mid_checkpoint(task, steps, optimizer, scheduler, timing_now())
-            ckpt_s[0] += time.perf_counter() - t0
+            ckpt_s += time.perf_counter() - t0
 
         try:
             while steps < total:

@@ -199,8 +199,7 @@ class PromptedViT(nn.Module):
 
     def patch_tokens(self, x: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, N, D) patch-embedding output, before CLS and positions."""
-        t = self.vit.patch_embed(x)
-        return t.reshape(t.shape[0], -1, t.shape[-1])  # dynamic_img_size models give (B, h, w, D)
+        return _flat_patches(self.vit.patch_embed(x))
 
     def embed(self, x: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, 1+N, D): CLS + patches with positions (then pos_drop, norm_pre)."""
@@ -358,7 +357,7 @@ class PromptedViT(nn.Module):
     def patch_tokens_and_query(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(patch_tokens(x), query(x))`` from one patch embedding: (B, N, D), (B, D)."""
         raw = self.vit.patch_embed(x)
-        return raw.reshape(raw.shape[0], -1, raw.shape[-1]), self._query(x, raw)
+        return _flat_patches(raw), self._query(x, raw)
 
     def _query(self, x: Tensor, patches: Tensor | None) -> Tensor:
         blocks = self.vit.blocks
@@ -420,6 +419,11 @@ class PromptedViT(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=attn.scale)
         w = (q * attn.scale) @ k.transpose(-2, -1)
         return attn.attn_drop(w.softmax(dim=-1)) @ v
+
+
+def _flat_patches(t: Tensor) -> Tensor:
+    """patch_embed output -> (B, N, D) (dynamic_img_size models give (B, h, w, D))."""
+    return t.reshape(t.shape[0], -1, t.shape[-1])
 
 
 def _batched(t: Tensor, B: int, name: str) -> Tensor:
