@@ -6,6 +6,10 @@ order: forward (query pass + prompted pass), loss, backward, clip grad norm 1.0,
 Adam step. PGP is active as on a second task (a basis from a few random images).
 
 - throughput: median step time -> steps/s and images/s, ratio reference / pgpcl;
+- ``--amp bf16``: two more pgpcl cases in the same round-robin, pgpcl and pgpcl + PGP under
+  ``torch.autocast(bfloat16)`` around forward and loss (what ``train.amp=bf16`` does), against the
+  fp32 reference, and the reference under the same autocast (a like-for-like ratio); pays off only
+  where the hardware has bf16 arithmetic (CPU: AVX512-BF16 or AMX);
 - PGP overhead: the time spent inside pgpcl's projection hooks, as % of the pgpcl + PGP step
   (measured directly; the difference of two noisy step medians is also reported);
 - peak memory (``--memory``): each case in a fresh interpreter; CPU: ru_maxrss after two steps minus
@@ -14,12 +18,14 @@ Adam step. PGP is active as on a second task (a basis from a few random images).
 
     python benchmarks/train.py                       # default: Ti, S, B at 224 px, ~5 min on 2 cores
     python benchmarks/train.py --models s --repeats 7
+    python benchmarks/train.py --models s --amp bf16 --memory off
     python benchmarks/train.py --device cuda --batch 32 --models b
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import sys
@@ -78,8 +84,11 @@ def _inputs(batch: int, device, seed: int, task: int = 1):
 class PgpclCase:
     """pgpcl's method + optimizer; ``step(pgp)`` mirrors Trainer.train_step."""
 
-    def __init__(self, method_name: str, vit, device, hooks_samples: int, seed: int, pgp: bool = True):
+    def __init__(self, method_name: str, vit, device, hooks_samples: int, seed: int, pgp: bool = True,
+                 amp: bool = False):
         torch.manual_seed(seed)
+        self.amp = amp
+        self.device_type = torch.device(device).type
         self.method = pgpcl_method(method_name, vit).to(device)
         self.params = self.method.trainable_parameters()
         self.opt = torch.optim.Adam(self.params, lr=LR)
@@ -88,8 +97,10 @@ class PgpclCase:
         self.method.train()
 
     def step(self, x, y, t, mask, pgp: bool) -> float:
-        out = self.method(x, t)
-        loss = self.method.loss(out, y, mask)
+        amp = torch.autocast(self.device_type, dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
+        with amp:
+            out = self.method(x, t)
+            loss = self.method.loss(out, y, mask)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
@@ -122,9 +133,11 @@ class RefCase:
         self.proj_s: list[float] = []
         self.model.train()
 
-    def step(self, x, y, t, mask, pgp: bool) -> float:
-        logits, aux, idx = self.model(x, t)
-        loss = F.cross_entropy(logits.masked_fill(~mask, float("-inf")), y) + aux
+    def step(self, x, y, t, mask, pgp: bool, amp: bool = False) -> float:
+        autocast = torch.autocast(x.device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+        with autocast:
+            logits, aux, idx = self.model(x, t)
+            loss = F.cross_entropy(logits.masked_fill(~mask, float("-inf")), y) + aux
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
@@ -213,6 +226,21 @@ def run_model(method: str, size: str, args, device) -> dict:
         "pgpcl": lambda: ours.step(x, y, t, mask, False),
         "pgpcl+pgp": lambda: ours.step(x, y, t, mask, True),
     }
+    bf16 = None
+    if args.amp == "bf16":  # same backbone, same seed: same prompts and basis as ``ours``
+        bf16 = PgpclCase(method, vit, device, args.basis_samples, args.seed, amp=True)
+        bf16.method.eval()
+        ours.method.eval()
+        with torch.no_grad():
+            fp32_logits = ours.method(x[:2], t[:2]).logits
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                bf16_logits = bf16.method(x[:2], t[:2]).logits.float()
+        bf16_diff = (bf16_logits - fp32_logits).abs().max().item()
+        bf16.method.train()
+        ours.method.train()
+        fns["reference bf16"] = lambda: ref.step(x, y, t, mask, False, amp=True)
+        fns["pgpcl bf16"] = lambda: bf16.step(x, y, t, mask, False)
+        fns["pgpcl+pgp bf16"] = lambda: bf16.step(x, y, t, mask, True)
     ours.hook_s.clear()
     times = interleaved(fns, args.repeats, warmup=1, device=device)
     ours_hook = ours.hook_s[-args.repeats :]
@@ -235,6 +263,11 @@ def run_model(method: str, size: str, args, device) -> dict:
         "ref_projection_s_median": med(ref_proj),
         "basis_ranks": {n: int(b.shape[1]) for n, b in ours.bases().items()},
     }
+    if bf16 is not None:
+        res["speedup_bf16_no_pgp"] = med(times["reference"]) / med(times["pgpcl bf16"])
+        res["speedup_bf16_pgp"] = med(times["reference+pgp"]) / med(times["pgpcl+pgp bf16"])
+        res["speedup_bf16_vs_reference_bf16"] = med(times["reference bf16"]) / med(times["pgpcl bf16"])
+        res["logit_max_abs_diff_bf16_vs_fp32"] = bf16_diff
     return res
 
 
@@ -265,13 +298,15 @@ def main() -> None:
     p.add_argument("--basis-samples", type=int, default=8, help="random images behind the PGP basis")
     p.add_argument("--memory", choices=["on", "off"], default="on")
     p.add_argument("--timing", choices=["on", "off"], default="on", help="off: memory cases only")
+    p.add_argument("--amp", choices=["none", "bf16"], default="none",
+                   help="bf16: also time pgpcl under bf16 autocast (against the fp32 reference)")
     p.add_argument("--memory-pgp", choices=["pgp", "both"], default="pgp",
                    help="memory cases with PGP only (default) or with and without")
     args = p.parse_args()
     args.batch = parse_batch(args.batch)
     mach = setup(args)
     device = torch.device(args.device)
-    results, rows, mem_rows = [], [], []
+    results, rows, mem_rows, bf16_rows = [], [], [], []
     for size in args.models.split(","):
         for method in args.methods.split(","):
             if args.timing == "on":
@@ -294,6 +329,11 @@ def main() -> None:
             rows.append([r["model"], method, r["batch"], ms["reference"], ms["pgpcl"], r["speedup_no_pgp"],
                          ms["reference+pgp"], ms["pgpcl+pgp"], r["speedup_pgp"],
                          r["pgp_overhead_pct_direct"], r["pgp_overhead_pct_diff"]])
+            if "speedup_bf16_no_pgp" in r:
+                bf16_rows.append([r["model"], method, r["batch"], ms["reference"], ms["pgpcl bf16"],
+                                  r["speedup_bf16_no_pgp"], ms["reference+pgp"], ms["pgpcl+pgp bf16"],
+                                  r["speedup_bf16_pgp"], ms["reference bf16"],
+                                  r["speedup_bf16_vs_reference_bf16"], r["logit_max_abs_diff_bf16_vs_fp32"]])
             print(f"done {r['model']} {method}: ref/pgpcl {r['speedup_no_pgp']:.2f}x "
                   f"(+pgp {r['speedup_pgp']:.2f}x), logit diff {r['logit_max_abs_diff_ref_vs_pgpcl']:.1e}",
                   flush=True)
@@ -301,6 +341,11 @@ def main() -> None:
         print()
         print(table(["model", "method", "batch", "ref s/step", "pgpcl s/step", "ratio", "ref+pgp", "pgpcl+pgp",
                      "ratio+pgp", "PGP % (hooks)", "PGP % (diff)"], rows))
+    if bf16_rows:
+        print("\npgpcl under bf16 autocast against the fp32 reference:")
+        print(table(["model", "method", "batch", "ref s/step", "pgpcl bf16", "ratio", "ref+pgp",
+                     "pgpcl+pgp bf16", "ratio+pgp", "ref bf16", "ratio (both bf16)",
+                     "max |logit bf16 - fp32|"], bf16_rows))
     if mem_rows:
         print()
         print(table(["model", "method", "batch", "case", "parameters MiB", "peak MiB"], mem_rows))

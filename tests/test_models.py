@@ -337,3 +337,40 @@ def test_out_rows_equal_the_first_rows_of_the_full_forward_and_their_gradients(k
         torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="out_rows"):
         pv.forward_features(x, out_rows=0)
+
+
+def _count_sdpa(monkeypatch) -> list[int]:
+    """Count F.scaled_dot_product_attention calls (timm's blocks and PromptedViT's look it up on F)."""
+    calls: list[int] = []
+    real = F.scaled_dot_product_attention
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counted)
+    return calls
+
+
+def test_cpu_bf16_uses_the_plain_attention_product_and_fp32_the_fused_one(monkeypatch):
+    calls = _count_sdpa(monkeypatch)
+    pv = PromptedViT(tiny_vit(), fused_attention=True)
+    eager = PromptedViT(tiny_vit(), fused_attention=False)
+    x, prompts = images(), torch.randn(2, 3, D)
+    prefixes = {1: (torch.randn(2, 4, D), torch.randn(2, 4, D))}
+    with torch.no_grad():
+        want = eager.forward_features(x, prompts=prompts, prefixes=prefixes).tokens
+        assert calls == [], "fused_attention=False must reach timm's own blocks too"
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = pv.forward_features(x, prompts=prompts, prefixes=prefixes).tokens
+            low_query = pv.query(x)
+        assert calls == []
+        got = pv.forward_features(x, prompts=prompts, prefixes=prefixes).tokens  # fp32 again: fused
+        assert len(calls) == DEPTH
+        assert torch.allclose(pv.query(x), low_query.float(), atol=0.1)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(low.float(), want, atol=0.1)  # bf16 rounding only
+    with torch.no_grad():  # a model cast to bf16 (no autocast) takes the plain product as well
+        calls.clear()
+        PromptedViT(tiny_vit().to(torch.bfloat16)).forward_features(x.to(torch.bfloat16), prompts=prompts.bfloat16())
+    assert calls == []

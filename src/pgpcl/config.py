@@ -81,7 +81,8 @@ class BackboneConfig:
     depth: int | None = None
     num_heads: int | None = None
     fused_attention: bool = True
-    """Use F.scaled_dot_product_attention in prompted blocks."""
+    """Use F.scaled_dot_product_attention in every block (timm's and the prompted ones); in bf16 / fp16
+    on the CPU the plain product is used either way (faster there: BENCHMARKS.md, section 6)."""
     compile: bool = False
     """torch.compile every transformer block (ViT methods). No gain measured on a CPU (BENCHMARKS.md,
     section 6) and a cold first step of ~20 s; meant for GPUs."""

@@ -159,6 +159,7 @@ class PromptedViT(nn.Module):
         _check_supported(vit)
         self.vit = vit
         self.fused_attention = fused_attention
+        self._use_kernel(fused_attention)
         vit.requires_grad_(False)
         vit.eval()
 
@@ -171,6 +172,28 @@ class PromptedViT(nn.Module):
         and the prefix path (which drives the block's sub-modules itself) are unchanged."""
         for blk in self.vit.blocks:
             blk.compile(backend=backend)
+
+    # -- attention kernel ------------------------------------------------------------------------------
+
+    def _fused_for(self, h: Tensor) -> bool:
+        """Whether attention on ``h``'s device and precision uses F.scaled_dot_product_attention.
+
+        ``fused_attention``, except in bf16 / fp16 on the CPU (a low-precision tensor or CPU autocast):
+        there torch's fused CPU kernel measured 2.2x slower than the plain product for forward +
+        backward, 1.6x for forward alone (BENCHMARKS.md, section 6), so the plain product is used.
+        """
+        if not self.fused_attention or h.device.type != "cpu":
+            return self.fused_attention
+        low = h.dtype in _LOW_PRECISION or (
+            torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in _LOW_PRECISION
+        )
+        return not low
+
+    def _use_kernel(self, fused: bool) -> None:
+        """Point timm's own attention modules (the blocks PromptedViT does not drive itself) at it."""
+        for blk in self.vit.blocks:
+            if blk.attn.fused_attn != fused:
+                blk.attn.fused_attn = fused
 
     # -- sizes ---------------------------------------------------------------------------------------
 
@@ -301,6 +324,7 @@ class PromptedViT(nn.Module):
         """Blocks 0..stop-1 on h (B, T, D): prefixed / captured ones through :meth:`_block`, the rest as
         timm runs them. Returns (h, {layer: queries (B, T, D)} for the captured layers before ``stop``)."""
         queries: dict[int, Tensor] = {}
+        self._use_kernel(self._fused_for(h))
         for i, blk in enumerate(self.vit.blocks[:stop]):
             if i in prefixes or i in capture:
                 h, q = self._block(blk, h, prefixes.get(i), i in capture)
@@ -362,6 +386,7 @@ class PromptedViT(nn.Module):
     def _query(self, x: Tensor, patches: Tensor | None) -> Tensor:
         blocks = self.vit.blocks
         h = self._sequence(x, None, patches)
+        self._use_kernel(self._fused_for(h))
         for blk in blocks[:-1]:
             h = blk(h)
         return self.vit.norm(self._block_rows(blocks[-1], h, 1))[:, 0]
@@ -415,10 +440,13 @@ class PromptedViT(nn.Module):
     def _product(self, attn: nn.Module, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """softmax(q k^T / sqrt(hd)) v over (B, H, T, hd) x (B, H, S, hd) -> (B, H, T, hd)."""
         p = attn.attn_drop.p if attn.training else 0.0
-        if self.fused_attention:
+        if self._fused_for(q):
             return F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=attn.scale)
         w = (q * attn.scale) @ k.transpose(-2, -1)
         return attn.attn_drop(w.softmax(dim=-1)) @ v
+
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def _flat_patches(t: Tensor) -> Tensor:
