@@ -8,6 +8,10 @@ Sections (``--sections``, comma list; default all):
   for the prompt path (L2P tokens after CLS) and the prefix path (DualPrompt K/V prefixes), forward +
   backward (training) and no-grad forward (evaluation). Both timm's own blocks and PromptedViT's
   prefixed blocks are switched.
+- ``attention_kernel``: the attention product alone, F.scaled_dot_product_attention vs eager
+  softmax(QK^T)V, in fp32 and bf16, forward + backward and forward, at the model's L2P shapes
+  (B, heads, 222 tokens, head dim). Behind PromptedViT's choice of the plain product in bf16 / fp16
+  on the CPU.
 - ``bf16``: pgpcl's L2P training step in fp32 vs under torch.autocast(bfloat16) (what
   ``train.amp=bf16`` does) on this device.
 - ``query``: counts the query passes (un-prompted ViT forwards) and prompted passes per training
@@ -48,7 +52,7 @@ from _common import (
     table,
 )
 
-SECTIONS = ("profile", "attention", "bf16", "query", "query_cls", "compile", "loader")
+SECTIONS = ("profile", "attention", "attention_kernel", "bf16", "query", "query_cls", "compile", "loader")
 
 
 def _images(b: int, device, seed: int = 0, size: int = 224) -> torch.Tensor:
@@ -107,6 +111,38 @@ def attention(args, device) -> dict:
     print(table(["path", "pass", "eager s", "fused s", "eager/fused"], rows))
     print(f"max |fused - eager| token difference: prompt path {diff_p:.1e}, prefix path {diff_k:.1e}")
     res["max_abs_diff"] = {"prompt": diff_p, "prefix": diff_k}
+    return res
+
+
+def _eager_product(q, k, v):
+    return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
+
+
+def attention_kernel(args, device) -> dict:
+    vit = build_vit(args.model, device)
+    heads = vit.blocks[0].attn.num_heads
+    shape = (args.batch, heads, 1 + vit.patch_embed.num_patches + 25, vit.embed_dim // heads)
+    kernels = {"eager": _eager_product, "fused": torch.nn.functional.scaled_dot_product_attention}
+    res, rows = {"shape": list(shape)}, []
+    for dtype in (torch.float32, torch.bfloat16):
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(shape, generator=g).to(device, dtype).requires_grad_(True) for _ in range(3))
+
+        def train_fn(f, qkv=(q, k, v)):
+            return lambda: f(*qkv).float().sum().backward()
+
+        def eval_fn(f, qkv=(q, k, v)):
+            return lambda: torch.no_grad()(f)(*qkv)
+
+        for mode, make in (("fwd+bwd", train_fn), ("fwd", eval_fn)):
+            times = interleaved({n: make(f) for n, f in kernels.items()}, args.query_repeats, 1, device)
+            r = {"eager_s": med(times["eager"]), "fused_s": med(times["fused"]), "all": times}
+            r["speedup"] = r["eager_s"] / r["fused_s"]
+            name = str(dtype).removeprefix("torch.")
+            res[f"{name}/{mode}"] = r
+            rows.append([name, mode, 1e3 * r["eager_s"], 1e3 * r["fused_s"], r["speedup"]])
+    print(f"shape (B, heads, tokens, head dim) = {shape}, one layer")
+    print(table(["dtype", "pass", "eager ms", "fused ms", "eager/fused"], rows))
     return res
 
 
@@ -360,7 +396,7 @@ def main() -> None:
     args = p.parse_args()
     mach = setup(args)
     device = torch.device(args.device)
-    fns = {"profile": profile, "attention": attention, "bf16": bf16, "query": query, "query_cls": query_cls, "compile": compile_,
+    fns = {"profile": profile, "attention": attention, "attention_kernel": attention_kernel, "bf16": bf16, "query": query, "query_cls": query_cls, "compile": compile_,
            "loader": loader}
     results = {}
     for s in args.sections.split(","):

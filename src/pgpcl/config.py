@@ -113,6 +113,10 @@ class TrainConfig:
     """auto | cpu | cuda | cuda:N."""
     deterministic: bool = True
     amp: Literal["none", "bf16"] = "none"
+    """'bf16': forward passes (training, evaluation, PGP representations) under torch.autocast(bfloat16);
+    parameters, gradients, optimizer and projection stay fp32. About 2x faster training steps on a CPU
+    with AVX512-BF16 or AMX (BENCHMARKS.md, section 1), and on GPUs; emulated, so ~19x slower, on other
+    CPUs (a warning says so). 'none': fp32, the default."""
     log_every: int = 20
     tensorboard: bool = False
     progress: bool = True

@@ -179,8 +179,8 @@ class PromptedViT(nn.Module):
         """Whether attention on ``h``'s device and precision uses F.scaled_dot_product_attention.
 
         ``fused_attention``, except in bf16 / fp16 on the CPU (a low-precision tensor or CPU autocast):
-        there torch's fused CPU kernel measured 2.2x slower than the plain product for forward +
-        backward, 1.6x for forward alone (BENCHMARKS.md, section 6), so the plain product is used.
+        there torch's fused CPU kernel measured 2.3x slower than the plain product for forward +
+        backward, 1.4x for forward alone (BENCHMARKS.md, section 6), so the plain product is used.
         """
         if not self.fused_attention or h.device.type != "cpu":
             return self.fused_attention
