@@ -22,15 +22,15 @@ OPTIM = {"sgd-gradient": ("sgd", "gradient", 2.0), "adam-update": ("adam", "upda
          "adam-gradient": ("adam", "gradient", 0.5)}
 
 
-def _trainer(tmp_path, preset: str, pgp: bool, variant: str) -> Trainer:
+def _trainer(tmp_path, preset: str, pgp: bool, variant: str, amp: str = "none") -> Trainer:
     opt, target, lr = OPTIM[variant]
     kind = "{prompt: 1.0, key: 1.0}" if "l2p" in preset else "{prefix: 1.0}"
     overrides = [
         "train.progress=false", f"pgp.enabled={str(pgp).lower()}", f"pgp.eps={kind}", f"train.optimizer={opt}",
         f"pgp.target={target}", f"train.lr={lr}", "train.epochs=2", f"backbone.embed_dim={D}",
-        "pgp.num_samples=64",
+        "pgp.num_samples=64", f"train.amp={amp}",
     ]
-    return Trainer(load_config(preset, overrides), tmp_path / f"{preset}-{pgp}-{variant}")
+    return Trainer(load_config(preset, overrides), tmp_path / f"{preset}-{pgp}-{variant}-{amp}")
 
 
 def _rel(after: torch.Tensor, before: torch.Tensor) -> float:
@@ -41,9 +41,9 @@ def _task1_images(tr: Trainer):
     return next(iter(tr.scenario.sample_loader(0, 64, 64, seed=1, augment=False)))
 
 
-def l2p_change(tmp_path, pgp: bool, variant: str) -> tuple[float, float, Trainer]:
+def l2p_change(tmp_path, pgp: bool, variant: str, amp: str = "none") -> tuple[float, float, Trainer]:
     """Relative change of X_old P^T over task 2, and the norm of the prompt change."""
-    tr = _trainer(tmp_path, "tiny_l2p", pgp, variant)
+    tr = _trainer(tmp_path, "tiny_l2p", pgp, variant, amp)
     tr.run_task(0)
     x, _, _ = _task1_images(tr)
     tokens = tr.method.backbone.patch_tokens(x).detach().reshape(-1, D)
@@ -61,9 +61,11 @@ def _key_prefixes(method) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in out.items()}
 
 
-def dualprompt_change(tmp_path, pgp: bool, variant: str) -> tuple[dict[str, float], float, Trainer]:
+def dualprompt_change(
+    tmp_path, pgp: bool, variant: str, amp: str = "none"
+) -> tuple[dict[str, float], float, Trainer]:
     """Per prefixed layer, the relative change of Q_old K^T over task 2; and the key-prefix change."""
-    tr = _trainer(tmp_path, "tiny_dualprompt", pgp, variant)
+    tr = _trainer(tmp_path, "tiny_dualprompt", pgp, variant, amp)
     tr.run_task(0)
     x, _, task = _task1_images(tr)
     queries = {k: q.reshape(-1, D) for k, q in tr.method.representations(x, task).items()}
@@ -93,6 +95,19 @@ def test_dualprompt_old_attention_unchanged_with_pgp(tmp_path, variant):
     for layer, r in rel_on.items():
         assert r < 1e-3, layer
         assert rel_off[layer] > 100 * r, layer
+
+
+def test_old_attention_unchanged_with_pgp_under_bf16_autocast(tmp_path):
+    """train.amp=bf16: bases come from bf16 representations, the projection acts on fp32 gradients; the
+    fp32 attention logits of task-1 inputs must still hold (measured ~1e-7 relative, as in fp32)."""
+    rel_on, moved_on, _ = l2p_change(tmp_path, True, "adam-update", "bf16")
+    rel_off, _, _ = l2p_change(tmp_path, False, "adam-update", "bf16")
+    assert moved_on > 1e-3 and rel_on < 1e-3 and rel_off > 100 * rel_on
+    rel_on, moved_on, _ = dualprompt_change(tmp_path, True, "adam-update", "bf16")
+    rel_off, _, _ = dualprompt_change(tmp_path, False, "adam-update", "bf16")
+    assert moved_on > 1e-4
+    for layer, r in rel_on.items():
+        assert r < 1e-3 and rel_off[layer] > 100 * r, layer
 
 
 def test_adam_with_gradient_target_leak_is_reported(tmp_path):
