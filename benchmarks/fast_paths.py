@@ -12,6 +12,10 @@ Sections (``--sections``, comma list; default all):
   softmax(QK^T)V, in fp32 and bf16, forward + backward and forward, at the model's L2P shapes
   (B, heads, 222 tokens, head dim). Behind PromptedViT's choice of the plain product in bf16 / fp16
   on the CPU.
+- ``clip_bf16``: the CLIP prompt learner's image side (CLIP ViT-B/16, random weights, an image prompt
+  of 5 tokens; forward + backward to the prompt) in fp32, in bf16 through open_clip's
+  ``nn.MultiheadAttention`` (what PromptedCLIP did before), and in bf16 with the plain product
+  (``run_transformer``, what it does now on the CPU).
 - ``bf16``: pgpcl's L2P training step in fp32 vs under torch.autocast(bfloat16) (what
   ``train.amp=bf16`` does) on this device.
 - ``query``: counts the query passes (un-prompted ViT forwards) and prompted passes per training
@@ -52,7 +56,7 @@ from _common import (
     table,
 )
 
-SECTIONS = ("profile", "attention", "attention_kernel", "bf16", "query", "query_cls", "compile", "loader")
+SECTIONS = ("profile", "attention", "attention_kernel", "clip_bf16", "bf16", "query", "query_cls", "compile", "loader")
 
 
 def _images(b: int, device, seed: int = 0, size: int = 224) -> torch.Tensor:
@@ -144,6 +148,39 @@ def attention_kernel(args, device) -> dict:
     print(f"shape (B, heads, tokens, head dim) = {shape}, one layer")
     print(table(["dtype", "pass", "eager ms", "fused ms", "eager/fused"], rows))
     return res
+
+
+def clip_bf16(args, device) -> dict:
+    import pgpcl.models.clip as C
+
+    model = C.create_clip(C.clip_model_config("ViT-B-16")).to(device)
+    bb = C.PromptedCLIP(model, None)
+    x = _images(args.bf16_batch, device)
+    prompts = torch.randn(5, bb.embed_dim, generator=torch.Generator().manual_seed(1)).to(device)
+    prompts.requires_grad_(True)
+    plain = C.plain_product_preferred
+
+    def step(amp: bool, mha: bool):
+        def f():
+            # mha: what PromptedCLIP did before run_transformer (open_clip's own forward, always)
+            C.plain_product_preferred = (lambda t: False) if mha else plain
+            try:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    out = bb.encode_image(x, prompts)
+                out.float().sum().backward()
+            finally:
+                C.plain_product_preferred = plain
+        return f
+
+    times = interleaved({"fp32": step(False, False), "bf16 open_clip MHA": step(True, True),
+                         "bf16 plain product": step(True, False)}, args.bf16_repeats, 1, device)
+    r = {"batch": args.bf16_batch, "median_s": {k: med(v) for k, v in times.items()}, "all": times}
+    m = r["median_s"]
+    print(table(["batch", "fp32 s", "bf16 open_clip MHA s", "bf16 plain product s", "fp32 / bf16 plain",
+                 "MHA / plain"],
+                [[args.bf16_batch, m["fp32"], m["bf16 open_clip MHA"], m["bf16 plain product"],
+                  m["fp32"] / m["bf16 plain product"], m["bf16 open_clip MHA"] / m["bf16 plain product"]]]))
+    return r
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -396,7 +433,7 @@ def main() -> None:
     args = p.parse_args()
     mach = setup(args)
     device = torch.device(args.device)
-    fns = {"profile": profile, "attention": attention, "attention_kernel": attention_kernel, "bf16": bf16, "query": query, "query_cls": query_cls, "compile": compile_,
+    fns = {"profile": profile, "attention": attention, "attention_kernel": attention_kernel, "clip_bf16": clip_bf16, "bf16": bf16, "query": query, "query_cls": query_cls, "compile": compile_,
            "loader": loader}
     results = {}
     for s in args.sections.split(","):

@@ -88,6 +88,33 @@ def test_prompted_forward_matches_open_clip_and_inserts_after_cls():
         bb.encode_image(x, torch.randn(5, 31))
 
 
+def test_plain_attention_blocks_equal_open_clip_and_run_in_bf16_on_the_cpu(monkeypatch):
+    model, tok = small_clip()
+    bb = C.PromptedCLIP(model, tok)
+    x, prompts = torch.rand(3, 3, 8, 8), torch.randn(5, 32)
+    ids = bb.tokenize(["a photo of a cat.", "x"])
+    with torch.no_grad():
+        want_img, want_txt = bb.encode_image(x, prompts), bb.encode_text(ids)
+        # The written-out blocks, forced in fp32, are open_clip's (the text tower with its causal mask).
+        monkeypatch.setattr(C, "plain_product_preferred", lambda t: True)
+        torch.testing.assert_close(bb.encode_image(x, prompts), want_img, rtol=0, atol=1e-5)
+        torch.testing.assert_close(bb.encode_text(ids), want_txt, rtol=0, atol=1e-5)
+        monkeypatch.undo()
+        towers = [model.visual.transformer, model.transformer]
+        calls = []
+        hooks = [t.register_forward_pre_hook(lambda m, a: calls.append(m)) for t in towers]
+        bb.encode_image(x, prompts), bb.encode_text(ids)
+        assert len(calls) == 2  # fp32: open_clip's own transformer forward
+        calls.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low_img, low_txt = bb.encode_image(x, prompts), bb.encode_text(ids)
+        for h in hooks:
+            h.remove()
+    assert calls == []  # bf16 on the CPU: the blocks run here, with the plain product
+    torch.testing.assert_close(low_img.float(), want_img, rtol=0, atol=0.05)
+    torch.testing.assert_close(low_txt.float(), want_txt, rtol=0, atol=0.05)
+
+
 def test_backbone_frozen_and_stays_in_eval():
     model, tok = small_clip()
     bb = C.PromptedCLIP(model, tok)

@@ -42,10 +42,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pgpcl.config import BackboneConfig
 from pgpcl.errors import CheckpointError, ConfigError
+from pgpcl.models.attention import plain_product_preferred
 from pgpcl.models.frozen import train_keeping_frozen
 from pgpcl.models.weights import WeightsInfo, _one_line, _unwrap, check_state_dict, read_state_dict
 
@@ -447,7 +449,7 @@ class PromptedCLIP(nn.Module):
             prompts = prompts.to(h.dtype).expand(h.shape[0], -1, -1)
             p = prompts.shape[1]
             h = torch.cat([h[:, :1], prompts, h[:, 1:]], dim=1)
-        h = v.transformer(v.ln_pre(h))
+        h = run_transformer(v.transformer, v.ln_pre(h))
         if p:
             h = torch.cat([h[:, :1], h[:, 1 + p :]], dim=1)  # pool the image tokens only
         pooled = self._pool(h)
@@ -482,7 +484,7 @@ class PromptedCLIP(nn.Module):
         mask = t.attn_mask
         if mask is not None:
             mask = mask[:length, :length]
-        x = t.ln_final(t.transformer(x, attn_mask=mask))
+        x = t.ln_final(run_transformer(t.transformer, x, mask))
         pool_type = getattr(t, "text_pool_type", None) or getattr(t, "pool_type", "argmax")
         eos = getattr(t, "text_eos_id", None) if t is self.clip else getattr(t, "eos_id", None)
         x = text_global_pool(x, ids, pool_type, eos_token_id=eos)
@@ -496,6 +498,59 @@ class PromptedCLIP(nn.Module):
         return self.encode_text_embeddings(self.token_embedding(ids), ids)
 
 
+# ----------------------------------------------------------------------------------------------------
+# The transformer, with the plain attention product where it is faster
+
+
+def run_transformer(tr: nn.Module, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+    """open_clip ``Transformer`` forward on batch-first x (B, T, D) -> (B, T, D).
+
+    ``tr(x, attn_mask=attn_mask)``, except in bf16 / fp16 on the CPU (:func:`plain_product_preferred`),
+    where standard blocks run here with the plain softmax(QK^T)V product: open_clip's
+    ``nn.MultiheadAttention`` would take torch's fused kernel, which is slower there. ``attn_mask``:
+    additive float mask (T, T) (the text tower's causal mask) or None.
+    """
+    if not (plain_product_preferred(x) and _standard_blocks(tr, attn_mask)):
+        return tr(x, attn_mask=attn_mask)
+    for blk in tr.resblocks:
+        x = _plain_block(blk, x, attn_mask)
+    return x
+
+
+def _standard_blocks(tr: nn.Module, attn_mask: Tensor | None) -> bool:
+    """Every block is a plain batch-first self-attention ResidualAttentionBlock that _plain_block
+    reproduces; anything else keeps open_clip's own forward."""
+    from open_clip.transformer import ResidualAttentionBlock
+
+    if not getattr(tr, "batch_first", False) or getattr(tr, "grad_checkpointing", False):
+        return False
+    if attn_mask is not None and not attn_mask.is_floating_point():
+        return False
+    for blk in tr.resblocks:
+        a = getattr(blk, "attn", None)
+        if type(blk) is not ResidualAttentionBlock or hasattr(blk, "ln_1_kv") or not isinstance(a, nn.MultiheadAttention):
+            return False
+        if not (a.batch_first and a._qkv_same_embed_dim and a.bias_k is None and not a.add_zero_attn):
+            return False
+    return True
+
+
+def _plain_block(blk: nn.Module, x: Tensor, attn_mask: Tensor | None) -> Tensor:
+    """ResidualAttentionBlock forward (B, T, D) -> (B, T, D) with the attention written out (no dropout:
+    the frozen model is always in eval)."""
+    a = blk.attn
+    B, T, D = x.shape
+    H = a.num_heads
+    h = blk.ln_1(x)
+    q, k, v = F.linear(h, a.in_proj_weight, a.in_proj_bias).reshape(B, T, 3, H, D // H).permute(2, 0, 3, 1, 4)
+    w = (q * (D // H) ** -0.5) @ k.transpose(-2, -1)  # (B, H, T, T)
+    if attn_mask is not None:
+        w = w + attn_mask.to(w.dtype)
+    out = (w.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, T, D)
+    x = x + blk.ls_1(a.out_proj(out))
+    return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+
+
 __all__ = [
     "CLIP_CONFIGS",
     "PromptedCLIP",
@@ -507,4 +562,5 @@ __all__ = [
     "is_torchscript",
     "load_clip_weights",
     "read_clip_state_dict",
+    "run_transformer",
 ]

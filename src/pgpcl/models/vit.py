@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from pgpcl.config import BackboneConfig
 from pgpcl.errors import ConfigError
+from pgpcl.models.attention import plain_product_preferred
 from pgpcl.models.frozen import train_keeping_frozen
 from pgpcl.models.weights import (
     WeightsInfo,
@@ -176,18 +177,9 @@ class PromptedViT(nn.Module):
     # -- attention kernel ------------------------------------------------------------------------------
 
     def _fused_for(self, h: Tensor) -> bool:
-        """Whether attention on ``h``'s device and precision uses F.scaled_dot_product_attention.
-
-        ``fused_attention``, except in bf16 / fp16 on the CPU (a low-precision tensor or CPU autocast):
-        there torch's fused CPU kernel measured 2.3x slower than the plain product for forward +
-        backward, 1.4x for forward alone (BENCHMARKS.md, section 6), so the plain product is used.
-        """
-        if not self.fused_attention or h.device.type != "cpu":
-            return self.fused_attention
-        low = h.dtype in _LOW_PRECISION or (
-            torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in _LOW_PRECISION
-        )
-        return not low
+        """Whether attention on ``h`` uses F.scaled_dot_product_attention: ``fused_attention``, except
+        where the plain product is faster (bf16 / fp16 on the CPU: :func:`plain_product_preferred`)."""
+        return self.fused_attention and not plain_product_preferred(h)
 
     def _use_kernel(self, fused: bool) -> None:
         """Point timm's own attention modules (the blocks PromptedViT does not drive itself) at it."""
@@ -444,9 +436,6 @@ class PromptedViT(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=attn.scale)
         w = (q * attn.scale) @ k.transpose(-2, -1)
         return attn.attn_drop(w.softmax(dim=-1)) @ v
-
-
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def _flat_patches(t: Tensor) -> Tensor:
