@@ -244,7 +244,7 @@ D = 64  # vision width of pgpcl-tiny-clip
 VARIANTS = {"sgd-gradient": ("sgd", "gradient", 10.0), "adam-update": ("adam", "update", 0.05)}
 
 
-def _pgp_run(tmp_path_factory, pgp: bool, variant: str):
+def _pgp_run(tmp_path_factory, pgp: bool, variant: str, amp: str = "none"):
     """Train task 1, record X_old P^T, train task 2; returns (relative change, prompt change, backbone same)."""
     from pgpcl.engine.trainer import Trainer
 
@@ -262,8 +262,9 @@ def _pgp_run(tmp_path_factory, pgp: bool, variant: str):
         "method.first_task_weight_decay=0.0",
         "data.train_per_class=16",
         "data.test_per_class=5",
+        f"train.amp={amp}",
     ]
-    tr = Trainer(load_config("tiny_clip", overrides), tmp_path_factory.mktemp(f"clip-{pgp}-{variant}"))
+    tr = Trainer(load_config("tiny_clip", overrides), tmp_path_factory.mktemp(f"clip-{pgp}-{variant}-{amp}"))
     frozen = {k: v.clone() for k, v in tr.method.backbone.state_dict().items()}
     tr.run_task(0)
     x, _, _ = next(iter(tr.scenario.sample_loader(0, 64, 64, seed=1, augment=False)))
@@ -283,6 +284,14 @@ def pgp_runs(tmp_path_factory):
         (pgp, variant): _pgp_run(tmp_path_factory, pgp, variant)
         for pgp, variant in [(False, "sgd-gradient"), (True, "sgd-gradient"), (True, "adam-update")]
     }
+
+
+def test_pgp_keeps_old_image_tokens_times_prompt_under_bf16_autocast(tmp_path_factory):
+    """train.amp=bf16 (the plain-product blocks of run_transformer on the CPU): the property still holds."""
+    rel_on, change_on, same = _pgp_run(tmp_path_factory, True, "adam-update", "bf16")
+    rel_off, _, _ = _pgp_run(tmp_path_factory, False, "adam-update", "bf16")
+    assert same and change_on > 1e-2
+    assert rel_on < 1e-3 and rel_off > 100 * max(rel_on, 1e-6)
 
 
 def test_frozen_clip_weights_bit_identical_after_training(pgp_runs):
