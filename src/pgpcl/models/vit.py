@@ -182,7 +182,7 @@ class PromptedViT(nn.Module):
         return self.fused_attention and not plain_product_preferred(h)
 
     def _use_kernel(self, fused: bool) -> None:
-        """Point timm's own attention modules (the blocks PromptedViT does not drive itself) at it."""
+        """Set timm's kernel flag ``attn.fused_attn``, which the blocks left to timm read at each call."""
         for blk in self.vit.blocks:
             if blk.attn.fused_attn != fused:
                 blk.attn.fused_attn = fused
