@@ -122,6 +122,7 @@ SETUP_CASES = {
     "top-k > pool": (lambda t: ["tiny_l2p", "method.top_k=9"], ["method.top_k (9) is larger than method.pool_size (4)"]),
     "out of range": (lambda t: ["tiny_l2p", "train.checkpoint_every=-1"], ["train.checkpoint_every must be >= 0"]),
     "lr not finite": (lambda t: ["tiny_l2p", "train.lr=.inf"], ["train.lr must be a finite number > 0"]),
+    "no threads": (lambda t: ["tiny_l2p", "train.num_threads=0"], ["train.num_threads must be >= 1 or null"]),
     "uneven split": (lambda t: ["tiny_l2p", "data.num_tasks=3"], ["cannot be split into 3 equal tasks"]),
     "more tasks than classes": (lambda t: ["tiny_l2p", "data.num_tasks=20"], ["set data.num_tasks <= 10"]),
     "missing dataset": (lambda t: ["tiny_l2p", f"data.root={t / 'nothing'}"], ["mnist_5k.csv.gz not found", "data.root"]),
@@ -280,4 +281,11 @@ def test_resume_overrides_are_checked(area, tmp_path, capsys):
     fails(capsys, ["train", "--resume", str(run), "--overwrite"], "never overwrites")
     fails(capsys, ["train", "--resume", str(tmp_path)], "is not a pgpcl run folder (no config.yaml)")
     assert snapshot(run) == before
-    assert main(["train", "--resume", str(run), "train.progress=false", "train.device=cpu"]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:  # the thread count is how fast, not what: a resume may change it, and the run applies it
+        assert main(["train", "--resume", str(run), "train.progress=false", "train.device=cpu",
+                     "train.num_threads=1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)

@@ -111,6 +111,10 @@ class TrainConfig:
     end of each task's training and after each task). ``pgpcl train --resume RUN_DIR`` continues from it."""
     device: str = "auto"
     """auto | cpu | cuda | cuda:N."""
+    num_threads: int | None = None
+    """CPU threads torch uses in this process (torch.set_num_threads); null = torch's default (the
+    cores, or OMP_NUM_THREADS). Under torchrun, per process. On a machine shared with other jobs fewer
+    threads than cores can be faster (BENCHMARKS.md, "Machine and method")."""
     deterministic: bool = True
     amp: Literal["none", "bf16"] = "none"
     """'bf16': forward passes (training, evaluation, PGP representations) under torch.autocast(bfloat16);
@@ -297,6 +301,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.lr must be a finite number > 0, got {t.lr}")
     if t.checkpoint_every < 0:
         raise ConfigError(f"train.checkpoint_every must be >= 0 (0 = only at task ends), got {t.checkpoint_every}")
+    if t.num_threads is not None and t.num_threads < 1:
+        raise ConfigError(f"train.num_threads must be >= 1 or null (torch's default), got {t.num_threads}")
     if t.max_steps_per_task is not None and t.max_steps_per_task < 1:
         raise ConfigError(f"train.max_steps_per_task must be >= 1 or null, got {t.max_steps_per_task}")
     if p.num_samples < 1:

@@ -64,6 +64,7 @@ RESUME_MUTABLE = frozenset(
         "data.num_workers",
         "data.pin_memory",
         "train.device",
+        "train.num_threads",
         "train.progress",
         "train.log_every",
         "train.tensorboard",
@@ -244,6 +245,8 @@ class Trainer:
         try:
             if not resume and self.is_main:
                 check_run_dir(self.run_dir, overwrite=overwrite)  # fail before any work, write nothing
+            if cfg.train.num_threads is not None:
+                torch.set_num_threads(cfg.train.num_threads)
             seed_everything(cfg.seed, cfg.train.deterministic)
             warnings = [bf16_cpu_warning(cfg.train.amp, self.device)]
             if cfg.data.setting == "online" and cfg.train.epochs != 1:
