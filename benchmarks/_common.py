@@ -270,8 +270,7 @@ def pgpcl_method(method: str, vit, *, fused: bool = True, **params):
     from pgpcl.methods.l2p import L2P
     from pgpcl.models import PromptedViT
 
-    set_timm_fused(vit, fused)
-    backbone = PromptedViT(vit, fused_attention=fused)
+    backbone = PromptedViT(vit, fused_attention=fused)  # also sets timm's own blocks' flag
     cls = {"l2p": L2P, "dualprompt": DualPrompt}[method]
     return cls(cls.Params(**params), backbone, NUM_CLASSES, TASK_CLASSES)
 

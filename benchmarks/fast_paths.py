@@ -50,7 +50,6 @@ from _common import (
     interleaved,
     med,
     pgpcl_method,
-    set_timm_fused,
     setup,
     sync,
     table,
@@ -73,10 +72,7 @@ def attention(args, device) -> dict:
     d, b = vit.embed_dim, args.batch
     x = _images(b, device)
     fused = PromptedViT(vit, fused_attention=True)
-    eager_vit = copy.deepcopy(vit)
-    set_timm_fused(eager_vit, False)
-    set_timm_fused(vit, True)
-    eager = PromptedViT(eager_vit, fused_attention=False)
+    eager = PromptedViT(copy.deepcopy(vit), fused_attention=False)  # eager in timm's blocks too
     g = torch.Generator().manual_seed(1)
     prompts = torch.randn(b, 25, d, generator=g).to(device).requires_grad_(True)  # L2P: 5 prompts x 5 tokens
     prefixes = {

@@ -25,7 +25,6 @@ Adam step. PGP is active as on a second task (a basis from a few random images).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import sys
@@ -97,8 +96,7 @@ class PgpclCase:
         self.method.train()
 
     def step(self, x, y, t, mask, pgp: bool) -> float:
-        amp = torch.autocast(self.device_type, dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
-        with amp:
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.amp):
             out = self.method(x, t)
             loss = self.method.loss(out, y, mask)
         self.opt.zero_grad(set_to_none=True)
@@ -134,8 +132,7 @@ class RefCase:
         self.model.train()
 
     def step(self, x, y, t, mask, pgp: bool, amp: bool = False) -> float:
-        autocast = torch.autocast(x.device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
-        with autocast:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
             logits, aux, idx = self.model(x, t)
             loss = F.cross_entropy(logits.masked_fill(~mask, float("-inf")), y) + aux
         self.opt.zero_grad(set_to_none=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -20,3 +22,17 @@ def plain_product_preferred(t: Tensor) -> bool:
     return t.dtype in LOW_PRECISION or (
         torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in LOW_PRECISION
     )
+
+
+def plain_product(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, attn_mask: Tensor | None = None,
+    drop: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """softmax(q k^T * scale + attn_mask) v, the attention matrix materialised: (B, H, T, hd) queries,
+    (B, H, S, hd) keys and values, additive float mask broadcastable to (B, H, T, S) -> (B, H, T, hd).
+    ``drop``: dropout applied to the attention weights."""
+    w = (q * scale) @ k.transpose(-2, -1)
+    if attn_mask is not None:
+        w = w + attn_mask.to(w.dtype)
+    w = w.softmax(dim=-1)
+    return (w if drop is None else drop(w)) @ v

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from pgpcl.config import BackboneConfig
 from pgpcl.errors import CheckpointError, ConfigError
-from pgpcl.models.attention import plain_product_preferred
+from pgpcl.models.attention import plain_product, plain_product_preferred
 from pgpcl.models.frozen import train_keeping_frozen
 from pgpcl.models.weights import WeightsInfo, _one_line, _unwrap, check_state_dict, read_state_dict
 
@@ -543,10 +543,7 @@ def _plain_block(blk: nn.Module, x: Tensor, attn_mask: Tensor | None) -> Tensor:
     H = a.num_heads
     h = blk.ln_1(x)
     q, k, v = F.linear(h, a.in_proj_weight, a.in_proj_bias).reshape(B, T, 3, H, D // H).permute(2, 0, 3, 1, 4)
-    w = (q * (D // H) ** -0.5) @ k.transpose(-2, -1)  # (B, H, T, T)
-    if attn_mask is not None:
-        w = w + attn_mask.to(w.dtype)
-    out = (w.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, T, D)
+    out = plain_product(q, k, v, (D // H) ** -0.5, attn_mask).transpose(1, 2).reshape(B, T, D)
     x = x + blk.ls_1(a.out_proj(out))
     return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
 

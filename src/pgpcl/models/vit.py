@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from pgpcl.config import BackboneConfig
 from pgpcl.errors import ConfigError
-from pgpcl.models.attention import plain_product_preferred
+from pgpcl.models.attention import plain_product, plain_product_preferred
 from pgpcl.models.frozen import train_keeping_frozen
 from pgpcl.models.weights import (
     WeightsInfo,
@@ -434,8 +434,7 @@ class PromptedViT(nn.Module):
         p = attn.attn_drop.p if attn.training else 0.0
         if self._fused_for(q):
             return F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=attn.scale)
-        w = (q * attn.scale) @ k.transpose(-2, -1)
-        return attn.attn_drop(w.softmax(dim=-1)) @ v
+        return plain_product(q, k, v, attn.scale, drop=attn.attn_drop)
 
 
 def _flat_patches(t: Tensor) -> Tensor:
