@@ -8,6 +8,8 @@ times; the table gives medians over those processes.
   update) timed separately.
 - ``eigh``: the process's first ``torch.linalg.eigh`` of a D x D matrix against the second, at D = 32
   and 96 (after a matmul has loaded BLAS).
+- minor page faults (``ru_minflt``) of each part, first pass against later ones, and what one costs
+  here: filling a fresh 8 MB tensor (its pages are faulted in) against filling it again.
 - ``update`` (in this process, warm): one ``grow_basis`` with the block orthonormalisation against the
   column-by-column loop, medians of many calls.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -32,30 +35,56 @@ def case_basis(preset: str) -> dict:
     from pgpcl.engine.trainer import Trainer
     from pgpcl.projection.pgp import PGP
 
-    parts: dict[str, list[float]] = {"reps": [], "update": []}
+    parts: dict[str, list[float]] = {"reps": [], "update": [], "reps_faults": [], "update_faults": []}
     with tempfile.TemporaryDirectory() as tmp:
         tr = Trainer(load_config(preset, ["train.progress=false"]), Path(tmp) / "run")
         method = tr.method
         reps, build = method.representations, PGP.build
 
         def timed_reps(*a, **k):
-            t = time.perf_counter()
+            f, t = minor_faults(), time.perf_counter()
             out = reps(*a, **k)
             parts["reps"].append(time.perf_counter() - t)
+            parts["reps_faults"].append(minor_faults() - f)
             return out
 
         def timed_build(self):
-            t = time.perf_counter()
+            f, t = minor_faults(), time.perf_counter()
             out = build(self)
             parts["update"].append(time.perf_counter() - t)
+            parts["update_faults"].append(minor_faults() - f)
             return out
 
         method.representations, PGP.build = timed_reps, timed_build
         tr._warm_up()
         method.begin_task(0)
+        passes, faults = [], []
         with torch.no_grad():
-            passes = [tr._build_basis(0) for _ in range(3)]
-    return {"pass_s": passes, "reps_s": parts["reps"], "update_s": parts["update"]}
+            for _ in range(3):
+                f = minor_faults()
+                passes.append(tr._build_basis(0))
+                faults.append(minor_faults() - f)
+    return {"pass_s": passes, "reps_s": parts["reps"], "update_s": parts["update"], "pass_faults": faults,
+            "reps_faults": parts["reps_faults"], "update_faults": parts["update_faults"]}
+
+
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def fault_cost_us() -> float:
+    """Microseconds per minor page fault: fill a fresh 8 MB tensor (every page faulted in on first
+    touch) minus the same fill again (pages resident), divided by the faults counted."""
+    import torch
+
+    t = torch.empty(2 << 20)  # 8 MB: far above glibc's mmap threshold, so fresh pages
+    f, start = minor_faults(), time.perf_counter()
+    t.fill_(1.0)
+    first, faults = time.perf_counter() - start, minor_faults() - f
+    start = time.perf_counter()
+    t.fill_(2.0)
+    again = time.perf_counter() - start
+    return 1e6 * (first - again) / max(faults, 1)
 
 
 def case_eigh() -> dict:
@@ -123,12 +152,19 @@ def main() -> None:
     for preset in args.presets.split(","):
         runs = [fresh(["--case", "basis", "--preset", preset], args.threads) for _ in range(args.processes)]
         results["basis"][preset] = runs
-        for key in ("pass_s", "reps_s", "update_s"):
-            first = med(r[key][0] for r in runs)
-            warm = med(v for r in runs for v in r[key][1:])
-            rows.append([preset, key[:-2], ms * first, ms * warm, ms * (first - warm)])
+        for key in ("pass", "reps", "update"):
+            first = med(r[key + "_s"][0] for r in runs)
+            warm = med(v for r in runs for v in r[key + "_s"][1:])
+            f_first = med(r[key + "_faults"][0] for r in runs)
+            f_warm = med(v for r in runs for v in r[key + "_faults"][1:])
+            rows.append([preset, key, ms * first, ms * warm, ms * (first - warm), f_first, f_warm])
         print(f"done {preset}", flush=True)
-    print(table(["preset", "part", "first pass ms", "later passes ms", "extra ms"], rows))
+    print(table(["preset", "part", "first pass ms", "later passes ms", "extra ms", "faults first", "faults later"],
+                rows))
+    cost = med(fault_cost_us() for _ in range(args.processes))
+    results["fault_cost_us"] = cost
+    print(f"one minor page fault costs {cost:.2f} us here (fresh 8 MB fill minus a second fill, median of "
+          f"{args.processes})")
     eigh = [fresh(["--case", "eigh"], args.threads) for _ in range(args.processes)]
     results["eigh"] = eigh
     erows = [[d, ms * med(r[d][0] for r in eigh), ms * med(r[d][1] for r in eigh)] for d in ("32", "96")]
@@ -140,6 +176,7 @@ def main() -> None:
         "basis: medians over fresh processes; first pass = the process's first _build_basis after set-up",
         "eigh: the process's first call of a size against its second (medians over fresh processes)",
         "update: one grow_basis from an empty basis, median of 200 warm calls, block vs column-by-column",
+        "faults: minor page faults (getrusage ru_minflt) during the part, medians over the processes",
     ]
     finish("first_calls", args, mach, results, notes)
 
