@@ -227,3 +227,18 @@ def test_evaluation_reuses_cached_queries_and_gives_the_same_accuracies(tmp_path
     assert sum(calls) == 300  # only task 1's images were queried again
     assert (first.cil, first.til) == (plain0.cil, plain0.til)
     assert (second.cil, second.til) == (plain.cil, plain.til)
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_progress_bars_for_training_basis_and_evaluation(tmp_path, capsys, progress):
+    """With train.progress the long phases show a bar each (the PGP pass and evaluation take minutes
+    at the released sizes on a CPU); without it nothing is drawn."""
+    argv = ["train", "tiny_dualprompt_pgp", f"output_dir={tmp_path}", f"train.progress={str(progress).lower()}",
+            "data.train_per_class=16", "data.test_per_class=10", "data.num_tasks=2"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    for label in ("task 1/2 train", "task 1/2 PGP basis", "task 1/2 eval", "task 2/2 eval"):
+        assert (label in err) == progress, label
+    if progress:
+        assert main(["eval", str(tmp_path / "tiny_dualprompt_pgp" / "seed0")]) == 0
+        assert "eval after task 2/2" in capsys.readouterr().err

@@ -124,6 +124,7 @@ class TrainConfig:
     log_every: int = 20
     tensorboard: bool = False
     progress: bool = True
+    """Progress bars (stderr, main process only) for each task's training, PGP basis pass and evaluation."""
 
 
 @dataclass

@@ -56,7 +56,8 @@ def evaluate_run(run_dir: Path) -> list[str]:
     if extra:
         method.load_state_dict(extra, strict=False)
     method.eval()
-    ev = evaluate_method(method, scenario, task, cfg, device)
+    ev = evaluate_method(method, scenario, task, cfg, device, progress=cfg.train.progress,
+                         desc=f"eval after task {task + 1}/{scenario.num_tasks}")
     lines = [f"{run_dir}: after task {task + 1}/{scenario.num_tasks}"]
     for setting, row in (("CIL", ev.cil), ("TIL", ev.til)):
         accs = "  ".join(f"{a:6.2f}" for a in row)
