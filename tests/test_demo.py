@@ -28,9 +28,12 @@ def test_shipped_backbone_matches_its_record():
 
 def test_demo_runs_and_writes_report(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--out", str(out), *TINY]) == 0
-    text = capsys.readouterr().out
+    # with progress bars on, as users run it: the runs' bars, but no line per task of each run
+    assert main(["demo", "--quick", "--out", str(out), *TINY, "train.progress=true"]) == 0
+    captured = capsys.readouterr()
+    text = captured.out
     assert "Joint upper bound" in text and "PGP" in text
+    assert "task 1/5 train" in captured.err and "task 1/5:" not in text
     runs = sorted(out.glob("demo_*/seed0/results.json"))
     assert [p.parent.parent.name for p in runs] == ["demo_dualprompt", "demo_dualprompt_pgp", "demo_l2p", "demo_l2p_pgp"]
     for path in runs:

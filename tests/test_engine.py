@@ -232,13 +232,23 @@ def test_evaluation_reuses_cached_queries_and_gives_the_same_accuracies(tmp_path
 @pytest.mark.parametrize("progress", [True, False])
 def test_progress_bars_for_training_basis_and_evaluation(tmp_path, capsys, progress):
     """With train.progress the long phases show a bar each (the PGP pass and evaluation take minutes
-    at the released sizes on a CPU); without it nothing is drawn."""
+    at the released sizes on a CPU) and each finished task a line; without it neither is printed."""
     argv = ["train", "tiny_dualprompt_pgp", f"output_dir={tmp_path}", f"train.progress={str(progress).lower()}",
             "data.train_per_class=16", "data.test_per_class=10", "data.num_tasks=2"]
     assert main(argv) == 0
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err, out = captured.err, captured.out
     for label in ("task 1/2 train", "task 1/2 PGP basis", "task 1/2 eval", "task 2/2 eval"):
         assert (label in err) == progress, label
+    lines = [line for line in out.splitlines() if line.startswith("task ")]
+    if progress:
+        r = read_results(tmp_path / "tiny_dualprompt_pgp" / "seed0" / "results.json")
+        final = r.acc["cil"][0][1], r.acc["cil"][1][1]
+        assert lines[0].startswith(f"task 1/2: CIL {r.acc['cil'][0][0]:.2f}  TIL {r.acc['til'][0][0]:.2f} ")
+        assert lines[1].startswith(f"task 2/2: CIL {sum(final) / 2:.2f}  TIL ")
+        assert "PGP basis" in lines[1] and "eval" in lines[1]
+    else:
+        assert lines == []
     if progress:
         assert main(["eval", str(tmp_path / "tiny_dualprompt_pgp" / "seed0")]) == 0
         assert "eval after task 2/2" in capsys.readouterr().err

@@ -124,7 +124,8 @@ class TrainConfig:
     log_every: int = 20
     tensorboard: bool = False
     progress: bool = True
-    """Progress bars (stderr, main process only) for each task's training, PGP basis pass and evaluation."""
+    """Progress bars (stderr) for each task's training, PGP basis pass and evaluation, and a line per
+    finished task (stdout: mean accuracy over the seen tasks, time per phase); main process only."""
 
 
 @dataclass

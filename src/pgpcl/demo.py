@@ -86,7 +86,7 @@ def run_demo(
         status = run_status(run_dir)
         if status == "complete" and not overwrite:
             continue
-        train(cfg, run_dir, overwrite=status is not None)
+        train(cfg, run_dir, overwrite=status is not None, task_lines=False)
     probe = linear_probe(configs[0])
     elapsed = time.perf_counter() - start
     table = report_runs(run_dirs, out_dir=out_dir / "report", plots=True)

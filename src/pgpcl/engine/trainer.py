@@ -225,10 +225,12 @@ class Trainer:
         overwrite: bool = False,
         resume: bool = False,
         dist: DistContext | None = None,
+        task_lines: bool = True,
     ):
         from pgpcl.data import build_scenario
 
         self.cfg = cfg
+        self.task_lines = task_lines  # the line per finished task (with train.progress)
         self.run_dir = Path(run_dir)
         self.dist = dist if dist is not None else init_distributed(cfg.train.device)
         self.device = self.dist.device
@@ -512,6 +514,7 @@ class Trainer:
         ev = self.evaluate(task)
         timing["eval_s"] = time.perf_counter() - start
         self._record(task, ev, timing)
+        self._announce(task, timing)
         self._save_task_checkpoint(task)
         self._write()
         self.hooks.fire(f"task_end:{task}")
@@ -829,6 +832,23 @@ class Trainer:
                 if m is not None:
                     self.tb.add_scalar(f"eval/{setting}_avg_acc", m["final_acc"], task)
 
+    def _announce(self, task: int, timing: dict) -> None:
+        """One line per finished task (main process, with train.progress), kept above the bars: the mean
+        accuracy over the tasks seen so far and how long each phase took."""
+        if not (self.task_lines and self.cfg.train.progress and self.is_main):
+            return
+        from tqdm.auto import tqdm
+
+        accs = [f"{s.upper()} {m['final_acc']:.2f}" for s, m in self.results.metrics.items()
+                if m is not None and m.get("final_acc") is not None]
+        phases = [("train", timing["train_s"])]
+        if self.pgp is not None:
+            phases.append(("PGP basis", timing["basis_s"]))
+        phases.append(("eval", timing["eval_s"]))
+        took = ", ".join(f"{name} {_duration(sec)}" for name, sec in phases)
+        tqdm.write(f"task {task + 1}/{self.scenario.num_tasks}: {'  '.join(accs)} "
+                   f"(mean over {task + 1} seen task{'s' if task else ''}; {took})")
+
     def _write(self) -> None:
         if self.is_main:
             with _writing(self.run_dir / "results.json"):
@@ -922,6 +942,16 @@ def _cached_query(cache: dict | None, key: tuple[int, int], method, x: Tensor) -
     return q
 
 
+def _duration(seconds: float) -> str:
+    """12.3 s, 4 min 05 s, 2 h 03 min."""
+    if seconds < 60:
+        return f"{seconds:.3g} s"
+    minutes, sec = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes} min {sec:02d} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
 def _progress(total: int, desc: str, enabled: bool, initial: int = 0):
     from tqdm.auto import tqdm
 
@@ -932,8 +962,14 @@ def default_run_dir(cfg: Config) -> Path:
     return Path(cfg.output_dir) / cfg.name / f"seed{cfg.seed}"
 
 
-def train(cfg: Config, run_dir: str | Path | None = None, *, overwrite: bool = False, resume: bool = False):
+def train(
+    cfg: Config, run_dir: str | Path | None = None, *, overwrite: bool = False, resume: bool = False,
+    task_lines: bool = True,
+):
     """Train ``cfg`` end to end; returns the :class:`Results` (also written to ``run_dir/results.json``).
+
+    ``task_lines``: print a line per finished task when ``train.progress`` is on (the demo, which
+    trains many short runs under its own progress bar, turns it off).
 
     Under torchrun this joins the process group (NCCL on GPUs, gloo on CPU) and leaves it at the end.
     ``resume=True`` continues the run in ``run_dir`` from its newest checkpoint.
@@ -941,7 +977,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, overwrite: bool = F
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     dist = init_distributed(cfg.train.device)
     try:
-        return Trainer(cfg, run_dir, overwrite=overwrite, resume=resume, dist=dist).run()
+        return Trainer(cfg, run_dir, overwrite=overwrite, resume=resume, dist=dist, task_lines=task_lines).run()
     finally:
         dist.close()
 
