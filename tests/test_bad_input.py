@@ -4,6 +4,7 @@ line, the exit status is 2, there is no traceback, and nothing written earlier i
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -289,3 +290,19 @@ def test_resume_overrides_are_checked(area, tmp_path, capsys):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
+
+
+def test_checkpoint_with_pickled_code_is_refused_not_run(area, tmp_path, capsys):
+    """A checkpoint whose pickle would call os.system: refused by name, nothing executed."""
+    run = copy_run(area, "partial", tmp_path / "run")
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    torch.save({"version": 1, "x": Payload()}, run / "checkpoints" / "last.pt")
+    before = snapshot(run)
+    fails(capsys, ["train", "--resume", str(run)], "last.pt cannot be read (refused pickled code or objects: ",
+          "system; pgpcl loads tensors only")
+    assert not marker.exists() and snapshot(run) == before

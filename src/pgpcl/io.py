@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -59,3 +60,34 @@ def md5_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def safe_torch_load(path: str | os.PathLike) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU: tensors and plain containers only, so no
+    pickled code in the file ever runs. Errors are torch's; :func:`torch_load_reason` shortens them."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def torch_load_reason(e: BaseException, limit: int = 160) -> str:
+    """Why ``torch.load(..., weights_only=True)`` failed, in a few words for a one-line message.
+
+    torch wraps the cause in several lines of advice (including re-running with weights_only=False,
+    which pgpcl never does); keep only the cause, e.g. "refused pickled code or objects: posix.system;
+    ..." or "not a torch file of tensors: Unsupported operand 103".
+    """
+    text = str(e).strip()
+    if not text:
+        return type(e).__name__
+    if text.startswith("Weights only load failed"):
+        refused = re.search(r"GLOBAL ([\w.]+)", text)
+        if refused:
+            reason = f"refused pickled code or objects: {refused.group(1)}; pgpcl loads tensors only"
+        else:
+            cause = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n|$)", text, re.S)
+            detail = " ".join(cause.group(1).split()) if cause else "unsupported content"
+            reason = f"not a torch file of tensors: {detail}"
+    else:
+        reason = text.splitlines()[0].split(". ")[0].rstrip(".")
+    return reason if len(reason) <= limit else reason[: limit - 3] + "..."

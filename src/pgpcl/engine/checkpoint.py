@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from pgpcl.errors import CheckpointError
-from pgpcl.io import atomic_torch_save
+from pgpcl.io import atomic_torch_save, safe_torch_load, torch_load_reason
 
 CHECKPOINT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -74,11 +74,11 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
 
 def load_checkpoint(path: Path) -> dict:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = safe_torch_load(path)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist; check the run folder") from None
     except Exception as e:  # corrupt zip, truncated file, pickled code
-        msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        msg = torch_load_reason(e)
         raise CheckpointError(
             f"checkpoint {path} cannot be read ({msg}); delete it to fall back to the previous checkpoint"
         ) from None

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from pgpcl.errors import CheckpointError, ConfigError
-from pgpcl.io import sha256_file
+from pgpcl.io import safe_torch_load, sha256_file, torch_load_reason
 
 try:  # huggingface_hub ships with timm; kept optional so offline installs still import.
     from huggingface_hub import hf_hub_download
@@ -89,12 +89,13 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
             from safetensors.torch import load_file
 
             return load_file(str(path), device="cpu")
-        return _unwrap(torch.load(path, map_location="cpu", weights_only=True))
+        return _unwrap(safe_torch_load(path))
     except CheckpointError:
         raise
     except Exception as e:  # each reader raises its own types on corrupt input
+        reason = torch_load_reason(e, 120) if suffix in TORCH_EXT else f"{type(e).__name__}: {_one_line(e, 120)}"
         raise CheckpointError(
-            f"could not read weights file '{path}' ({type(e).__name__}: {_one_line(e, 120)}); "
+            f"could not read weights file '{path}' ({reason}); "
             f"the file is corrupt or not a plain {suffix} state dict: download or export it again"
         ) from e
 
