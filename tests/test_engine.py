@@ -62,6 +62,12 @@ def test_report_reads_the_runs(runs, tmp_path, capsys):
     assert "l2p" in text and "dualprompt" in text
     assert list(tmp_path.glob("*.png"))
     assert json.loads((tmp_path / "summary.json").read_text())
+    # the PGP runs' subspaces: every protected group, its rank after both tasks and the task-2 leak
+    section = text.split("PGP subspaces")[1].splitlines()
+    for label, groups in (("l2p-PGP", ("prompt", "key")), ("dualprompt-PGP", ("g_key.l0", "e_key.l1", "e_key.l2"))):
+        rows = [line.split() for line in section if line.startswith(label + " ")]
+        assert [r[3] for r in rows] == list(groups)
+        assert all(r[4] == "32" and len(r) == 9 for r in rows)  # D, 2 ranks, leak max and mean
 
 
 def test_eval_reproduces_final_accuracies(runs, capsys):

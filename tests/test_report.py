@@ -199,3 +199,40 @@ def test_grouping_variants_and_duplicates(tmp_path):
     assert "seed 0 repeats" in text
     imr = [line for line in text.splitlines() if " imr " in line]
     assert len(imr) == 1 and imr[0].startswith("l2p ") and " 1 " in imr[0]
+
+
+def test_pgp_subspace_section(tmp_path):
+    """Basis rank after each task (mean over seeds) and the pooled leak, per protected group, from the
+    results files' basis log and projection records; in the text, Markdown and summary.json."""
+    root = tmp_path / "runs"
+    A = CIL[(True, 0)]
+    logs = {0: ([3, 5, 6], [2, 4, 4], [0.1, 0.3]), 1: ([4, 6, 8], [2, 4, 5], [0.2, 0.0])}
+    paths = [write_run(root, False, 0, CIL[(False, 0)])]
+    for seed, (prompt_ranks, key_ranks, leaks) in logs.items():
+        path = write_run(root, True, seed, A)
+        r = read_results(path / "results.json")
+        r.extra["basis"] = [
+            {"task": t, "group": g, "rank_before": 0, "rank_after": k, "dim": 768, "energy_captured": 0.5, "rows": 9}
+            for t in range(3) for g, k in (("prompt", prompt_ranks[t]), ("key", key_ranks[t]))
+        ]
+        for t in (1, 2):
+            r.add_projection(t, "prompt", prompt_ranks[t - 1], 768, leaks[t - 1])
+            r.add_projection(t, "key", key_ranks[t - 1], 768, 1e-7)
+        write_results(path / "results.json", r)
+        paths.append(path)
+    text = report_runs(paths, out_dir=tmp_path / "rep", plots=False)
+    section = text.split("PGP subspaces")[1]
+    prompt = next(line for line in section.splitlines() if "prompt" in line).split()
+    assert prompt[:5] == ["l2p-PGP", "cifar100", "cil", "prompt", "768"]
+    assert prompt[5:] == ["3.5", "5.5", "7", "0.3", "0.15"]  # ranks (3+4)/2, (5+6)/2, (6+8)/2; leak max, mean
+    key = next(line for line in section.splitlines() if " key " in line).split()
+    assert key[5:] == ["2", "4", "4.5", "1e-07", "1e-07"]
+    assert "l2p " not in section  # baselines have no subspaces
+    summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
+    subs = {g["label"]: g["pgp_subspaces"] for g in summary["groups"]}
+    pgp_subs = next(v for k, v in subs.items() if k.startswith("l2p-PGP"))
+    assert [s["group"] for s in pgp_subs] == ["prompt", "key"]
+    assert pgp_subs[0]["leak_max"] == pytest.approx(0.3) and pgp_subs[0]["rank_after"][2]["mean"] == 7
+    assert all(v == [] for k, v in subs.items() if not k.startswith("l2p-PGP"))
+    md = report_runs(paths, out_dir=tmp_path / "md", plots=False, fmt="markdown")
+    assert "| l2p-PGP | cifar100 | cil | prompt | 768 | 3.5 5.5 7 | 0.3 | 0.15 |" in md

@@ -22,6 +22,7 @@ from pgpcl.report.runs import (
     load_runs,
     paired_difference,
     pgp_pairs,
+    subspace_summaries,
 )
 from pgpcl.report.tables import FORMATS, format_report
 
@@ -142,6 +143,7 @@ def _group_dict(g: RunGroup, plot_files: list[str]) -> dict[str, Any]:
         "metrics": {col: g.stat(col).to_dict() for col, *_ in COLUMNS},
         "curves": curves,
         "acc_mean": {s: _finite(mean_matrix(g, s)) for s in SETTINGS},
+        "pgp_subspaces": [sub.to_dict() for sub in subspace_summaries(g)] if r.pgp else [],
         "plots": plot_files,
     }
 

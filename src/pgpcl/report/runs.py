@@ -117,6 +117,44 @@ class RunGroup:
         return Stat.of([r.value(column) for r in self.runs])
 
 
+@dataclass
+class SubspaceSummary:
+    """One protected group of a PGP run group, over its seeds: how the basis grew and how much of each
+    projected task's real parameter change stayed inside it."""
+
+    group: str
+    dim: int
+    rank_after: list[Stat]
+    """Basis rank after each task's memory update (task order), over seeds."""
+    leak: Stat
+    """||dtheta U U^T|| / ||dtheta|| of every projected task's change, all seeds and tasks pooled."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"group": self.group, "dim": self.dim, "rank_after": [r.to_dict() for r in self.rank_after],
+                "leak": self.leak.to_dict(), "leak_max": max(self.leak.values, default=None)}
+
+
+def subspace_summaries(group: RunGroup) -> list[SubspaceSummary]:
+    """Per protected group (first-seen order) of a PGP run group, from its results files' ``basis``
+    log and ``projection`` records; empty for baselines and for files without them."""
+    ranks: dict[str, dict[int, list[float]]] = {}
+    dims: dict[str, int] = {}
+    leaks: dict[str, list[float | None]] = {}
+    for run in group.runs:
+        for rec in run.results.extra.get("basis") or []:
+            ranks.setdefault(rec["group"], {}).setdefault(int(rec["task"]), []).append(float(rec["rank_after"]))
+            dims[rec["group"]] = int(rec["dim"])
+        for rec in run.results.projection:
+            leaks.setdefault(rec["group"], []).append(rec.get("leak"))
+            dims.setdefault(rec["group"], int(rec["dim"]))
+    out = []
+    for name in dict.fromkeys([*ranks, *leaks]):
+        per_task = ranks.get(name, {})
+        out.append(SubspaceSummary(name, dims[name], [Stat.of(per_task[t]) for t in sorted(per_task)],
+                                   Stat.of(leaks.get(name, []))))
+    return out
+
+
 def _column(key: str) -> tuple[str, str, str, str]:
     for col in COLUMNS:
         if col[0] == key:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pgpcl.report.runs import COLUMNS, PairedDifference, RunGroup
+from pgpcl.report.runs import COLUMNS, PairedDifference, RunGroup, subspace_summaries
 
 FORMATS = ("text", "markdown")
 _HEAD = ["method", "dataset", "setting", "n"] + [c[1] for c in COLUMNS]
@@ -32,21 +32,44 @@ def paired_rows(pairs: Sequence[tuple[RunGroup, RunGroup, PairedDifference]], fm
     return rows
 
 
-def render(rows: list[list[str]], fmt: str) -> str:
+_PGP_HEAD = ["method", "dataset", "setting", "group", "D", "rank after each task", "leak max", "leak mean"]
+
+
+def subspace_rows(groups: Sequence[RunGroup]) -> list[list[str]]:
+    """One row per protected group of every PGP run group (mean rank over seeds, leak pooled)."""
+    rows = []
+    for g in groups:
+        r = g.first
+        for sub in subspace_summaries(g) if r.pgp else []:
+            ranks = " ".join(_rank(st.mean) for st in sub.rank_after) or "-"
+            leak_max = "-" if not sub.leak.values else f"{max(sub.leak.values):.2g}"
+            leak_mean = "-" if sub.leak.mean is None else f"{sub.leak.mean:.2g}"
+            rows.append([g.method_label, r.dataset, r.setting, sub.group, str(sub.dim), ranks, leak_max, leak_mean])
+    return rows
+
+
+def _rank(mean: float | None) -> str:
+    if mean is None:
+        return "-"
+    return str(int(mean)) if float(mean).is_integer() else f"{mean:.1f}"
+
+
+def render(rows: list[list[str]], fmt: str, head: Sequence[str] = _HEAD, labels: int = 3) -> str:
+    """A table of ``rows`` under ``head``; the first ``labels`` columns are left-aligned text."""
     if fmt == "markdown":
-        lines = [_md_line(_HEAD), _md_line(["---"] * 3 + ["---:"] * (len(_HEAD) - 3))]
+        lines = [_md_line(head), _md_line(["---"] * labels + ["---:"] * (len(head) - labels))]
         return "\n".join(lines + [_md_line(r) for r in rows])
-    widths = [max(len(x) for x in col) for col in zip(_HEAD, *rows)]
-    return "\n".join(_text_line(r, widths) for r in [_HEAD, *rows])
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    return "\n".join(_text_line(r, widths, labels) for r in [head, *rows])
 
 
 def _md_line(cells: Sequence[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def _text_line(cells: Sequence[str], widths: Sequence[int]) -> str:
+def _text_line(cells: Sequence[str], widths: Sequence[int], labels: int = 3) -> str:
     # Labels left-aligned, numbers right-aligned so decimal points line up.
-    parts = [c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+    parts = [c.ljust(w) if i < labels else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))]
     return "  ".join(parts).rstrip()
 
 
@@ -64,6 +87,11 @@ def format_report(
     if pairs:
         sub = "PGP - baseline (paired by seed; n = matched seeds)"
         sections.append(_section(sub, render(paired_rows(pairs, fmt), fmt), fmt))
+    pgp = subspace_rows(groups)
+    if pgp:
+        sub = ("PGP subspaces: basis rank after each task's memory update (mean over seeds) out of D; leak = "
+               "||dtheta U U^T|| / ||dtheta|| of each projected task's real change (all seeds and tasks)")
+        sections.append(_section(sub, render(pgp, fmt, _PGP_HEAD, labels=4), fmt))
     if notes:
         bullet = "- " if fmt == "markdown" else "note: "
         sections.append("\n".join(bullet + n for n in notes))
