@@ -186,8 +186,8 @@ def test_tensorboard_logs_training_and_evaluation(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = tmp_path / "run"
-    cfg = load_config("tiny_l2p", ["train.progress=false", "train.tensorboard=true", "train.log_every=1",
-                                   "data.train_per_class=16", "data.test_per_class=10"])
+    cfg = load_config("tiny_l2p_pgp", ["train.progress=false", "train.tensorboard=true", "train.log_every=1",
+                                       "data.train_per_class=16", "data.test_per_class=10"])
     Trainer(cfg, run).run()
     files = list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert files
@@ -201,6 +201,12 @@ def test_tensorboard_logs_training_and_evaluation(tmp_path):
         logged = [e.value for e in acc.Scalars(f"eval/{setting}_avg_acc")]
         assert logged == pytest.approx([sum(col) / len(col) for col in
                                         ([results.acc[setting][i][t] for i in range(t + 1)] for t in range(2))])
+    for group in ("prompt", "key"):  # PGP: basis rank after each task's update, leak of the projected task
+        ranks = [(e.step, e.value) for e in acc.Scalars(f"pgp/rank_{group}")]
+        assert ranks == [(b["task"], b["rank_after"]) for b in results.extra["basis"] if b["group"] == group]
+        leaks = [(e.step, e.value) for e in acc.Scalars(f"pgp/leak_{group}")]
+        expected = [(p["task"], p["leak"]) for p in results.projection if p["group"] == group]
+        assert [s for s, _ in leaks] == [1] and leaks[0][1] == pytest.approx(expected[0][1], rel=1e-6)
 
 
 def test_online_trains_one_pass_per_task_and_says_epochs_are_unused(tmp_path, capsys):

@@ -123,6 +123,8 @@ class TrainConfig:
     CPUs (a warning says so). 'none': fp32, the default."""
     log_every: int = 20
     tensorboard: bool = False
+    """RUN_DIR/tensorboard: training loss and accuracy every log_every steps, mean CIL / TIL accuracy per
+    task, and with PGP each protected group's basis rank and task leak (pip install "pgpcl[tensorboard]")."""
     progress: bool = True
     """Progress bars (stderr) for each task's training, PGP basis pass and evaluation, and a line per
     finished task (stdout: mean accuracy over the seen tasks, time per phase); main process only."""

@@ -831,6 +831,12 @@ class Trainer:
             for setting, m in r.metrics.items():
                 if m is not None:
                     self.tb.add_scalar(f"eval/{setting}_avg_acc", m["final_acc"], task)
+            for rec in r.projection:  # the task's leak per protected group (projected tasks only)
+                if rec["task"] == task and rec["leak"] is not None:
+                    self.tb.add_scalar(f"pgp/leak_{rec['group']}", rec["leak"], task)
+            for rec in self.pgp.basis_log if self.pgp is not None else []:
+                if rec["task"] == task:
+                    self.tb.add_scalar(f"pgp/rank_{rec['group']}", rec["rank_after"], task)
 
     def _announce(self, task: int, timing: dict) -> None:
         """One line per finished task (main process, with train.progress), kept above the bars: the mean
