@@ -1,9 +1,13 @@
-"""docs/adding-a-method.md, run as written: its method registers, trains two tasks with PGP through the
-engine (basis, projection, results), pairs with its baseline in the report, and resumes."""
+"""docs/adding-a-method.md, run as written: its method, saved as the module the guide names, trains two
+tasks with PGP (basis, projection, results) from Python and from the shell commands it gives, pairs
+with its baseline in the report, resumes and re-evaluates."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +18,8 @@ from pgpcl.engine.results import read_results
 from pgpcl.errors import ConfigError
 from pgpcl.methods import METHODS
 
-GUIDE = Path(__file__).resolve().parents[1] / "docs" / "adding-a-method.md"
+ROOT = Path(__file__).resolve().parents[1]
+GUIDE = ROOT / "docs" / "adding-a-method.md"
 
 
 def blocks(lang: str) -> list[str]:
@@ -22,20 +27,23 @@ def blocks(lang: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def guide_method():
+def guide(tmp_path_factory):
+    """A folder holding the guide's method as shared_prompt_method.py and its preset, on sys.path."""
+    folder = tmp_path_factory.mktemp("guide")
     method_code, run_code = blocks("python")
-    namespace: dict = {}
-    exec(compile(method_code, str(GUIDE), "exec"), namespace)
-    yield namespace, run_code
-    METHODS._items.pop("shared_prompt", None)  # the guide's registration is for this module only
-
-
-def test_guide_method_trains_with_pgp(guide_method, tmp_path, capsys):
-    _, run_code = guide_method
+    (folder / "shared_prompt_method.py").write_text(method_code)
     (preset,) = blocks("yaml")
-    preset_path = tmp_path / "tiny_shared_prompt_pgp.yaml"
-    preset_path.write_text(preset)
-    out_dir = tmp_path / "runs"
+    (folder / "tiny_shared_prompt_pgp.yaml").write_text(preset)
+    sys.path.insert(0, str(folder))
+    yield folder, run_code
+    sys.path.remove(str(folder))
+    sys.modules.pop("shared_prompt_method", None)
+    METHODS._items.pop("shared_prompt", None)  # registered for this module's tests only
+
+
+def test_guide_method_trains_with_pgp_from_python(guide, tmp_path, capsys):
+    folder, run_code = guide
+    preset_path, out_dir = folder / "tiny_shared_prompt_pgp.yaml", tmp_path / "runs"
     exec(compile(run_code, str(GUIDE), "exec"), {"preset_path": str(preset_path), "out_dir": str(out_dir)})
     printed = capsys.readouterr().out.split()
     run_dir = out_dir / "tiny_shared_prompt_pgp" / "seed0"
@@ -48,15 +56,15 @@ def test_guide_method_trains_with_pgp(guide_method, tmp_path, capsys):
     assert r.projection[0]["leak"] is not None and r.projection[0]["rank"] == basis[0]["rank_after"]
 
     # the baseline is one override away, and the report pairs the two and shows the prompt's subspace
-    cfg = ["train.progress=false", f"output_dir={out_dir}", "pgp.enabled=false", "name=tiny_shared_prompt"]
-    assert main(["train", str(preset_path), *cfg]) == 0
+    args = ["train.progress=false", f"output_dir={out_dir}", "pgp.enabled=false", "name=tiny_shared_prompt"]
+    assert main(["train", str(preset_path), *args]) == 0
     capsys.readouterr()
     assert main(["report", str(out_dir), "--no-plots"]) == 0
     text = capsys.readouterr().out
     assert "shared_prompt-PGP" in text.split("PGP - baseline")[1]
     assert any(line.split()[3:5] == ["prompt", "32"] for line in text.split("PGP subspaces")[1].splitlines()[2:])
 
-    # the Python API the guide names: resume (a finished run is returned as it is) and re-evaluation
+    # resume (a finished run comes back as it is) and re-evaluation from Python
     from pgpcl.engine.evaluate import evaluate_run
     from pgpcl.engine.trainer import train
 
@@ -64,15 +72,33 @@ def test_guide_method_trains_with_pgp(guide_method, tmp_path, capsys):
     assert train(cfg, run_dir, resume=True).metrics == r.metrics
     lines = evaluate_run(run_dir)
     assert lines[0].endswith("after task 2/2") and f"mean {r.metrics['cil']['final_acc']:.2f}" in lines[1]
-    # and the pgpcl command, in a process that has imported the method
-    assert main(["train", "--resume", str(run_dir)]) == 0
-    assert "already complete" in capsys.readouterr().out
 
 
-def test_guide_method_rejects_unknown_keys(guide_method, tmp_path):
-    (preset,) = blocks("yaml")
-    path = tmp_path / "p.yaml"
-    path.write_text(preset)
+def test_guide_shell_commands(guide, tmp_path):
+    """The guide's two shell lines, each in a fresh interpreter that knows the method only through
+    ``imports`` (the second one from the run's config.yaml)."""
+    folder, _ = guide
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([".", str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    commands = [line for line in blocks("bash")[0].splitlines() if line.strip()]
+    assert commands == ["PYTHONPATH=. pgpcl train tiny_shared_prompt_pgp.yaml",
+                        "PYTHONPATH=. pgpcl eval runs/tiny_shared_prompt_pgp/seed0"]
+    for line, extra in zip(commands, (["train.progress=false"], [])):
+        argv = line.split()[2:]  # after "PYTHONPATH=. pgpcl"
+        proc = subprocess.run([sys.executable, "-m", "pgpcl", *argv, *extra], cwd=folder, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "CIL per task" in proc.stdout
+    r = read_results(folder / "runs" / "tiny_shared_prompt_pgp" / "seed0" / "results.json")
+    assert r.status == "complete" and r.config["imports"] == ["shared_prompt_method"]
+
+
+def test_guide_preset_rejects_unknown_keys_and_modules(guide, tmp_path):
+    folder, _ = guide
+    path = folder / "tiny_shared_prompt_pgp.yaml"
     with pytest.raises(ConfigError, match=r"did you mean 'method.length'"):
         load_config(str(path), ["method.lenght=8"])
     assert load_config(str(path), ["method.length=8"]).method.params.length == 8
+    with pytest.raises(ConfigError, match=r"imports: cannot import 'no_such_module_xyz' .*PYTHONPATH"):
+        load_config(str(path), ["imports=[no_such_module_xyz]"])
+    with pytest.raises(ConfigError, match=r"unknown method 'no_such_method'.*list its module under imports"):
+        load_config(str(path), ["method.name=no_such_method", "method.length=2"])

@@ -162,6 +162,11 @@ class Config:
     name: str = "run"
     seed: int = 0
     output_dir: str = "runs"
+    imports: list[str] = field(default_factory=list)
+    """Python modules imported before ``method.name`` is looked up, e.g. ``[my_lab.shared_prompt]``: your
+    own methods, registered with ``@METHODS.register`` (docs/adding-a-method.md). The run's config.yaml
+    keeps the list, so ``--resume`` and ``pgpcl eval`` import them too. Importing runs the module's
+    code: list only modules you trust."""
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -276,7 +281,10 @@ def _build_method(raw: Any) -> MethodConfig:
     name = raw.pop("name", MethodConfig.name)
     if not isinstance(name, str):
         raise ConfigError(f"config key 'method.name' must be a string, got {name!r}")
-    params_cls = METHODS.get(name).Params
+    try:
+        params_cls = METHODS.get(name).Params
+    except ConfigError as e:
+        raise ConfigError(f"{e}; for a method of your own, list its module under imports") from None
     return MethodConfig(name=name, params=build_dataclass(params_cls, raw, "method"))
 
 
@@ -284,9 +292,23 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     raw = dict(raw)
     method_raw = raw.pop("method", None)
     cfg = build_dataclass(Config, {k: v for k, v in raw.items()}, "")
+    import_modules(cfg.imports)  # before the method lookup: they may register methods
     cfg.method = _build_method(method_raw)
     validate(cfg)
     return cfg
+
+
+def import_modules(names: list[str]) -> None:
+    """Import every module of ``imports`` (already imported ones are not run again)."""
+    import importlib
+
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ConfigError(
+                f"imports: cannot import '{name}' ({e}); install it or put its folder on PYTHONPATH"
+            ) from None
 
 
 def validate(cfg: Config) -> None:
