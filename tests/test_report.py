@@ -236,3 +236,27 @@ def test_pgp_subspace_section(tmp_path):
     assert all(v == [] for k, v in subs.items() if not k.startswith("l2p-PGP"))
     md = report_runs(paths, out_dir=tmp_path / "md", plots=False, fmt="markdown")
     assert "| l2p-PGP | cifar100 | cil | prompt | 768 | 3.5 5.5 7 | 0.3 | 0.15 |" in md
+
+
+def test_runs_written_before_a_config_key_existed_group_with_new_ones(tmp_path):
+    """A results file from before a key was added (here: imports, train.num_threads and a method
+    parameter) reads that key as its default, so it joins the new runs of the same config; keys that
+    only say where or how fast a run went (train.num_threads, train.checkpoint_every) never split."""
+    root = tmp_path / "runs"
+    old = write_run(root, True, 0, CIL[(True, 0)], name="old")
+    r = read_results(old / "results.json")
+    del r.config["imports"], r.config["train"]["num_threads"]
+    assert set(r.config["method"]) == {"name"}  # no method parameters stored at all
+    write_results(old / "results.json", r)
+    new = write_run(root, True, 1, CIL[(True, 1)], name="new")
+    r = read_results(new / "results.json")
+    r.config["train"]["num_threads"], r.config["train"]["checkpoint_every"] = 2, 500
+    r.config["method"].update(pool_size=10, prompt_init="uniform")  # L2P's defaults, written out
+    write_results(new / "results.json", r)
+    text = report_runs([root], plots=False)
+    rows = [line for line in text.splitlines() if line.startswith("l2p-PGP")]
+    assert len(rows) == 1 and rows[0].split()[3] == "2" and "[" not in rows[0]
+    # a real difference still splits them
+    r.config["method"]["prompt_init"] = "zero"
+    write_results(new / "results.json", r)
+    assert "l2p-PGP [method.prompt_init=" in report_runs([root], plots=False)

@@ -180,6 +180,38 @@ class Config:
         return d
 
 
+RESULT_NEUTRAL_KEYS = frozenset(
+    {
+        "output_dir",
+        "data.root",
+        "data.num_workers",
+        "data.pin_memory",
+        "train.device",
+        "train.num_threads",
+        "train.progress",
+        "train.log_every",
+        "train.tensorboard",
+        "train.checkpoint_every",
+    }
+)
+"""Config keys that say where and how fast a run goes, never what it computes: they may change on
+``--resume``, and ``pgpcl report`` groups runs that differ only in them."""
+
+
+def with_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """A stored ``Config.to_dict()`` laid over today's defaults, the method's own too when it is
+    registered: a key added to pgpcl after a results file was written reads as its default, which by
+    this project's rule reproduces the earlier behaviour."""
+    from pgpcl.methods import METHODS
+
+    defaults = Config().to_dict()
+    name = (config.get("method") or {}).get("name", defaults["method"]["name"])
+    defaults["method"] = {"name": name}
+    if name in METHODS:
+        defaults["method"].update(dataclasses.asdict(METHODS.get(name).Params()))
+    return _deep_merge(defaults, config)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Building typed configs from plain dicts
 

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pgpcl.config import Config, dump_yaml
+from pgpcl.config import RESULT_NEUTRAL_KEYS, Config, dump_yaml
 from pgpcl.engine import checkpoint as ckpt
 from pgpcl.engine.distributed import (
     DistContext,
@@ -57,20 +57,7 @@ resume and interrupts only. Points: ``step:T:K`` (after step K of task T, and it
 ``basis:T`` (during the representation pass of task T), ``task_end:T`` (after task T's checkpoint and
 results). Tasks count from 0, steps from 1."""
 
-RESUME_MUTABLE = frozenset(
-    {
-        "output_dir",
-        "data.root",
-        "data.num_workers",
-        "data.pin_memory",
-        "train.device",
-        "train.num_threads",
-        "train.progress",
-        "train.log_every",
-        "train.tensorboard",
-        "train.checkpoint_every",
-    }
-)
+RESUME_MUTABLE = RESULT_NEUTRAL_KEYS
 """Config keys that may differ on ``--resume`` (where and how fast, never what is computed)."""
 
 

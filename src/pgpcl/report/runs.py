@@ -2,7 +2,9 @@
 
 Runs are grouped by their full config, apart from the seed and keys that cannot change the numbers
 (:data:`IGNORED_KEYS`). When PGP is off the other ``pgp.*`` keys are inert, so they are dropped too:
-baselines that differ only there still form one group.
+baselines that differ only there still form one group. A results file written before a config key
+existed reads that key as its default (``config.with_defaults``), so old and new runs of one
+configuration still group together.
 """
 
 from __future__ import annotations
@@ -14,17 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pgpcl.config import RESULT_NEUTRAL_KEYS, with_defaults
 from pgpcl.engine.metrics import accuracy_curve, summarize, tasks_done
 from pgpcl.engine.results import Results, collect_results, read_results
 from pgpcl.errors import PgpclError
 
-IGNORED_KEYS = frozenset(
-    {
-        "seed", "name", "output_dir",
-        "data.root", "data.download", "data.num_workers", "data.pin_memory",
-        "train.device", "train.log_every", "train.tensorboard", "train.progress",
-    }
-)
+IGNORED_KEYS = frozenset({"seed", "name", "data.download"} | RESULT_NEUTRAL_KEYS)
 
 # (column key, header, eval setting, summary key)
 COLUMNS: list[tuple[str, str, str, str]] = [
@@ -191,7 +188,7 @@ def load_runs(paths: Sequence[str | Path], include_incomplete: bool = False) -> 
 def flat_config(r: Results) -> dict[str, str]:
     """Dotted config keys -> JSON-encoded values, with the run's own method/pgp/setting fields."""
     flat: dict[str, str] = {}
-    _flatten(r.config, "", flat)
+    _flatten(with_defaults(r.config), "", flat)
     flat.update({"method.name": json.dumps(r.method), "pgp.enabled": json.dumps(r.pgp),
                  "data.setting": json.dumps(r.setting)})
     return flat
