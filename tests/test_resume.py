@@ -141,3 +141,28 @@ def test_sigterm_mid_task_and_ctrl_c_while_building_a_basis(tmp_path, capfd):
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "while building the PGP basis of task 2/2" in err[0] and "task000.pt" in err[0]
     assert run_cli(["train", "--resume", str(run)]) == 0
+
+
+def test_resume_a_run_written_before_a_config_key_existed(tmp_path):
+    """A run folder from an older pgpcl (no `imports` in its config.yaml or in its checkpoint's config
+    record) resumes with the new key at its default, to the same result as an uninterrupted run."""
+    import io
+
+    import yaml
+
+    ref = reference(tmp_path, "tiny_l2p_pgp", SMALL)
+    run = tmp_path / "old"
+    assert run_cli(["train", "tiny_l2p_pgp", *SMALL, "--run-dir", str(run)], "step:0:7=KILL") == -9
+    raw = yaml.safe_load((run / "config.yaml").read_text())
+    del raw["imports"]
+    (run / "config.yaml").write_text(yaml.safe_dump(raw))
+    for path in (run / "checkpoints").glob("*.pt"):
+        state = torch.load(path, weights_only=True)
+        config = json.loads(state["config"])
+        del config["imports"]
+        state["config"] = json.dumps(config)
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        path.write_bytes(buf.getvalue())
+    assert run_cli(["train", "--resume", str(run)]) == 0
+    assert_same_run(ref, run)

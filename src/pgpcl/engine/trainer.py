@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pgpcl.config import RESULT_NEUTRAL_KEYS, Config, dump_yaml
+from pgpcl.config import RESULT_NEUTRAL_KEYS, Config, dump_yaml, with_defaults
 from pgpcl.engine import checkpoint as ckpt
 from pgpcl.engine.distributed import (
     DistContext,
@@ -369,7 +369,8 @@ class Trainer:
         ckpt.restore_rng(state["rng"])  # last: building the model above drew from the generators
 
     def _check_resume_state(self, path: Path, state: dict) -> None:
-        then = ckpt.from_json(state["config"], "config", path)
+        # with_defaults: a key added to pgpcl since the checkpoint was written reads as its default
+        then = with_defaults(ckpt.from_json(state["config"], "config", path))
         diff = config_difference(then, self.cfg.to_dict())
         if diff is not None:
             key, was, now = diff
