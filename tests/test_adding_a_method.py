@@ -54,6 +54,11 @@ def test_guide_method_trains_with_pgp_from_python(guide, tmp_path, capsys):
     basis = r.extra["basis"]
     assert [b["task"] for b in basis] == [0, 1] and 0 < basis[0]["rank_after"] <= basis[0]["dim"] == 32
     assert r.projection[0]["leak"] is not None and r.projection[0]["rank"] == basis[0]["rank_after"]
+    # only the prompt and the head train: the checkpoint holds just them, the backbone is rebuilt
+    from pgpcl.engine.checkpoint import load_checkpoint
+
+    assert sorted(load_checkpoint(run_dir / "checkpoints" / "task001.pt")["method"]) == [
+        "head.bias", "head.weight", "prompt"]
 
     # the baseline is one override away, and the report pairs the two and shows the prompt's subspace
     args = ["train.progress=false", f"output_dir={out_dir}", "pgp.enabled=false", "name=tiny_shared_prompt"]
