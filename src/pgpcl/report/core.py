@@ -143,7 +143,7 @@ def _group_dict(g: RunGroup, plot_files: list[str]) -> dict[str, Any]:
         "metrics": {col: g.stat(col).to_dict() for col, *_ in COLUMNS},
         "curves": curves,
         "acc_mean": {s: _finite(mean_matrix(g, s)) for s in SETTINGS},
-        "pgp_subspaces": [sub.to_dict() for sub in subspace_summaries(g)] if r.pgp else [],
+        "pgp_subspaces": [sub.to_dict() for sub in subspace_summaries(g)],
         "plots": plot_files,
     }
 

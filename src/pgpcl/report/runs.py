@@ -126,14 +126,20 @@ class SubspaceSummary:
     leak: Stat
     """||dtheta U U^T|| / ||dtheta|| of every projected task's change, all seeds and tasks pooled."""
 
+    @property
+    def leak_max(self) -> float | None:
+        return max(self.leak.values, default=None)
+
     def to_dict(self) -> dict[str, Any]:
         return {"group": self.group, "dim": self.dim, "rank_after": [r.to_dict() for r in self.rank_after],
-                "leak": self.leak.to_dict(), "leak_max": max(self.leak.values, default=None)}
+                "leak": self.leak.to_dict(), "leak_max": self.leak_max}
 
 
 def subspace_summaries(group: RunGroup) -> list[SubspaceSummary]:
     """Per protected group (first-seen order) of a PGP run group, from its results files' ``basis``
     log and ``projection`` records; empty for baselines and for files without them."""
+    if not group.first.pgp:
+        return []
     ranks: dict[str, dict[int, list[float]]] = {}
     dims: dict[str, int] = {}
     leaks: dict[str, list[float | None]] = {}

@@ -40,9 +40,9 @@ def subspace_rows(groups: Sequence[RunGroup]) -> list[list[str]]:
     rows = []
     for g in groups:
         r = g.first
-        for sub in subspace_summaries(g) if r.pgp else []:
+        for sub in subspace_summaries(g):
             ranks = " ".join(_rank(st.mean) for st in sub.rank_after) or "-"
-            leak_max = "-" if not sub.leak.values else f"{max(sub.leak.values):.2g}"
+            leak_max = "-" if sub.leak_max is None else f"{sub.leak_max:.2g}"
             leak_mean = "-" if sub.leak.mean is None else f"{sub.leak.mean:.2g}"
             rows.append([g.method_label, r.dataset, r.setting, sub.group, str(sub.dim), ranks, leak_max, leak_mean])
     return rows
