@@ -36,7 +36,7 @@ def measure(preset: str, args: argparse.Namespace) -> dict:
     tasks = sc.num_tasks
     r = {
         "preset": preset,
-        "test_images": sum(len(sc.test_loader(i, 1).dataset) for i in range(tasks)),
+        "test_images": sum(len(sc.test_dataset(i)) for i in range(tasks)),
         "seconds": times,
         "median_s": {k: med(v) for k, v in times.items()},
         # evaluations after tasks 0..T-1 read 1 + 2 + ... + T task test sets; cached: each set once

@@ -228,24 +228,27 @@ class Scenario:
             if unaugmented_train:
                 convert_split(src.data.train, self.test_transform, src.train_keep)
 
+    def train_dataset(self, t: int, *, generator_seed: int) -> TaskDataset:
+        """The training images of task ``t`` with the train transform (augmentation seeded from
+        ``generator_seed``), for loaders that make their own batches (the engine's)."""
+        return self._dataset(
+            self._check(t), "train", self._tasks[t].train, self.train_transform, derive_seed(generator_seed, 1)
+        )
+
     def train_loader(self, t: int, batch_size: int, *, generator_seed: int) -> DataLoader:
         """Shuffled training data of task ``t``; one iteration is one pass over every sample once.
 
         In the online setting the engine must iterate it exactly once (``scenario.online``).
         """
-        ds = self._dataset(
-            self._check(t),
-            "train",
-            self._tasks[t].train,
-            self.train_transform,
-            derive_seed(generator_seed, 1),
-        )
-        return self._loader(ds, batch_size, True, generator_seed)
+        return self._loader(self.train_dataset(t, generator_seed=generator_seed), batch_size, True, generator_seed)
+
+    def test_dataset(self, t: int) -> TaskDataset:
+        """The test images of task ``t`` with the test transform."""
+        return self._dataset(self._check(t), "test", self._tasks[t].test, self.test_transform, 0)
 
     def test_loader(self, t: int, batch_size: int) -> DataLoader:
         """Test data of task ``t`` in a fixed order."""
-        ds = self._dataset(self._check(t), "test", self._tasks[t].test, self.test_transform, 0)
-        return self._loader(ds, batch_size, False, 0)
+        return self._loader(self.test_dataset(t), batch_size, False, 0)
 
     def sample_dataset(self, t: int, num_samples: int, *, seed: int, augment: bool) -> TaskDataset:
         """A fixed seeded subset of ``num_samples`` training images of task ``t`` (all if fewer).

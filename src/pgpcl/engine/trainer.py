@@ -461,7 +461,7 @@ class Trainer:
         p = self.cfg.pgp
         try:
             self.scenario.prepare(unaugmented_train=p.enabled and not p.sample_augment)
-            ds = self.scenario.test_loader(self._start_task, self.cfg.train.batch_size).dataset
+            ds = self.scenario.test_dataset(self._start_task)
             n = min(self.cfg.train.batch_size, len(ds))
             if n > 0:
                 x, _, _ = ds.__getitems__(list(range(n)))
@@ -545,7 +545,7 @@ class Trainer:
         lr, wd = method.task_optimizer_settings(task, cfg.train.lr, cfg.train.weight_decay)
         params = method.trainable_parameters()
         optimizer = make_optimizer(params, cfg, effective_lr(cfg, lr), wd)
-        dataset = self.scenario.train_loader(task, cfg.train.batch_size, generator_seed=0).dataset
+        dataset = self.scenario.train_dataset(task, generator_seed=0)
         B = cfg.train.batch_size
         per_epoch = math.ceil(len(dataset) / B)
         epochs = 1 if self.scenario.online else cfg.train.epochs
@@ -886,7 +886,7 @@ def evaluate_method(
     error, stopped = None, False
     bs, bar = cfg.train.eval_batch_size, None
     try:  # building a loader can meet bad data too: every rank must reach the agreement below
-        loaders = [sharded_loader(scenario.test_loader(i, bs).dataset, bs, cfg.data, dist) for i in range(after_task + 1)]
+        loaders = [sharded_loader(scenario.test_dataset(i), bs, cfg.data, dist) for i in range(after_task + 1)]
         bar = _progress(sum(len(loader) for loader in loaders), desc, progress)
         for i, loader in enumerate(loaders):
             task_mask = scenario.class_mask(i).to(device)
