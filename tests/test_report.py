@@ -201,6 +201,17 @@ def test_grouping_variants_and_duplicates(tmp_path):
     assert len(imr) == 1 and imr[0].startswith("l2p ") and " 1 " in imr[0]
 
 
+def test_variant_label_of_a_default_eps_against_a_set_one(tmp_path):
+    """pgp.eps={} (the method's defaults) against pgp.eps.prompt=0.9: one key differs, shown as such."""
+    root = tmp_path / "runs"
+    for s in (0, 1):
+        write_run(root, True, s, CIL[(True, s)], name=f"default-{s}")
+        write_run(root, True, s, CIL[(True, s)], name=f"eps9-{s}", eps=0.9)
+    text = report_runs([root], plots=False)
+    assert "l2p-PGP [pgp.eps.prompt=default]" in text and "l2p-PGP [pgp.eps.prompt=0.9]" in text
+    assert "pgp.eps=" not in text
+
+
 def test_pgp_subspace_section(tmp_path):
     """Basis rank after each task (mean over seeds) and the pooled leak, per protected group, from the
     results files' basis log and projection records; in the text, Markdown and summary.json."""

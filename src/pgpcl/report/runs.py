@@ -201,7 +201,9 @@ def flat_config(r: Results) -> dict[str, str]:
 
 
 def _flatten(node: Any, prefix: str, out: dict[str, str]) -> None:
-    if isinstance(node, dict) and node:
+    # A mapping contributes its entries only: an empty one (pgp.eps={}, every kind at the method's
+    # default) adds no key, so a run that sets pgp.eps.prefix differs from it in that key alone.
+    if isinstance(node, dict):
         for k, v in node.items():
             _flatten(v, f"{prefix}.{k}" if prefix else str(k), out)
     else:
@@ -267,8 +269,8 @@ def _set_variants(groups: list[RunGroup]) -> None:
 
 
 def _show(encoded: str | None) -> str:
-    if encoded is None:
-        return "unset"
+    if encoded is None:  # an entry of a mapping the other group sets (pgp.eps.<kind>): the default
+        return "default"
     value = json.loads(encoded)
     return value if isinstance(value, str) else encoded
 
