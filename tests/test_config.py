@@ -27,12 +27,27 @@ def test_released_hyperparameters():
     assert not load_config("imagenet_r_10_dualprompt").method.params.batchwise_prompt
 
 
-def test_pgp_preset_differs_from_baseline_only_in_pgp():
-    base = load_config("cifar100_10_l2p").to_dict()
-    pgp = load_config("cifar100_10_l2p_pgp").to_dict()
-    assert pgp["pgp"]["enabled"] and not base["pgp"]["enabled"]
-    for key in ("data", "backbone", "method", "train", "seed"):
-        assert base[key] == pgp[key]
+def test_coda_prompt_presets_follow_its_own_protocol():
+    c = load_config("cifar100_10_coda_prompt")
+    p = c.method.params
+    assert (p.pool_size, p.length, p.layers, p.ortho_mu) == (100, 4, [0, 1, 2, 3, 4], 0.1)
+    assert (c.train.epochs, c.train.lr, c.train.batch_size, c.train.scheduler) == (20, 0.001, 128, "cosine")
+    assert not c.train.lr_scale_by_batch and c.train.clip_grad is None
+    assert (c.data.class_order, c.data.train_transform, c.data.test_transform) == ("random", "clip", "plain")
+    assert c.backbone.pretrained_tag == "augreg_in21k_ft_in1k"
+    r = load_config("imagenet_r_10_coda_prompt")
+    assert (r.data.dataset, r.train.epochs) == ("imagenet_r", 50)
+
+
+def test_every_pgp_preset_differs_from_its_baseline_only_in_pgp():
+    names = set(list_presets())
+    pairs = [(n[: -len("_pgp")], n) for n in sorted(names) if n.endswith("_pgp")]
+    assert len(pairs) >= 16 and all(base in names for base, _ in pairs)
+    for base_name, pgp_name in pairs:
+        base, pgp = load_config(base_name).to_dict(), load_config(pgp_name).to_dict()
+        assert pgp["pgp"]["enabled"] and not base["pgp"]["enabled"], pgp_name
+        for key in ("data", "backbone", "method", "train", "seed"):
+            assert base[key] == pgp[key], (pgp_name, key)
 
 
 def test_overrides_are_typed():

@@ -24,11 +24,11 @@ from torch import Tensor, nn
 from pgpcl.errors import ConfigError
 from pgpcl.methods import METHODS
 from pgpcl.methods.base import Method, MethodOutput
-from pgpcl.methods.vit_common import QueryPromptedPredict, build_backbone, init_head, init_prompt_
+from pgpcl.methods.vit_common import PromptedViTMethod, init_head, init_prompt_
 
 
 @METHODS.register("dualprompt")
-class DualPrompt(QueryPromptedPredict, Method):
+class DualPrompt(PromptedViTMethod, Method):
     @dataclass
     class Params:
         g_length: int = 5
@@ -78,13 +78,6 @@ class DualPrompt(QueryPromptedPredict, Method):
         e_shape = (len(params.e_layers), 2, params.e_length, d)
         self.pool = PromptPool(pool_size, e_shape, d, init=params.prompt_init)
         self.head = init_head(nn.Linear(d, num_classes))
-
-    @classmethod
-    def build(cls, cfg, scenario) -> DualPrompt:
-        backbone, info = build_backbone(cfg.backbone)
-        method = cls(cfg.method.params, backbone, scenario.num_classes, scenario.task_classes)
-        method.weights_info = info
-        return method
 
     def _prefixes(self, x: Tensor, task: Tensor | None, query: Tensor | None = None):
         """E-prompt selection (forced to ``task`` when given; ``query`` (B, D) given or computed) and the

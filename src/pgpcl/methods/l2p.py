@@ -21,11 +21,11 @@ from torch import Tensor, nn
 from pgpcl.errors import ConfigError
 from pgpcl.methods import METHODS
 from pgpcl.methods.base import Method, MethodOutput
-from pgpcl.methods.vit_common import QueryPromptedPredict, build_backbone, init_head
+from pgpcl.methods.vit_common import PromptedViTMethod, init_head
 
 
 @METHODS.register("l2p")
-class L2P(QueryPromptedPredict, Method):
+class L2P(PromptedViTMethod, Method):
     @dataclass
     class Params:
         pool_size: int = 10
@@ -62,13 +62,6 @@ class L2P(QueryPromptedPredict, Method):
         d = backbone.embed_dim
         self.pool = PromptPool(params.pool_size, (params.length, d), d, init=params.prompt_init)
         self.head = init_head(nn.Linear(d, num_classes))
-
-    @classmethod
-    def build(cls, cfg, scenario) -> L2P:
-        backbone, info = build_backbone(cfg.backbone)
-        method = cls(cfg.method.params, backbone, scenario.num_classes, scenario.task_classes)
-        method.weights_info = info
-        return method
 
     def _select(self, x: Tensor, query: Tensor | None = None):
         """Query the frozen ViT (unless ``query`` (B, D) is given) and pick prompts: idx (B, k), cosine (B, k)."""

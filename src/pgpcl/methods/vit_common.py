@@ -1,4 +1,4 @@
-"""Pieces shared by the ViT-based methods (L2P, DualPrompt)."""
+"""Pieces shared by the ViT-based methods (L2P, DualPrompt, CODA-Prompt)."""
 
 from __future__ import annotations
 
@@ -29,6 +29,19 @@ class QueryPromptedPredict:
     @torch.no_grad()
     def frozen_query(self, x: Tensor) -> Tensor:
         return self.backbone.query(x)
+
+
+class PromptedViTMethod(QueryPromptedPredict):
+    """Mixin for the methods on the frozen :class:`PromptedViT` that pick or assemble prompts from its
+    query (L2P, DualPrompt, CODA-Prompt), constructed as ``cls(params, backbone, num_classes,
+    task_classes)``: builds one from a config, and predicts with the cacheable query."""
+
+    @classmethod
+    def build(cls, cfg, scenario):
+        backbone, info = build_backbone(cfg.backbone)
+        method = cls(cfg.method.params, backbone, scenario.num_classes, scenario.task_classes)
+        method.weights_info = info
+        return method
 
 
 def init_head(head: nn.Linear) -> nn.Linear:
