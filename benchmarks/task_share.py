@@ -35,9 +35,9 @@ RELEASED = {
 }
 
 
-def run_preset(preset: str, overrides: list[str], omp_threads: int | None) -> dict:
+def run_preset(preset: str, overrides: list[str], omp_threads: int | None, src: Path = ROOT / "src") -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(src) + os.pathsep + env.get("PYTHONPATH", "")
     if omp_threads:
         env["OMP_NUM_THREADS"] = str(omp_threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -99,33 +99,52 @@ def projected_released() -> list[dict]:
     return out
 
 
+def summarize(reps: list[dict]) -> tuple[dict, list]:
+    """The run with the median basis share stands for the preset (every run is kept in the JSON), and
+    its table row."""
+    r = sorted(reps, key=lambda v: v["basis_pct_of_train"])[len(reps) // 2]
+    keep = ("basis_pct_of_train", "basis_pct_of_train_without_checkpoints", "max_task_basis_pct_of_train",
+            "task_basis_pct_of_train", "basis_s", "train_s", "setup_s", "timings")
+    r = {**r, "repeats": [{k: v[k] for k in keep} for v in reps]}
+    shares = sorted(v["basis_pct_of_train"] for v in reps)
+    per_task = [sorted(v["task_basis_pct_of_train"][i] for v in reps) for i in range(len(r["timings"]))]
+    row = [r["preset"], len(r["timings"]), r["train_s"], r["basis_s"], r["eval_s"], r["setup_s"],
+           r["basis_pct_of_train"], f"{shares[0]:.3g}-{shares[-1]:.3g}",
+           " / ".join(f"{p[len(p) // 2]:.3g}" for p in per_task),
+           r["basis_pct_of_train_without_checkpoints"], r["wall_s"]]
+    return r, row
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
     p.add_argument("--presets", default="tiny_l2p_pgp,tiny_dualprompt_pgp,demo_l2p_pgp,demo_dualprompt_pgp")
     p.add_argument("--repeats", type=int, default=1, help="runs per preset; the median run is reported")
     p.add_argument("--omp-threads", type=int, default=None, help="OMP_NUM_THREADS for the runs (default: unset)")
+    p.add_argument("--baseline-src", type=Path, default=None,
+                   help="also run every repeat with the pgpcl sources in this folder (e.g. a `git worktree` of an "
+                        "older commit), interleaved with this tree's, and report both: an A/B of two code "
+                        "versions under the same machine load")
     p.add_argument("overrides", nargs="*", help="extra section.key=value overrides for every run")
     args = p.parse_args()
     mach = setup(args)
+    versions = {"this tree": ROOT / "src"}
+    if args.baseline_src is not None:
+        versions = {"baseline": args.baseline_src.resolve(), **versions}
     results, rows = [], []
     for preset in args.presets.split(","):
-        reps = [run_preset(preset, args.overrides, args.omp_threads) for _ in range(args.repeats)]
-        # the run with the median basis share stands for the preset; every run is kept in the JSON
-        r = sorted(reps, key=lambda v: v["basis_pct_of_train"])[len(reps) // 2]
-        keep = ("basis_pct_of_train", "basis_pct_of_train_without_checkpoints", "max_task_basis_pct_of_train", "task_basis_pct_of_train", "basis_s",
-                "train_s", "setup_s", "timings")
-        r = {**r, "repeats": [{k: v[k] for k in keep} for v in reps]}
-        results.append(r)
-        shares = sorted(v["basis_pct_of_train"] for v in reps)
-        per_task = [sorted(v["task_basis_pct_of_train"][i] for v in reps) for i in range(len(r["timings"]))]
-        rows.append([r["preset"], len(r["timings"]), r["train_s"], r["basis_s"], r["eval_s"], r["setup_s"],
-                     r["basis_pct_of_train"], f"{shares[0]:.3g}-{shares[-1]:.3g}",
-                     " / ".join(f"{p[len(p) // 2]:.3g}" for p in per_task),
-                     r["basis_pct_of_train_without_checkpoints"], r["wall_s"]])
-        print(f"done {r['preset']}", flush=True)
-    print(table(["preset", "tasks", "train s", "basis s", "eval s", "setup s", "basis % of train (median run)",
-                 "range over runs", "per task % (medians)", "% of train minus checkpoints", "wall s"], rows))
+        reps: dict[str, list[dict]] = {v: [] for v in versions}
+        for _ in range(args.repeats):
+            for version, src in versions.items():
+                reps[version].append(run_preset(preset, args.overrides, args.omp_threads, src))
+        for version, runs in reps.items():
+            r, row = summarize(runs)
+            results.append({**r, "sources": str(versions[version])})
+            rows.append(row if len(versions) == 1 else [version, *row])
+        print(f"done {preset}", flush=True)
+    head = ["preset", "tasks", "train s", "basis s", "eval s", "setup s", "basis % of train (median run)",
+            "range over runs", "per task % (medians)", "% of train minus checkpoints", "wall s"]
+    print(table(head if len(versions) == 1 else ["sources", *head], rows))
     projected = projected_released()
     if projected:
         print("\nreleased ViT-B/16 10-split CIFAR-100 task, COMPUTED from measured per-image times "

@@ -264,3 +264,20 @@ def test_progress_bars_for_training_basis_and_evaluation(tmp_path, capsys, progr
     if progress:
         assert main(["eval", str(tmp_path / "tiny_dualprompt_pgp" / "seed0")]) == 0
         assert "eval after task 2/2" in capsys.readouterr().err
+
+
+def test_bars_off_build_no_tqdm():
+    """train.progress=false: a phase's bar is a no-op, not a disabled tqdm (whose first construction in
+    a process cost ~1 ms, landing in the first phase that asked for one: L2P's first PGP basis pass)."""
+    from tqdm.std import tqdm
+
+    from pgpcl.engine.trainer import _progress
+
+    bar = _progress(3, "x", False)
+    assert not isinstance(bar, tqdm)
+    bar.update()
+    bar.set_postfix(loss="1.0")
+    bar.close()
+    on = _progress(3, "x", True)
+    assert isinstance(on, tqdm)
+    on.close()
