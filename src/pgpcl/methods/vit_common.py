@@ -31,10 +31,9 @@ class QueryPromptedPredict:
         return self.backbone.query(x)
 
 
-class PromptedViTMethod(QueryPromptedPredict):
-    """Mixin for the methods on the frozen :class:`PromptedViT` that pick or assemble prompts from its
-    query (L2P, DualPrompt, CODA-Prompt), constructed as ``cls(params, backbone, num_classes,
-    task_classes)``: builds one from a config, and predicts with the cacheable query."""
+class ViTBackboneMethod:
+    """Mixin for methods on the frozen :class:`PromptedViT` constructed as ``cls(params, backbone,
+    num_classes, task_classes)``: builds one from a config."""
 
     @classmethod
     def build(cls, cfg, scenario):
@@ -42,6 +41,11 @@ class PromptedViTMethod(QueryPromptedPredict):
         method = cls(cfg.method.params, backbone, scenario.num_classes, scenario.task_classes)
         method.weights_info = info
         return method
+
+
+class PromptedViTMethod(ViTBackboneMethod, QueryPromptedPredict):
+    """Methods that pick or assemble prompts from the frozen ViT's query (L2P, DualPrompt, CODA-Prompt):
+    built from a config, and predicting with the cacheable query."""
 
 
 def init_head(head: nn.Linear) -> nn.Linear:

@@ -63,9 +63,12 @@ class PGP:
         self._by_name = {g.name: g for g in self.groups}
         if cfg.mode == "reference":
             for g in self.groups:
-                check_sample_count(cfg.num_samples, g.dim)
                 if g.components is None:
-                    raise ValueError(f"group '{g.name}': reference mode needs ProtectedGroup.components")
+                    raise ConfigError(
+                        f"pgp.mode=reference reproduces released PGP code, and group '{g.name}' has none "
+                        "(no PCA width: ProtectedGroup.components); use pgp.mode=feature"
+                    )
+                check_sample_count(cfg.num_samples, g.dim)
         self.weighting: Weighting = weighting
         self.extra_weight = extra_weight
         self.memory = SubspaceMemory(cfg.mode)

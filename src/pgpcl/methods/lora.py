@@ -1,0 +1,101 @@
+"""LoRA continual learner on a frozen ViT, and LoRA-PGP with ``pgp.enabled=true``.
+
+One set of LoRA factors (rank r at ``targets`` of ``blocks``) shared by all tasks and trained on each
+in turn, with a linear classifier on the final-norm CLS output; loss: cross-entropy over the current
+task's classes. Without PGP this is sequential fine-tuning of the LoRA factors: the baseline.
+
+PGP treats each wrapped layer y = W x + s B A x as the chain of two linear maps it is and protects
+both, GPM-style: A's rows are kept orthogonal to the layer's old inputs x (kind ``lora_a``), so
+A x_old does not change, and B's rows orthogonal to those old A x (kind ``lora_b``), so B A x_old does
+not change either. Then the layer's output on old inputs is unchanged, hence so are the inputs of the
+layers after it, and every later basis stays valid. (The follow-up work of PGP's authors, PEGP, applies
+gradient projection to LoRA; this is pgpcl's derivation of it, not their code.) B has only r input
+directions: once its basis holds all r, B is frozen and the layer learns through A alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from pgpcl.errors import ConfigError
+from pgpcl.methods import METHODS
+from pgpcl.methods.base import Method, MethodOutput
+from pgpcl.methods.vit_common import ViTBackboneMethod, init_head
+
+
+@METHODS.register("lora")
+class LoRA(ViTBackboneMethod, Method):
+    @dataclass
+    class Params:
+        rank: int = 4
+        alpha: float | None = None
+        """Scale of the update is alpha / rank; None = rank (scale 1)."""
+        blocks: list[int] | None = None
+        """Blocks that get LoRA; None = all."""
+        targets: list[str] = field(default_factory=lambda: ["qkv"])
+        """Linear layers of each block: any of qkv, proj (attention), fc1, fc2 (MLP)."""
+
+        def validate(self) -> None:
+            from pgpcl.models.lora import TARGETS
+
+            if self.rank < 1:
+                raise ConfigError(f"method.rank must be >= 1, got {self.rank}")
+            bad = [t for t in self.targets if t not in TARGETS]
+            if bad or not self.targets or len(set(self.targets)) != len(self.targets):
+                raise ConfigError(
+                    f"method.targets must be distinct names from {', '.join(TARGETS)}, got {self.targets}"
+                )
+
+    default_eps = {"lora_a": 0.97, "lora_b": 0.97}
+    basis_timing = "task_end"
+    ddp_find_unused_parameters = False
+
+    def __init__(self, params: Params, backbone: nn.Module, num_classes: int, task_classes):
+        super().__init__(params, num_classes, task_classes)
+        from pgpcl.models.lora import add_lora
+
+        self.backbone = backbone
+        blocks = list(range(backbone.depth)) if params.blocks is None else list(params.blocks)
+        alpha = params.rank if params.alpha is None else params.alpha
+        try:
+            self.lora = add_lora(backbone.vit, blocks, params.targets, params.rank, alpha)
+        except ValueError as e:
+            raise ConfigError(f"method: {e}") from None
+        # PromptedViT froze the ViT before the factors existed: they alone of it are trainable.
+        self.head = init_head(nn.Linear(backbone.embed_dim, num_classes))
+
+    def forward(self, x: Tensor, task: Tensor | None = None) -> MethodOutput:
+        # The whole sequence through every block: PromptedViT's row-only shortcuts (out_rows, query)
+        # read attn.qkv.weight directly and would bypass a LoRA on qkv.
+        feat = self.backbone.forward_features(x).tokens[:, 0]
+        return MethodOutput(self.head(feat))
+
+    # -- PGP ---------------------------------------------------------------------------------------
+    def protected_groups(self, eps: dict[str, float]):
+        from pgpcl.projection import ProtectedGroup
+
+        groups = []
+        for name, m in self.lora.items():
+            groups.append(ProtectedGroup(f"{name}.A", "lora_a", m.lora_a, None, eps["lora_a"]))
+            groups.append(ProtectedGroup(f"{name}.B", "lora_b", m.lora_b, None, eps["lora_b"]))
+        return groups
+
+    @torch.no_grad()
+    def representations(self, x: Tensor, task: Tensor) -> dict[str, Tensor]:
+        """Per wrapped layer: its inputs x (B, T, in) for A, and x A^T (B, T, r) for B."""
+        for m in self.lora.values():
+            m.capture = True
+        try:
+            self.backbone.forward_features(x)
+            out = {}
+            for name, m in self.lora.items():
+                inputs = m.captured
+                out[f"{name}.A"] = inputs
+                out[f"{name}.B"] = inputs @ m.lora_a.T
+        finally:
+            for m in self.lora.values():
+                m.capture, m.captured = False, None
+        return out
