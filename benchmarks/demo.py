@@ -6,6 +6,7 @@ learners, minutes). Each run writes into a fresh temporary folder, so nothing is
 
     python benchmarks/demo.py
     python benchmarks/demo.py --full
+    python benchmarks/demo.py --full --methods all     # the four learner pairs of pgpcl demo --methods all
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def main() -> None:
     add_common_args(p)
     p.add_argument("--full", action="store_true", help="time the default demo instead of --quick")
     p.add_argument("--omp-threads", type=int, default=None, help="OMP_NUM_THREADS for the demo process")
+    p.add_argument("--methods", default=None, help="passed to pgpcl demo --methods (default: the demo's own)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides passed to pgpcl demo")
     args = p.parse_args()
     mach = setup(args)
@@ -54,7 +56,8 @@ def main() -> None:
         print("skipped: this pgpcl has no 'demo' subcommand (pgpcl demo --help failed); nothing was timed")
         finish("demo", args, mach, {"skipped": True}, ["no pgpcl demo subcommand"])
         return
-    r = time_demo(not args.full, args.overrides, env)
+    extra = [*(["--methods", args.methods] if args.methods else []), *args.overrides]
+    r = time_demo(not args.full, extra, env)
     print(r["stdout_tail"])
     print(f"\n{r['command']}: {r['wall_s']:.1f} s wall")
     finish("demo", args, mach, r, ["wall time of the whole process: start-up, training, evaluation, report"])
