@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="retrain runs that already finished")
     p.add_argument("--methods", default="l2p,dualprompt", metavar="A,B",
                    help="learners, each with and without PGP, comma-separated from l2p, dualprompt, coda_prompt, "
-                        "lora; or all (default: l2p,dualprompt)")
+                        "lora, adapter; or all (default: l2p,dualprompt)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("pretrain", help="pretrain the small offline ViT on Fashion-MNIST")

@@ -17,17 +17,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor, nn
 
 from pgpcl.errors import ConfigError
 from pgpcl.methods import METHODS
-from pgpcl.methods.base import Method, MethodOutput
-from pgpcl.methods.vit_common import ViTBackboneMethod, init_head
+from pgpcl.methods.base import Method
+from pgpcl.methods.vit_common import BackboneTuningMethod
 
 
 @METHODS.register("lora")
-class LoRA(ViTBackboneMethod, Method):
+class LoRA(BackboneTuningMethod, Method):
     @dataclass
     class Params:
         rank: int = 4
@@ -53,49 +52,17 @@ class LoRA(ViTBackboneMethod, Method):
     basis_timing = "task_end"
     ddp_find_unused_parameters = False
 
+    maps = (("A", "lora_a", "lora_a"), ("B", "lora_b", "lora_b"))
+
     def __init__(self, params: Params, backbone: nn.Module, num_classes: int, task_classes):
         super().__init__(params, num_classes, task_classes)
         from pgpcl.models.lora import add_lora
 
-        self.backbone = backbone
-        blocks = list(range(backbone.depth)) if params.blocks is None else list(params.blocks)
         alpha = params.rank if params.alpha is None else params.alpha
-        try:
-            self.lora = add_lora(backbone.vit, blocks, params.targets, params.rank, alpha)
-        except ValueError as e:
-            raise ConfigError(f"method: {e}") from None
-        # PromptedViT froze the ViT before the factors existed: they alone of it are trainable.
-        self.head = init_head(nn.Linear(backbone.embed_dim, num_classes))
-
-    def forward(self, x: Tensor, task: Tensor | None = None) -> MethodOutput:
-        # The whole sequence through every block: PromptedViT's row-only shortcuts (out_rows, query)
-        # read attn.qkv.weight directly and would bypass a LoRA on qkv.
-        feat = self.backbone.forward_features(x).tokens[:, 0]
-        return MethodOutput(self.head(feat))
+        self.attach(backbone, num_classes, lambda vit, blocks: add_lora(vit, blocks, params.targets, params.rank, alpha))
 
     # -- PGP ---------------------------------------------------------------------------------------
-    def protected_groups(self, eps: dict[str, float]):
-        from pgpcl.projection import ProtectedGroup
-
-        groups = []
-        for name, m in self.lora.items():
-            groups.append(ProtectedGroup(f"{name}.A", "lora_a", m.lora_a, None, eps["lora_a"]))
-            groups.append(ProtectedGroup(f"{name}.B", "lora_b", m.lora_b, None, eps["lora_b"]))
-        return groups
-
-    @torch.no_grad()
-    def representations(self, x: Tensor, task: Tensor) -> dict[str, Tensor]:
-        """Per wrapped layer: its inputs x (B, T, in) for A, and x A^T (B, T, r) for B."""
-        for m in self.lora.values():
-            m.capture = True
-        try:
-            self.backbone.forward_features(x)
-            out = {}
-            for name, m in self.lora.items():
-                inputs = m.captured
-                out[f"{name}.A"] = inputs
-                out[f"{name}.B"] = inputs @ m.lora_a.T
-        finally:
-            for m in self.lora.values():
-                m.capture, m.captured = False, None
-        return out
+    def captured_rows(self, name: str, module) -> dict[str, Tensor]:
+        """A: the layer's inputs x (B, T, in); B: x A^T (B, T, r)."""
+        inputs = module.captured
+        return {f"{name}.A": inputs, f"{name}.B": inputs @ module.lora_a.T}

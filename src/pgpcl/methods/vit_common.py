@@ -48,6 +48,63 @@ class PromptedViTMethod(ViTBackboneMethod, QueryPromptedPredict):
     built from a config, and predicting with the cacheable query."""
 
 
+class BackboneTuningMethod(ViTBackboneMethod):
+    """Methods that train small modules inside the frozen ViT (LoRA, adapters), with a linear head on the
+    final-norm CLS output. A subclass calls :meth:`attach` with the function that adds its modules, names
+    in ``maps`` the weights PGP protects, and says in :meth:`captured_rows` which rows each one gets.
+    """
+
+    tuned: dict[str, nn.Module]
+    """{name: added module with ``capture`` / ``captured``}, e.g. {"b0.qkv": LoRALinear}."""
+    maps: tuple[tuple[str, str, str], ...] = ()
+    """(group suffix, eps kind, attribute) per protected weight of a module, e.g. ("A", "lora_a", "lora_a")."""
+
+    def attach(self, backbone: nn.Module, num_classes: int, add) -> None:
+        """``add(vit, blocks)`` puts the modules into ``method.blocks`` (None = all) of the ViT."""
+        from pgpcl.errors import ConfigError
+
+        self.backbone = backbone
+        blocks = list(range(backbone.depth)) if self.params.blocks is None else list(self.params.blocks)
+        try:
+            self.tuned = add(backbone.vit, blocks)
+        except ValueError as e:
+            raise ConfigError(f"method: {e}") from None
+        # PromptedViT froze the ViT before these modules existed: they alone of it are trainable.
+        self.head = init_head(nn.Linear(backbone.embed_dim, num_classes))
+
+    def protected_groups(self, eps: dict[str, float]):
+        from pgpcl.projection import ProtectedGroup
+
+        return [ProtectedGroup(f"{name}.{suffix}", kind, getattr(m, attr), None, eps[kind])
+                for name, m in self.tuned.items() for suffix, kind, attr in self.maps]
+
+    def forward(self, x: Tensor, task: Tensor | None = None):
+        from pgpcl.methods.base import MethodOutput
+
+        # The whole sequence through every block: PromptedViT's row-only shortcuts (out_rows, query)
+        # read attn.qkv.weight directly and would bypass a LoRA on qkv.
+        return MethodOutput(self.head(self.backbone.forward_features(x).tokens[:, 0]))
+
+    def captured_rows(self, name: str, module: nn.Module) -> dict[str, Tensor]:
+        """PGP group name -> rows (B, T, D_group) from what ``module`` captured in the last forward."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def representations(self, x: Tensor, task: Tensor) -> dict[str, Tensor]:
+        """Every tuned module's rows, from one full forward with capturing on."""
+        for m in self.tuned.values():
+            m.capture = True
+        try:
+            self.backbone.forward_features(x)
+            out: dict[str, Tensor] = {}
+            for name, m in self.tuned.items():
+                out.update(self.captured_rows(name, m))
+        finally:
+            for m in self.tuned.values():
+                m.capture, m.captured = False, None
+        return out
+
+
 def init_head(head: nn.Linear) -> nn.Linear:
     """Small initial weights so untrained classes do not dominate logits."""
     nn.init.trunc_normal_(head.weight, std=0.02)
