@@ -1,4 +1,4 @@
-"""Pieces shared by the ViT-based methods (L2P, DualPrompt, CODA-Prompt)."""
+"""Pieces shared by the ViT-based methods (L2P, DualPrompt, CODA-Prompt, LoRA, adapters)."""
 
 from __future__ import annotations
 
