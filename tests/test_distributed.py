@@ -113,3 +113,27 @@ def test_entry_ends_a_torchrun_process_with_os_exit_and_the_code(monkeypatch):
     with pytest.raises(SystemExit) as normal:
         cli.entry()
     assert normal.value.code == 3
+
+
+def test_lora_pgp_under_two_processes_matches_one(tmp_path):
+    """LoRA's trainable factors live inside the wrapped ViT (not beside it, as prompts do): under DDP
+    they must still be found, projected (by reference) and kept equal on both ranks."""
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "pgpcl", "train", "tiny_lora_pgp", *OVERRIDES, "--run-dir", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        Trainer(load_config("tiny_lora_pgp", OVERRIDES), tmp_path / "one").run()
+    finally:
+        torch.set_num_threads(n)
+    r1, r2 = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert r1["acc"] == r2["acc"]
+    task2 = [p for p in r2["projection"] if p["task"] == 1]
+    assert len(task2) == 8 and all(p["rank"] > 0 and p["leak"] < 1e-5 for p in task2)
+    s1, s2 = (load_checkpoint(tmp_path / d / "checkpoints" / "task001.pt") for d in ("one", "two"))
+    assert any("lora_a" in name for name in s1["method"])
+    for name, value in s1["method"].items():
+        assert torch.allclose(value, s2["method"][name], atol=1e-5, rtol=0), name
