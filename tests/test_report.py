@@ -137,6 +137,29 @@ def test_plots_and_summary(runs, tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
 
 
+def test_curves_pair_each_baseline_with_its_pgp_variants_by_colour(tmp_path):
+    from matplotlib.figure import Figure
+
+    from pgpcl.report.plots import _curve_panel
+    from pgpcl.report.runs import group_runs, load_runs
+
+    root = tmp_path / "runs"
+    for s in (0, 1):
+        write_run(root, False, s, CIL[(False, s)])
+        write_run(root, True, s, CIL[(True, s)], name=f"eps5-{s}", eps=0.5)
+        write_run(root, True, s, CIL[(True, s)], name=f"eps9-{s}", eps=0.9)
+        write_run(root, False, s, CIL[(False, s)], name=f"imr-{s}", dataset="imr")
+    groups, _ = group_runs(load_runs([root])[0])
+    ax = Figure().subplots()
+    _curve_panel(ax, groups, "cil")
+    lines = {line.get_label().split(" (n=")[0]: line for line in ax.lines}
+    cifar = [line for label, line in lines.items() if "cifar100" in label]
+    assert len(cifar) == 3 and len({line.get_color() for line in cifar}) == 1
+    assert sorted(line.get_linestyle() for line in cifar) == ["-", "--", "--"]
+    imr = next(line for label, line in lines.items() if " imr " in label)
+    assert imr.get_color() != cifar[0].get_color() and imr.get_linestyle() == "-"
+
+
 def test_markdown(runs, tmp_path):
     text = report_runs(runs, out_dir=tmp_path / "rep", plots=False, fmt="markdown")
     assert "| method | dataset | setting | n |" in text

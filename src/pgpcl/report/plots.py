@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from pgpcl.io import atomic_write_bytes
-from pgpcl.report.runs import RunGroup
+from pgpcl.report.runs import RunGroup, group_key
 
 SETTINGS = ("cil", "til")
 
@@ -114,13 +114,18 @@ def plot_curves(groups: Sequence[RunGroup], path: Path) -> bool:
 
 
 def _curve_panel(ax: Any, groups: Sequence[RunGroup], setting: str) -> None:
+    # A learner and its PGP variants share a colour (PGP dashed), so pairs stay visible among many curves.
+    colours: dict[tuple, str] = {}
     for g in groups:
         stats = curve_stats(g, setting)
         if stats is None:
             continue
         mean, std = stats
         x = np.arange(1, len(mean) + 1)
-        line = ax.plot(x, mean, marker="o", markersize=3, label=f"{g.label} (n={len(g.runs)})")[0]
+        pair = group_key(g.first, drop_pgp=True)
+        colour = colours.setdefault(pair, f"C{len(colours) % 10}")
+        line = ax.plot(x, mean, color=colour, linestyle="--" if g.first.pgp else "-",
+                       marker="s" if g.first.pgp else "o", markersize=3, label=f"{g.label} (n={len(g.runs)})")[0]
         if not np.all(np.isnan(std)):
             ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
     ax.xaxis.get_major_locator().set_params(integer=True)
