@@ -277,6 +277,29 @@ def test_full_rank_basis_freezes_the_parameter_exactly_even_under_adam(target):
     assert projector.end_task()["w"]["leak"] == 0.0
 
 
+def test_update_target_without_step_leak_bookkeeping_projects_identically():
+    """The engine turns the per-step leak off (measure_step_leak=False): the update projection must be
+    the same, bit for bit, only without the norms."""
+    finals = []
+    for measure in (True, False):
+        torch.manual_seed(0)
+        memory = basis_with_rank(8, 3, seed=4)
+        param = nn.Parameter(torch.randn(6, 8))
+        projector = Projector([ProtectedGroup("w", "prompt", param)], memory, target="update",
+                              measure_step_leak=measure)
+        opt = torch.optim.Adam([param], lr=0.05)
+        for _ in range(5):
+            opt.zero_grad()
+            (param.square() * torch.logspace(-2, 2, 8)).sum().backward()
+            projector.before_step()
+            opt.step()
+            projector.after_step()
+        assert bool(projector.step_leak()) == measure
+        finals.append(param.detach().clone())
+    assert torch.equal(finals[0], finals[1])
+    assert float((finals[1] @ memory.basis("w").float()).norm()) > 0  # the start's own component stays
+
+
 def test_view_protects_only_the_selected_slice():
     dim = 8
     memory = basis_with_rank(dim, 3)

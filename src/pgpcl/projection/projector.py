@@ -149,6 +149,12 @@ class Projector:
             if before is None or op is None:
                 continue
             current = group.selected_data()
+            if not self.measure_step_leak:  # target=update only (no snapshot otherwise): project, no norms
+                if op.full:
+                    current.copy_(before)
+                else:
+                    current.sub_(op.component(current - before).to(current.dtype))
+                continue
             delta = current - before
             comp = op.component(delta)
             raw = _ratio(comp.norm(), delta.norm().to(comp.dtype))
