@@ -22,8 +22,9 @@ def til_of(A):
     return [[None if a is None else a + 5.0 for a in row] for row in A]
 
 
-def write_run(root, pgp, seed, A, status="complete", name=None, eps=None, dataset="cifar100"):
+def write_run(root, pgp, seed, A, status="complete", name=None, eps=None, dataset="cifar100", weights=None):
     cfg = Config(name=name or f"{'pgp' if pgp else 'base'}-s{seed}", seed=seed, output_dir=str(root))
+    cfg.backbone.weights = weights
     cfg.pgp.enabled = pgp
     cfg.data.num_tasks = len(A)
     cfg.data.dataset = dataset
@@ -233,6 +234,35 @@ def test_variant_label_of_a_default_eps_against_a_set_one(tmp_path):
     text = report_runs([root], plots=False)
     assert "l2p-PGP [pgp.eps.prompt=default]" in text and "l2p-PGP [pgp.eps.prompt=0.9]" in text
     assert "pgp.eps=" not in text
+
+
+def test_published_numbers_beside_runs_of_the_published_experiment(tmp_path):
+    """A 10-split CIFAR-100 L2P-PGP run on pretrained ViT-B/16 gets the paper's 84.34 / 5.59 beside it;
+    the same config on a random backbone (or a shrunk one) is another experiment and gets none."""
+    import json
+
+    from pgpcl.report.published import published_for
+
+    ten = [[None] * i + [80.0 - i] + [70.0] * (9 - i) for i in range(10)]  # final 70.1, forgetting 6.0
+    root = tmp_path / "runs"
+    for s in (0, 1):
+        write_run(root, True, s, ten, name=f"vitb-{s}", weights="hub")
+        write_run(root, True, s, ten, name=f"random-{s}")
+    out = tmp_path / "rep"
+    text = report_runs([root], out_dir=out, plots=False)
+    section = text.split("Published numbers (Qiao et al., ICLR 2024 (PGP): CIL, ViT-B/16 ImageNet-21k)")[1]
+    line = next(ln for ln in section.splitlines() if ln.startswith("l2p-PGP"))
+    assert "84.34" in line and "-14.24" in line and "5.59" in line and "+0.41" in line
+    assert len([ln for ln in section.splitlines() if ln.startswith("l2p")]) == 1  # not the random-backbone group
+    groups = json.loads((out / "summary.json").read_text())["groups"]
+    assert sorted(str(g["published"] and g["published"]["cil_final"]) for g in groups) == ["84.34", "None"]
+    r = load_results_of(root / "vitb-0")
+    r.config["backbone"]["embed_dim"] = 384
+    assert published_for(r) is None
+
+
+def load_results_of(run_dir):
+    return read_results(run_dir / "results.json")
 
 
 def test_pgp_subspace_section(tmp_path):

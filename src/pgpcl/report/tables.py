@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from pgpcl.report.published import SOURCE, published_for
 from pgpcl.report.runs import COLUMNS, PairedDifference, RunGroup, subspace_summaries
 
 FORMATS = ("text", "markdown")
@@ -45,6 +46,27 @@ def subspace_rows(groups: Sequence[RunGroup]) -> list[list[str]]:
             leak_max = "-" if sub.leak_max is None else f"{sub.leak_max:.2g}"
             leak_mean = "-" if sub.leak.mean is None else f"{sub.leak.mean:.2g}"
             rows.append([g.method_label, r.dataset, r.setting, sub.group, str(sub.dim), ranks, leak_max, leak_mean])
+    return rows
+
+
+_PUB_HEAD = ["method", "dataset", "setting", "n", "CIL final", "published", "difference", "CIL forget",
+             "published", "difference"]
+
+
+def published_rows(groups: Sequence[RunGroup], fmt: str) -> list[list[str]]:
+    """Groups that are runs of a published experiment: their CIL final accuracy and forgetting beside
+    the paper's (difference = this report's mean minus the published number)."""
+    rows = []
+    for g in groups:
+        pub = published_for(g.first)
+        if pub is None:
+            continue
+        r, cells = g.first, []
+        for col, value in (("cil_final", pub.final_acc), ("cil_forgetting", pub.forgetting)):
+            stat = g.stat(col)
+            diff = "-" if stat.mean is None else f"{stat.mean - value:+.2f}"
+            cells += [stat.format(_pm(fmt)), f"{value:.2f}", diff]
+        rows.append([g.method_label, r.dataset, r.setting, str(len(g.runs)), *cells])
     return rows
 
 
@@ -92,6 +114,10 @@ def format_report(
         sub = ("PGP subspaces: basis rank after each task's memory update (mean over seeds) out of D; leak = "
                "||dtheta U U^T|| / ||dtheta|| of each projected task's real change (all seeds and tasks)")
         sections.append(_section(sub, render(pgp, fmt, _PGP_HEAD, labels=4), fmt))
+    published = published_rows(groups, fmt)
+    if published:
+        sub = f"Published numbers ({SOURCE}) beside this report's"
+        sections.append(_section(sub, render(published, fmt, _PUB_HEAD), fmt))
     if notes:
         bullet = "- " if fmt == "markdown" else "note: "
         sections.append("\n".join(bullet + n for n in notes))
