@@ -25,6 +25,8 @@ def til_of(A):
 def write_run(root, pgp, seed, A, status="complete", name=None, eps=None, dataset="cifar100", weights=None):
     cfg = Config(name=name or f"{'pgp' if pgp else 'base'}-s{seed}", seed=seed, output_dir=str(root))
     cfg.backbone.weights = weights
+    if weights == "hub":
+        cfg.backbone.pretrained_tag = "augreg_in21k"  # the released presets' ImageNet-21k weights
     cfg.pgp.enabled = pgp
     cfg.data.num_tasks = len(A)
     cfg.data.dataset = dataset
@@ -257,7 +259,10 @@ def test_published_numbers_beside_runs_of_the_published_experiment(tmp_path):
     groups = json.loads((out / "summary.json").read_text())["groups"]
     assert sorted(str(g["published"] and g["published"]["cil_final"]) for g in groups) == ["84.34", "None"]
     r = load_results_of(root / "vitb-0")
-    r.config["backbone"]["embed_dim"] = 384
+    assert published_for(r).final_acc == 84.34
+    r.config["backbone"]["pretrained_tag"] = "augreg_in21k_ft_in1k"  # other pretraining
+    assert published_for(r) is None
+    r.config["backbone"].update(pretrained_tag="augreg_in21k", embed_dim=384)  # another model
     assert published_for(r) is None
 
 

@@ -3,8 +3,8 @@
 Qiao et al., ICLR 2024, as collected in the design note (section 6): class-incremental final average
 accuracy and forgetting (%) with ViT-B/16 pretrained on ImageNet-21k. A group is matched only when its
 runs are that setting: the same dataset and number of tasks, method, PGP on or off, setting ``cil``,
-and the unmodified ``vit_base_patch16_224`` with pretrained weights (no size overrides); anything else
-would compare different experiments. The CLIP numbers are left out: the released code evaluated them
+and the unmodified ``vit_base_patch16_224`` with pretrained weights (no size overrides; from the hub,
+only the ImageNet-21k tags); anything else would compare different experiments. The CLIP numbers are left out: the released code evaluated them
 with the true labels' task (docs/pgp.md, section 10), so they are not comparable to pgpcl's CIL.
 """
 
@@ -35,6 +35,7 @@ PUBLISHED: dict[tuple[str, int, str, bool], tuple[float, float]] = {
     ("cub200", 5, "dualprompt", True): (82.46, 3.76),
 }
 _SIZE_KEYS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads")
+_IN21K_TAGS = ("augreg_in21k", "orig_in21k")
 
 
 @dataclass(frozen=True)
@@ -56,5 +57,7 @@ def published_for(r: Results) -> Published | None:
         return None
     if any(backbone.get(k) is not None for k in _SIZE_KEYS):
         return None
+    if backbone["weights"] == "hub" and backbone.get("pretrained_tag") not in _IN21K_TAGS:
+        return None  # other pretraining (e.g. fine-tuned on ImageNet-1k); a local file cannot be told apart
     found = PUBLISHED.get((r.dataset, r.num_tasks, r.method, bool(r.pgp)))
     return None if found is None else Published(*found)
