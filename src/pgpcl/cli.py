@@ -162,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?")
     p.set_defaults(func=_cmd_configs)
 
-    p = sub.add_parser("demo", help="offline demo: L2P, DualPrompt, each +-PGP, several seeds, on MNIST digits")
+    p = sub.add_parser("demo", help="offline demo: L2P, DualPrompt (--methods: also CODA-Prompt, LoRA, adapters), "
+                                     "each +-PGP, several seeds, on MNIST digits")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides applied to every demo run")
     p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 0 1 2; --quick: 0)")
