@@ -42,13 +42,23 @@ class _Operator:
         return self.basis.shape[1] == self.basis.shape[0]
 
     def component(self, x: Tensor) -> Tensor:
-        """The part of x (..., D) in span(U): x U U^T, same shape, compute dtype."""
+        """The part of x (..., D) in span(U): x U U^T, same shape, compute dtype (x itself when full, so
+        that subtracting it leaves exactly 0)."""
         x = x.to(self.basis.dtype)
         if self.full:
             return x
         if self.outer is not None:
             return x @ self.outer
         return (x @ self.basis) @ self.basis.T
+
+    def undo_inside(self, current: Tensor, before: Tensor, comp: Tensor | None = None) -> None:
+        """In place: take out of ``current`` the part of its change since ``before`` inside span(U)
+        (``comp``: that part, when the caller has it). Full: back to ``before`` exactly, which
+        ``current - (current - before)`` is not in floating point."""
+        if self.full:
+            current.copy_(before)
+        else:
+            current.sub_((self.component(current - before) if comp is None else comp).to(current.dtype))
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -119,9 +129,7 @@ class Projector:
         for group in self.groups:
             op = self._operator(group)
             grad = group.selected_grad() if op is not None else None
-            if grad is not None and op.full:
-                grad.zero_()
-            elif grad is not None:
+            if grad is not None:
                 grad.sub_(op.component(grad).to(grad.dtype))
 
     @torch.no_grad()
@@ -150,19 +158,13 @@ class Projector:
                 continue
             current = group.selected_data()
             if not self.measure_step_leak:  # target=update only (no snapshot otherwise): project, no norms
-                if op.full:
-                    current.copy_(before)
-                else:
-                    current.sub_(op.component(current - before).to(current.dtype))
+                op.undo_inside(current, before)
                 continue
             delta = current - before
             comp = op.component(delta)
             raw = _ratio(comp.norm(), delta.norm().to(comp.dtype))
             if self.target == "update":
-                if op.full:
-                    current.copy_(before)
-                else:
-                    current.sub_(comp.to(current.dtype))
+                op.undo_inside(current, before, comp)
                 delta = current - before
                 comp = op.component(delta)
             self._step_leak[group.name] = (raw, _ratio(comp.norm(), delta.norm().to(comp.dtype)))
