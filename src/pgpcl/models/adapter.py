@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pgpcl.models.frozen import chosen_blocks
+
 
 class AdapterMLP(nn.Module):
     """y = mlp(x) + scale * relu(x W_down^T) W_up^T; W_down (h, D), W_up (D, h), no biases.
@@ -49,14 +51,10 @@ class AdapterMLP(nn.Module):
 def add_adapters(vit: nn.Module, blocks: Iterable[int], hidden: int, scale: float) -> dict[str, AdapterMLP]:
     """Put an adapter beside the MLP of each block in ``blocks``; returns {"b{i}": adapter}."""
     added: dict[str, AdapterMLP] = {}
-    depth = len(vit.blocks)
-    for i in blocks:
-        if not 0 <= i < depth:
-            raise ValueError(f"block {i} does not exist in a {depth}-block ViT; use 0..{depth - 1}")
-        blk = vit.blocks[i]
+    dim = int(vit.embed_dim)
+    for i, blk in chosen_blocks(vit, blocks):
         if isinstance(blk.mlp, AdapterMLP):
             raise ValueError(f"block {i} has an adapter already")
-        dim = int(vit.embed_dim)
         blk.mlp = AdapterMLP(blk.mlp, dim, hidden, scale).to(next(blk.parameters()).device)
         added[f"b{i}"] = blk.mlp
     return added

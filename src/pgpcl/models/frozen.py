@@ -1,8 +1,21 @@
-"""Mode switching for wrappers around a frozen backbone."""
+"""Helpers for wrappers around a frozen backbone: mode switching, choosing blocks to wrap."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from torch import nn
+
+
+def chosen_blocks(vit: nn.Module, indices: Iterable[int]) -> list[tuple[int, nn.Module]]:
+    """(index, block) of ``vit.blocks`` for each of ``indices``; ValueError naming one that does not exist."""
+    depth = len(vit.blocks)
+    out = []
+    for i in indices:
+        if not 0 <= i < depth:
+            raise ValueError(f"block {i} does not exist in a {depth}-block ViT; use 0..{depth - 1}")
+        out.append((i, vit.blocks[i]))
+    return out
 
 
 def train_keeping_frozen(wrapper: nn.Module, frozen: nn.Module, mode: bool) -> None:

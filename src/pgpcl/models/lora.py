@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pgpcl.models.frozen import chosen_blocks
+
 TARGETS = {
     "qkv": ("attn", "qkv"),
     "proj": ("attn", "proj"),
@@ -60,15 +62,12 @@ def add_lora(
     The ViT keeps its other parameters frozen (as :class:`PromptedViT` leaves them).
     """
     added: dict[str, LoRALinear] = {}
-    depth = len(vit.blocks)
-    for i in blocks:
-        if not 0 <= i < depth:
-            raise ValueError(f"block {i} does not exist in a {depth}-block ViT; use 0..{depth - 1}")
+    for i, blk in chosen_blocks(vit, blocks):
         for target in targets:
             if target not in TARGETS:
                 raise ValueError(f"unknown LoRA target '{target}'; choose from {', '.join(TARGETS)}")
             parent_name, attr = TARGETS[target]
-            parent = getattr(vit.blocks[i], parent_name)
+            parent = getattr(blk, parent_name)
             layer = getattr(parent, attr)
             if isinstance(layer, LoRALinear):
                 raise ValueError(f"block {i} {target} has LoRA already")
