@@ -38,21 +38,26 @@ def test_epoch_plan_gives_each_rank_a_disjoint_slice_of_every_global_batch():
     assert shard_batches(10, 3, 1, 2) == [[6, 7, 8], [9]] and shard_batches(10, 3, 0, 2) == [[0, 1, 2], [3, 4, 5]]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dist")
+def two_processes_and_one(root, preset: str):
+    """``preset`` under ``torchrun --nproc_per_node=2`` into root/two, and in this process (one thread)
+    into root/one. Returns (root/one, root/two, the torchrun process)."""
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "pgpcl", "train", "tiny_dualprompt_pgp", *OVERRIDES, "--run-dir", str(root / "two")]
+           "-m", "pgpcl", "train", preset, *OVERRIDES, "--run-dir", str(root / "two")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        Trainer(load_config("tiny_dualprompt_pgp", OVERRIDES), root / "one").run()
+        Trainer(load_config(preset, OVERRIDES), root / "one").run()
     finally:
         torch.set_num_threads(n)
     return root / "one", root / "two", proc
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return two_processes_and_one(tmp_path_factory.mktemp("dist"), "tiny_dualprompt_pgp")
 
 
 def test_two_processes_match_one_process(runs):
@@ -118,17 +123,7 @@ def test_entry_ends_a_torchrun_process_with_os_exit_and_the_code(monkeypatch):
 def test_lora_pgp_under_two_processes_matches_one(tmp_path):
     """LoRA's trainable factors live inside the wrapped ViT (not beside it, as prompts do): under DDP
     they must still be found, projected (by reference) and kept equal on both ranks."""
-    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "pgpcl", "train", "tiny_lora_pgp", *OVERRIDES, "--run-dir", str(tmp_path / "two")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        Trainer(load_config("tiny_lora_pgp", OVERRIDES), tmp_path / "one").run()
-    finally:
-        torch.set_num_threads(n)
+    two_processes_and_one(tmp_path, "tiny_lora_pgp")
     r1, r2 = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
     assert r1["acc"] == r2["acc"]
     task2 = [p for p in r2["projection"] if p["task"] == 1]
