@@ -12,7 +12,7 @@ from torch import nn
 from pgpcl.cli import main
 from pgpcl.errors import ConfigError
 from pgpcl.models.adapter import AdapterMLP, add_adapters
-from test_lora import QUIET, _trainer, feature_change
+from test_lora import QUIET, _trainer, eval_and_report, feature_change
 
 pytestmark = pytest.mark.usefixtures("data_one_thread")
 
@@ -58,9 +58,5 @@ def test_cli_paired_runs_and_report(tmp_path, capsys):
     r = json.loads((tmp_path / "tiny_adapter_pgp" / "seed0" / "results.json").read_text())
     assert {p["group"] for p in r["projection"]} == {f"b{i}.{w}" for i in range(4) for w in ("down", "up")}
     assert all(p["rank"] > 0 for p in r["projection"])
-    assert main(["eval", str(tmp_path / "tiny_adapter_pgp" / "seed0")]) == 0
-    capsys.readouterr()
-    assert main(["report", str(tmp_path / "tiny_adapter" / "seed0"), str(tmp_path / "tiny_adapter_pgp" / "seed0"),
-                 "--no-plots"]) == 0
-    out = capsys.readouterr().out
+    out = eval_and_report(tmp_path, "tiny_adapter", "tiny_adapter_pgp", capsys)
     assert "adapter-PGP" in out and "PGP - baseline" in out and "b3.up" in out

@@ -122,6 +122,14 @@ def test_killed_mid_task_resumes_exactly(tmp_path):
     assert_same_run(ref, run)
 
 
+def eval_and_report(out_dir, base: str, pgp: str, capsys) -> str:
+    """``pgpcl eval`` of the PGP run (seed 0 in ``out_dir``), then ``pgpcl report`` of the pair: its text."""
+    assert main(["eval", str(out_dir / pgp / "seed0")]) == 0
+    capsys.readouterr()
+    assert main(["report", str(out_dir / base / "seed0"), str(out_dir / pgp / "seed0"), "--no-plots"]) == 0
+    return capsys.readouterr().out
+
+
 def test_cli_paired_runs_and_report(tmp_path, capsys):
     for preset in ("tiny_lora", "tiny_lora_pgp"):
         assert main(["train", preset, f"output_dir={tmp_path}", *QUIET]) == 0
@@ -133,9 +141,5 @@ def test_cli_paired_runs_and_report(tmp_path, capsys):
     assert all(g["leak"] == 0.0 for n, g in groups.items() if n.endswith(".B") and g["rank"] == g["dim"])
     upd = json.loads((tmp_path / "update" / "seed0" / "results.json").read_text())["projection"]
     assert all(g["leak"] < 1e-5 for g in upd)
-    assert main(["eval", str(tmp_path / "tiny_lora_pgp" / "seed0")]) == 0
-    capsys.readouterr()
-    assert main(["report", str(tmp_path / "tiny_lora" / "seed0"), str(tmp_path / "tiny_lora_pgp" / "seed0"),
-                 "--no-plots"]) == 0
-    out = capsys.readouterr().out
+    out = eval_and_report(tmp_path, "tiny_lora", "tiny_lora_pgp", capsys)
     assert "lora-PGP" in out and "PGP - baseline" in out and "b3.qkv.B" in out
