@@ -15,22 +15,18 @@ def _pm(fmt: str) -> str:
     return "±" if fmt == "markdown" else "+-"
 
 
+def _labels(g: RunGroup, n: int) -> list[str]:
+    """The label cells that start a group's row: method, dataset, setting, n."""
+    return [g.method_label, g.first.dataset, g.first.setting, str(n)]
+
+
 def group_rows(groups: Sequence[RunGroup], fmt: str) -> list[list[str]]:
-    rows = []
-    for g in groups:
-        r = g.first
-        cells = [g.stat(col).format(_pm(fmt)) for col, *_ in COLUMNS]
-        rows.append([g.method_label, r.dataset, r.setting, str(len(g.runs)), *cells])
-    return rows
+    return [_labels(g, len(g.runs)) + [g.stat(col).format(_pm(fmt)) for col, *_ in COLUMNS] for g in groups]
 
 
 def paired_rows(pairs: Sequence[tuple[RunGroup, RunGroup, PairedDifference]], fmt: str) -> list[list[str]]:
-    rows = []
-    for pgp_group, _, diff in pairs:
-        r = pgp_group.first
-        cells = [diff.stats[col].format(_pm(fmt), signed=True) for col, *_ in COLUMNS]
-        rows.append([pgp_group.method_label, r.dataset, r.setting, str(len(diff.seeds)), *cells])
-    return rows
+    return [_labels(pgp_group, len(diff.seeds)) + [diff.stats[col].format(_pm(fmt), signed=True) for col, *_ in COLUMNS]
+            for pgp_group, _, diff in pairs]
 
 
 _PGP_HEAD = ["method", "dataset", "setting", "group", "D", "rank after each task", "leak max", "leak mean"]
@@ -61,12 +57,12 @@ def published_rows(groups: Sequence[RunGroup], fmt: str) -> list[list[str]]:
         pub = published_for(g.first)
         if pub is None:
             continue
-        r, cells = g.first, []
+        cells = _labels(g, len(g.runs))
         for col, value in (("cil_final", pub.final_acc), ("cil_forgetting", pub.forgetting)):
             stat = g.stat(col)
             diff = "-" if stat.mean is None else f"{stat.mean - value:+.2f}"
             cells += [stat.format(_pm(fmt)), f"{value:.2f}", diff]
-        rows.append([g.method_label, r.dataset, r.setting, str(len(g.runs)), *cells])
+        rows.append(cells)
     return rows
 
 
