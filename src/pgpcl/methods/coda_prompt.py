@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from pgpcl.errors import ConfigError
 from pgpcl.methods import METHODS
 from pgpcl.methods.base import Method, MethodOutput
-from pgpcl.methods.vit_common import PromptedViTMethod, init_head
+from pgpcl.methods.vit_common import PromptedViTMethod, init_head, pool_key_prefix_view
 
 
 @METHODS.register("coda_prompt")
@@ -156,7 +156,7 @@ class CodaPrompt(PromptedViTMethod, Method):
         from pgpcl.projection import ProtectedGroup
 
         # components=50: the PCA width DualPrompt's released arithmetic uses (pgp.mode=reference only).
-        return [ProtectedGroup(f"prefix.l{layer}", "prefix", self.components, _key_view(i), eps["prefix"],
+        return [ProtectedGroup(f"prefix.l{layer}", "prefix", self.components, pool_key_prefix_view(i), eps["prefix"],
                                components=50)
                 for i, layer in enumerate(self.params.layers)]
 
@@ -168,10 +168,6 @@ class CodaPrompt(PromptedViTMethod, Method):
         queries = self.backbone.queries(x, layers, prefixes=self.prefixes(self.backbone.query(x)))
         return {f"prefix.l{layer}": queries[layer] for layer in layers}
 
-
-def _key_view(i: int):
-    """The key-prefixes of every component at layer i: (M, L, D) out of (M, n_layers, 2, L, D)."""
-    return lambda t: t[:, i, 0]
 
 
 def orthonormal_rows(old: Tensor, n: int) -> Tensor:

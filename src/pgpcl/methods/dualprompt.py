@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from pgpcl.errors import ConfigError
 from pgpcl.methods import METHODS
 from pgpcl.methods.base import Method, MethodOutput
-from pgpcl.methods.vit_common import PromptedViTMethod, init_head, init_prompt_
+from pgpcl.methods.vit_common import PromptedViTMethod, init_head, init_prompt_, pool_key_prefix_view
 
 
 @METHODS.register("dualprompt")
@@ -123,7 +123,7 @@ class DualPrompt(PromptedViTMethod, Method):
             if param is self.g_prompt:
                 view = _g_key_view(i)
             else:
-                view = _e_key_view(i)
+                view = pool_key_prefix_view(i)
             # components=50: PCA width of the released arithmetic (pgp.mode=reference only).
             groups.append(ProtectedGroup(name, "prefix", param, view, eps["prefix"], components=50))
         return groups
@@ -144,8 +144,3 @@ class DualPrompt(PromptedViTMethod, Method):
 def _g_key_view(i: int):
     """The key-prefix of G-prompt layer i: (L, D) out of (n_layers, 2, L, D)."""
     return lambda t: t[i, 0]
-
-
-def _e_key_view(i: int):
-    """The key-prefixes of every E-prompt at layer i: (M, L, D) out of (M, n_layers, 2, L, D)."""
-    return lambda t: t[:, i, 0]

@@ -105,6 +105,12 @@ class BackboneTuningMethod(ViTBackboneMethod):
         return out
 
 
+def pool_key_prefix_view(i: int):
+    """PGP view of the key-prefixes of every prompt of a prefix pool at prefixed layer i: (M, L, D) out of
+    (M, n_layers, 2, L, D) (DualPrompt's E-prompts, CODA-Prompt's components)."""
+    return lambda t: t[:, i, 0]
+
+
 def init_head(head: nn.Linear) -> nn.Linear:
     """Small initial weights so untrained classes do not dominate logits."""
     nn.init.trunc_normal_(head.weight, std=0.02)
