@@ -18,7 +18,7 @@ from pathlib import Path
 
 from _common import add_common_args, clock, finish, med, setup, table
 
-DEFAULT = "demo_l2p_pgp,demo_dualprompt_pgp,demo_coda_prompt_pgp,demo_lora_pgp,demo_adapter_pgp"
+DEFAULT = "demo_l2p_pgp,demo_dualprompt_pgp,demo_coda_prompt_pgp,demo_lora_pgp,demo_adapter_pgp,demo_prefix_pgp"
 
 
 def measure(preset: str, target: str, threads: int) -> dict:

@@ -58,7 +58,7 @@ def test_demo_methods_choose_the_learners(tmp_path, capsys):
     names = [c.name for c in demo_configs(tmp_path, [0], True, [], ("coda_prompt", "lora"))]
     assert names == ["demo_coda_prompt", "demo_coda_prompt_pgp", "demo_lora", "demo_lora_pgp"]
     assert main(["demo", "--quick", "--out", str(tmp_path / "x"), "--methods", "l2p,cdoa"]) == 2
-    assert "the demo has no learner 'cdoa'; choose from l2p, dualprompt, coda_prompt, lora, adapter" in capsys.readouterr().err
+    assert "the demo has no learner 'cdoa'; choose from l2p, dualprompt, coda_prompt, lora, adapter, prefix" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
     assert [c.name for c in demo_configs(tmp_path, [0], True, [], METHODS)][::2] == [f"demo_{m}" for m in METHODS]
     out = tmp_path / "new"

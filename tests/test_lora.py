@@ -14,7 +14,7 @@ from pgpcl.config import load_config
 from pgpcl.engine.trainer import Trainer
 from pgpcl.errors import ConfigError
 from pgpcl.models.lora import LoRALinear, add_lora
-from test_resume import SMALL, assert_same_run, reference, run_cli
+from test_resume import assert_killed_mid_task_resumes_exactly
 
 QUIET = ["train.progress=false"]
 pytestmark = pytest.mark.usefixtures("data_one_thread")
@@ -64,26 +64,35 @@ def test_reference_mode_is_refused_with_the_fix(tmp_path, capsys):
 D = 64
 
 
-EPS_KINDS = {"tiny_lora": ("lora_a", "lora_b"), "tiny_adapter": ("adapter_down", "adapter_up")}
+EPS_KINDS = {"tiny_lora": ("lora_a", "lora_b"), "tiny_adapter": ("adapter_down", "adapter_up"),
+             "tiny_prefix": ("prefix", "prefix_value")}
+
+
+def cls_features(tr: Trainer, x):
+    """The backbone's final CLS features of x with the method's own tuned parts: (B, D)."""
+    method = tr.method
+    prefixes = method._prefix_dict() if hasattr(method, "_prefix_dict") else None
+    return method.backbone.forward_features(x, prefixes=prefixes).tokens[:, 0].clone()
 
 
 def feature_change(tmp_path, pgp: bool, variant: tuple[str, str, float], eps: float = 1.0,
-                   preset: str = "tiny_lora", amp: str = "none") -> float:
-    """Relative change of the final CLS features of task-1 images over the training of task 2."""
+                   preset: str = "tiny_lora", amp: str = "none", overrides=(), measure=cls_features) -> float:
+    """Relative change of ``measure(trainer, x)`` (default: the final CLS features) of task-1 images x
+    over the training of task 2."""
     opt, target, lr = variant
     kinds = ", ".join(f"{k}: {eps}" for k in EPS_KINDS[preset])
-    tr = _trainer(tmp_path / f"{pgp}-{opt}-{target}-{eps}", [
+    tr = _trainer(tmp_path / f"{pgp}-{opt}-{target}-{eps}-{len(overrides)}", [
         f"pgp.enabled={str(pgp).lower()}", f"pgp.eps={{{kinds}}}", f"train.optimizer={opt}",
         f"pgp.target={target}", f"train.lr={lr}", "train.epochs=2", "pgp.num_samples=64", f"backbone.embed_dim={D}",
-        f"train.amp={amp}",
+        f"train.amp={amp}", *overrides,
     ], preset)
     tr.run_task(0)
     x, _, _ = next(iter(tr.scenario.sample_loader(0, 64, 64, seed=1, augment=False)))
     with torch.no_grad():
-        before = tr.method.backbone.forward_features(x).tokens[:, 0].clone()
+        before = measure(tr, x)
     tr.run_task(1)
     with torch.no_grad():
-        after = tr.method.backbone.forward_features(x).tokens[:, 0]
+        after = measure(tr, x)
     return float((after - before).norm() / before.norm())
 
 
@@ -115,11 +124,7 @@ def test_a_lower_eps_lets_the_factors_move_the_features_more(tmp_path):
 
 
 def test_killed_mid_task_resumes_exactly(tmp_path):
-    ref = reference(tmp_path, "tiny_lora_pgp", SMALL)
-    run = tmp_path / "killed"
-    assert run_cli(["train", "tiny_lora_pgp", *SMALL, "--run-dir", str(run)], "step:1:7=KILL") == -9
-    assert run_cli(["train", "--resume", str(run)]) == 0
-    assert_same_run(ref, run)
+    assert_killed_mid_task_resumes_exactly(tmp_path, "tiny_lora_pgp")
 
 
 def eval_and_report(out_dir, base: str, pgp: str, capsys) -> str:

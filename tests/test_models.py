@@ -117,9 +117,12 @@ def test_prefix_block_matches_hand_written_attention(fused):
     x, kp, vp = torch.randn(2, 1 + N, D), torch.randn(2, 4, D), torch.randn(2, 4, D)
     blk = vit.blocks[1]
     with torch.no_grad():
-        got, _ = pv._block(blk, x, (kp, vp), capture=False)
+        got = pv._block(blk, x, (kp, vp), capture=False)[0]
         want = ref_block(blk, x, kp, vp)
         assert torch.allclose(got, want, atol=1e-5)
+        # The path that also returns the prefix weights (Prefix-PGP's pass) computes the same block.
+        with_weights, _, weights = pv._block(blk, x, (kp, vp), capture=True, prefix_weights=True)
+        assert torch.allclose(with_weights, want, atol=1e-5) and weights.shape == (2, blk.attn.num_heads, 1 + N, 4)
         # Whole forward with a prefix at layer 1 only.
         seq = embedded(vit, images())
         want_all = vit.norm(vit.blocks[2](ref_block(blk, vit.blocks[0](seq), kp, vp)))

@@ -71,6 +71,15 @@ def assert_same_run(a: Path, b: Path) -> None:
         assert torch.equal(value, sb["method"][name]), name
 
 
+def assert_killed_mid_task_resumes_exactly(tmp_path: Path, preset: str) -> None:
+    """``preset`` killed at step 7 of task 1 and resumed ends exactly as an uninterrupted run."""
+    ref = reference(tmp_path, preset, SMALL)
+    run = tmp_path / "killed"
+    assert run_cli(["train", preset, *SMALL, "--run-dir", str(run)], "step:1:7=KILL") == -9
+    assert run_cli(["train", "--resume", str(run)]) == 0
+    assert_same_run(ref, run)
+
+
 def test_l2p_killed_mid_epoch_between_tasks_and_during_basis_resumes_exactly(tmp_path):
     overrides = [*SMALL, "pgp.target=update"]
     ref = reference(tmp_path, "tiny_l2p_pgp", overrides)

@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?")
     p.set_defaults(func=_cmd_configs)
 
-    p = sub.add_parser("demo", help="offline demo: L2P, DualPrompt (--methods: also CODA-Prompt, LoRA, adapters), "
+    p = sub.add_parser("demo", help="offline demo: L2P, DualPrompt (--methods: also CODA-Prompt, LoRA, adapters, prefix), "
                                      "each +-PGP, several seeds, on MNIST digits")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides applied to every demo run")
     p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="retrain runs that already finished")
     p.add_argument("--methods", default="l2p,dualprompt", metavar="A,B",
                    help="learners, each with and without PGP, comma-separated from l2p, dualprompt, coda_prompt, "
-                        "lora, adapter; or all (default: l2p,dualprompt)")
+                        "lora, adapter, prefix; or all (default: l2p,dualprompt)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("pretrain", help="pretrain the small offline ViT on Fashion-MNIST")

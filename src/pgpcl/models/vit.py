@@ -305,23 +305,45 @@ class PromptedViT(nn.Module):
         out[last] = self._query_only(blk.attn, blk.norm1(h))
         return out
 
+    def queries_and_prefix_weights(
+        self, x: Tensor, prefixes: Mapping[int, tuple[Tensor, Tensor]]
+    ) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+        """For every prefixed layer: the queries W_q LN(x) (B, T, A) and the attention weights of the T
+        tokens on that layer's Lp prefix positions (B, H, T, Lp), from one prefixed forward run up to the
+        last prefixed layer. (A prefix-tuning learner's PGP pass: keys and values.)"""
+        prefixes = dict(prefixes)
+        self._check_layers(prefixes)
+        if not prefixes:
+            return {}, {}
+        weights: dict[int, Tensor] = {}
+        _, queries = self._run_blocks(self._sequence(x, None), max(prefixes) + 1, prefixes, set(prefixes), weights)
+        return queries, weights
+
     def _check_layers(self, layers: Iterable[int]) -> None:
         for layer in layers:
             if not 0 <= layer < self.depth:
                 raise ValueError(f"layer {layer} out of range for a {self.depth}-block ViT")
 
     def _run_blocks(
-        self, h: Tensor, stop: int, prefixes: Mapping[int, tuple[Tensor, Tensor]], capture: set[int]
+        self, h: Tensor, stop: int, prefixes: Mapping[int, tuple[Tensor, Tensor]], capture: set[int],
+        weights: dict[int, Tensor] | None = None,
     ) -> tuple[Tensor, dict[int, Tensor]]:
         """Blocks 0..stop-1 on h (B, T, D): prefixed / captured ones through :meth:`_block`, the rest as
-        timm runs them. Returns (h, {layer: queries (B, T, D)} for the captured layers before ``stop``)."""
+        timm runs them. Returns (h, {layer: queries (B, T, D)} for the captured layers before ``stop``).
+
+        ``weights``: filled with {layer: attention weights of the T tokens on that layer's prefix
+        positions (B, H, T, Lp)} for every captured prefixed layer, when given.
+        """
         queries: dict[int, Tensor] = {}
         self._use_kernel(self._fused_for(h))
         for i, blk in enumerate(self.vit.blocks[:stop]):
             if i in prefixes or i in capture:
-                h, q = self._block(blk, h, prefixes.get(i), i in capture)
+                want = weights is not None and i in capture and i in prefixes
+                h, q, w = self._block(blk, h, prefixes.get(i), i in capture, want)
                 if q is not None:
                     queries[i] = q
+                if w is not None:
+                    weights[i] = w
             else:
                 h = blk(h)
         return h, queries
@@ -386,20 +408,23 @@ class PromptedViT(nn.Module):
     # -- prefix-tuning block ---------------------------------------------------------------------------
 
     def _block(
-        self, blk: nn.Module, x: Tensor, prefix: tuple[Tensor, Tensor] | None, capture: bool
-    ) -> tuple[Tensor, Tensor | None]:
-        """timm Block forward with optional K/V prefix; (B, T, D) -> ((B, T, D), queries or None)."""
-        a, q = self._attention(blk.attn, blk.norm1(x), prefix)
+        self, blk: nn.Module, x: Tensor, prefix: tuple[Tensor, Tensor] | None, capture: bool,
+        prefix_weights: bool = False,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """timm Block forward with optional K/V prefix; (B, T, D) -> ((B, T, D), queries or None,
+        attention weights on the prefix positions (B, H, T, Lp) if ``prefix_weights`` else None)."""
+        a, q, w = self._attention(blk.attn, blk.norm1(x), prefix, prefix_weights)
         x = x + blk.drop_path1(blk.ls1(a))
         x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-        return x, (q if capture else None)
+        return x, (q if capture else None), w
 
     def _attention(
-        self, attn: nn.Module, x: Tensor, prefix: tuple[Tensor, Tensor] | None
-    ) -> tuple[Tensor, Tensor]:
+        self, attn: nn.Module, x: Tensor, prefix: tuple[Tensor, Tensor] | None, prefix_weights: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Attention whose queries are the T tokens and keys/values are [prefix; tokens].
 
-        x: (B, T, D) normed input. Returns (output (B, T, D), queries (B, T, A)), A = heads * head_dim.
+        x: (B, T, D) normed input. Returns (output (B, T, D), queries (B, T, A), A = heads * head_dim,
+        and with ``prefix_weights`` the softmax weights on the Lp prefix positions (B, H, T, Lp), else None).
         """
         B, T, _ = x.shape
         H, hd = attn.num_heads, attn.head_dim
@@ -412,14 +437,21 @@ class PromptedViT(nn.Module):
                 self._heads(p, B, H, hd, name) for p, name in zip(prefix, ("key_prefix", "value_prefix"))
             )
             k, v = torch.cat([kp, k], dim=2), torch.cat([vp, v], dim=2)
-        out = self._product(attn, q, k, v)
+        weights = None
+        if prefix_weights and prefix is not None:
+            # The product with its weights materialised (no fused kernel returns them); no dropout: this
+            # serves no-grad representation passes.
+            w = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+            out, weights = w @ v, w[..., : k.shape[2] - T]
+        else:
+            out = self._product(attn, q, k, v)
         out = out.transpose(1, 2).reshape(B, T, H * hd)
         if getattr(attn, "norm", None) is not None:  # scale_norm (newer timm); absent in older releases
             out = attn.norm(out)
         if gate is not None:
             out = out * gate
         out = attn.proj_drop(attn.proj(out))
-        return out, q.transpose(1, 2).reshape(B, T, H * hd)
+        return out, q.transpose(1, 2).reshape(B, T, H * hd), weights
 
     @staticmethod
     def _heads(p: Tensor, B: int, H: int, hd: int, name: str) -> Tensor:
