@@ -22,15 +22,15 @@ OPTIM = {"sgd-gradient": ("sgd", "gradient", 2.0), "adam-update": ("adam", "upda
          "adam-gradient": ("adam", "gradient", 0.5)}
 
 
-def _trainer(tmp_path, preset: str, pgp: bool, variant: str, amp: str = "none") -> Trainer:
+def _trainer(tmp_path, preset: str, pgp: bool, variant: str, amp: str = "none", extra=()) -> Trainer:
     opt, target, lr = OPTIM[variant]
     kind = "{prompt: 1.0, key: 1.0}" if "l2p" in preset else "{prefix: 1.0}"
     overrides = [
         "train.progress=false", f"pgp.enabled={str(pgp).lower()}", f"pgp.eps={kind}", f"train.optimizer={opt}",
         f"pgp.target={target}", f"train.lr={lr}", "train.epochs=2", f"backbone.embed_dim={D}",
-        "pgp.num_samples=64", f"train.amp={amp}",
+        "pgp.num_samples=64", f"train.amp={amp}", *extra,
     ]
-    return Trainer(load_config(preset, overrides), tmp_path / f"{preset}-{pgp}-{variant}-{amp}")
+    return Trainer(load_config(preset, overrides), tmp_path / f"{preset}-{pgp}-{variant}-{amp}-{'-'.join(extra)}")
 
 
 def _rel(after: torch.Tensor, before: torch.Tensor) -> float:
@@ -95,6 +95,35 @@ def test_dualprompt_old_attention_unchanged_with_pgp(tmp_path, variant):
     for layer, r in rel_on.items():
         assert r < 1e-3, layer
         assert rel_off[layer] > 100 * r, layer
+
+
+def _g_prompt_head_logits(tmp_path, pgp: bool, key_basis: str) -> tuple[float, float]:
+    """Relative change over task 2 of task-1 inputs' per-head logits q_h K_h^T on the first layer's
+    G-prompt key-prefix, and of that key-prefix. Heads 64 wide against the 33 dimensions the first
+    layer's queries span on the tiny preset, so per-head bases leave the keys room to move."""
+    tr = _trainer(tmp_path, "tiny_dualprompt", pgp, "adam-update",
+                  extra=("backbone.embed_dim=128", f"method.key_basis={key_basis}"))
+    tr.run_task(0)
+    x, _, _ = _task1_images(tr)
+    H = tr.method.backbone.num_heads
+    q = tr.method.backbone.queries(x, [0])[0].unflatten(-1, (H, -1))  # layer 0: no prefix before it
+
+    def logits(k):
+        return torch.einsum("bthd,lhd->bthl", q, k.unflatten(-1, (H, -1)))
+
+    before = tr.method.g_prompt[0, 0].detach().clone()
+    tr.run_task(1)
+    after = tr.method.g_prompt[0, 0].detach()
+    return _rel(logits(after), logits(before)), _rel(after, before)
+
+
+def test_dualprompt_per_head_bases_keep_each_heads_logits(tmp_path):
+    """The released full-width rule keeps only the heads' summed logits on the key-prefix; with
+    key_basis=head every head's are kept (docs/pgp.md, section 14), and the keys still learn."""
+    head_rule, moved = _g_prompt_head_logits(tmp_path, True, "head")
+    layer_rule, _ = _g_prompt_head_logits(tmp_path, True, "layer")
+    assert moved > 1e-4 and head_rule < 1e-5
+    assert layer_rule > 100 * head_rule
 
 
 def test_old_attention_unchanged_with_pgp_under_bf16_autocast(tmp_path):

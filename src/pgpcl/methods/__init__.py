@@ -10,6 +10,15 @@ from pgpcl.registry import Registry
 METHODS: Registry[type[Method]] = Registry("method")
 
 # Importing the modules registers them.
-from pgpcl.methods import adapter, clip_prompt, coda_prompt, dualprompt, l2p, lora, prefix  # noqa: E402,F401
+from pgpcl.methods import (  # noqa: E402,F401
+    adapter,
+    clip_adapter,
+    clip_prompt,
+    coda_prompt,
+    dualprompt,
+    l2p,
+    lora,
+    prefix,
+)
 
 __all__ = ["METHODS", "Method", "MethodOutput"]

@@ -24,37 +24,48 @@ from pgpcl.methods.base import Method
 from pgpcl.methods.vit_common import BackboneTuningMethod
 
 
-@METHODS.register("adapter")
-class Adapter(BackboneTuningMethod, Method):
-    @dataclass
-    class Params:
-        hidden: int = 16
-        """Bottleneck width h."""
-        scale: float = 0.1
-        """Weight of the adapter's output (AdaptFormer's s)."""
-        blocks: list[int] | None = None
-        """Blocks that get an adapter; None = all."""
+@dataclass
+class AdapterParams:
+    """The adapters' settings, shared by the ViT and CLIP adapter learners (their Params derive from it)."""
 
-        def validate(self) -> None:
-            if self.hidden < 1:
-                raise ConfigError(f"method.hidden must be >= 1, got {self.hidden}")
-            if self.scale <= 0:
-                raise ConfigError(f"method.scale must be > 0, got {self.scale}")
+    hidden: int = 16
+    """Bottleneck width h."""
+    scale: float = 0.1
+    """Weight of the adapter's output (AdaptFormer's s)."""
+    blocks: list[int] | None = None
+    """Blocks that get an adapter; None = all."""
+
+    def validate(self) -> None:
+        if self.hidden < 1:
+            raise ConfigError(f"method.hidden must be >= 1, got {self.hidden}")
+        if self.scale <= 0:
+            raise ConfigError(f"method.scale must be > 0, got {self.scale}")
+
+
+class AdapterPGP:
+    """What PGP protects of each adapter and the rows it gets (module docstring)."""
 
     default_eps = {"adapter_down": 0.97, "adapter_up": 0.97}
+    maps = (("down", "adapter_down", "down"), ("up", "adapter_up", "up"))
+
+    def captured_rows(self, name: str, module) -> dict[str, Tensor]:
+        """down: the adapter's inputs x (B, T, D); up: its hidden activations relu(x W_down^T) (B, T, h)."""
+        inputs, hidden = module.captured
+        return {f"{name}.down": inputs, f"{name}.up": hidden}
+
+
+@METHODS.register("adapter")
+class Adapter(AdapterPGP, BackboneTuningMethod, Method):
+    @dataclass
+    class Params(AdapterParams):
+        pass
+
     basis_timing = "task_end"
     ddp_find_unused_parameters = False
-
-    maps = (("down", "adapter_down", "down"), ("up", "adapter_up", "up"))
 
     def __init__(self, params: Params, backbone: nn.Module, num_classes: int, task_classes):
         super().__init__(params, num_classes, task_classes)
         from pgpcl.models.adapter import add_adapters
 
-        self.attach(backbone, num_classes, lambda vit, blocks: add_adapters(vit, blocks, params.hidden, params.scale))
-
-    # -- PGP ---------------------------------------------------------------------------------------
-    def captured_rows(self, name: str, module) -> dict[str, Tensor]:
-        """down: the adapter's inputs x (B, T, D); up: its hidden activations relu(x W_down^T) (B, T, h)."""
-        inputs, hidden = module.captured
-        return {f"{name}.down": inputs, f"{name}.up": hidden}
+        self.attach(backbone, num_classes,
+                    lambda vit, blocks: add_adapters(vit.blocks, blocks, vit.embed_dim, params.hidden, params.scale))

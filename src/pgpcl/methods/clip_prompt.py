@@ -41,53 +41,53 @@ CTX_WORD = "X"
 """Placeholder word whose token embeddings the learned context replaces (CoOp)."""
 
 
-@METHODS.register("clip_prompt")
-class CLIPPrompt(Method):
-    @dataclass
-    class Params:
-        length: int = 10
-        """Image prompt tokens P (released config: 10; the paper's appendix says 5)."""
-        text_length: int = 16
-        """Learned context tokens per task before the class name (CoOp)."""
-        prompt_init: Literal["kaiming", "uniform", "normal", "zero"] = "kaiming"
-        """kaiming: U(-1/sqrt(D), 1/sqrt(D)), the released nn.Linear init; uniform: U(-1, 1); normal: std 0.02."""
-        text_init_std: float = 0.02
-        """Std of the normal init of the text contexts (CoOp's generic context)."""
-        first_task_lr: float | None = None
-        """lr of task 0 (released: 0.001); None = train.lr. Later tasks use train.lr (released: 0.01)."""
-        first_task_weight_decay: float | None = None
-        """Weight decay of task 0 (released: 5e-4); None = train.weight_decay (released later: 2e-4)."""
-        cache_text: bool = True
-        """Cache the text features of contexts not being trained (recomputed whenever a context changes)."""
+@dataclass
+class TextParams:
+    """The text side's settings, shared by the CLIP learners (their Params derive from it)."""
 
-        def validate(self) -> None:
-            if self.length < 1 or self.text_length < 1:
-                raise ConfigError("method.length and method.text_length must be >= 1")
-            if self.first_task_lr is not None and self.first_task_lr <= 0:
-                raise ConfigError(f"method.first_task_lr must be > 0, got {self.first_task_lr}")
-            if self.first_task_weight_decay is not None and self.first_task_weight_decay < 0:
-                raise ConfigError("method.first_task_weight_decay must be >= 0")
+    text_length: int = 16
+    """Learned context tokens per task before the class name (CoOp)."""
+    text_init_std: float = 0.02
+    """Std of the normal init of the text contexts (CoOp's generic context)."""
+    first_task_lr: float | None = None
+    """lr of task 0 (released: 0.001); None = train.lr. Later tasks use train.lr (released: 0.01)."""
+    first_task_weight_decay: float | None = None
+    """Weight decay of task 0 (released: 5e-4); None = train.weight_decay (released later: 2e-4)."""
+    cache_text: bool = True
+    """Cache the text features of contexts not being trained (recomputed whenever a context changes)."""
 
-    default_eps = {"prompt": 0.90}
+    def validate(self) -> None:
+        if self.text_length < 1:
+            raise ConfigError("method.text_length must be >= 1")
+        if self.first_task_lr is not None and self.first_task_lr <= 0:
+            raise ConfigError(f"method.first_task_lr must be > 0, got {self.first_task_lr}")
+        if self.first_task_weight_decay is not None and self.first_task_weight_decay < 0:
+            raise ConfigError("method.first_task_weight_decay must be >= 0")
+
+
+class CLIPTextLearner(Method):
+    """A frozen CLIP with one learned CoOp context per task on the text side, and an image side that a
+    subclass tunes (:meth:`image_parameters`, :meth:`encode_image`). Logits, the per-task optimiser
+    settings, checkpoints and the text-feature cache are the same for every image side."""
+
     basis_timing = "task_end"
-    # Every step uses the image prompt and the current context, the only parameters requiring grad.
+    # Every step uses the image side's parameters and the current context, the only ones requiring grad.
     ddp_find_unused_parameters = False
 
     def __init__(
-        self, params: Params, backbone: nn.Module, num_classes: int, task_classes, class_names: list[str]
+        self, params, backbone: nn.Module, num_classes: int, task_classes, class_names: list[str]
     ):
         super().__init__(params, num_classes, task_classes)
         if len(class_names) != num_classes:
             raise ConfigError(f"the scenario gives {len(class_names)} class names for {num_classes} classes")
         if sorted(c for classes in task_classes for c in classes) != list(range(num_classes)):
             raise ConfigError(
-                "clip_prompt needs tasks with disjoint classes (data.setting cil, til or online); in dil every "
-                "task holds all classes and one context per task would need a domain selector at test time"
+                "the CLIP learners need tasks with disjoint classes (data.setting cil, til or online); in dil "
+                "every task holds all classes and one context per task would need a domain selector at test time"
             )
         self.backbone = backbone
-        d, dt = backbone.embed_dim, backbone.text_width
-        self.image_prompt = nn.Parameter(torch.empty(params.length, d))
-        _init_prompt_(self.image_prompt, params.prompt_init)
+        self.init_image_side(backbone)  # first: a seeded run draws the image side's init before the contexts'
+        dt = backbone.text_width
         self.text_ctx = nn.ParameterList(
             [nn.Parameter(torch.randn(params.text_length, dt) * params.text_init_std) for _ in task_classes]
         )
@@ -98,7 +98,7 @@ class CLIPPrompt(Method):
         self._text_cache: dict[int, tuple[tuple, Tensor]] = {}
 
     @classmethod
-    def build(cls, cfg, scenario) -> CLIPPrompt:
+    def build(cls, cfg, scenario) -> CLIPTextLearner:
         from pgpcl.models.clip import PromptedCLIP, build_clip
 
         if cfg.data.channels != 3:
@@ -193,10 +193,23 @@ class CLIPPrompt(Method):
             feats = feats[torch.argsort(torch.tensor(order, device=feats.device))]
         return feats
 
+    # -- image side (the subclass's) ----------------------------------------------------------------
+    def init_image_side(self, backbone: nn.Module) -> None:
+        """Create (and initialise) what the image side trains; ``self.params`` is set."""
+        raise NotImplementedError
+
+    def image_parameters(self) -> dict[str, nn.Parameter]:
+        """{state-dict name: parameter} of everything the image side trains."""
+        raise NotImplementedError
+
+    def encode_image(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, E) image features (not normalised), through the tuned image side."""
+        raise NotImplementedError
+
     # -- forward -------------------------------------------------------------------------------------
     def image_features(self, x: Tensor) -> Tensor:
-        """(B, E) normalised image features with the image prompt."""
-        return F.normalize(self.backbone.encode_image(x, self.image_prompt).float(), dim=-1)
+        """(B, E) normalised image features."""
+        return F.normalize(self.encode_image(x).float(), dim=-1)
 
     def forward(self, x: Tensor, task: Tensor | None = None) -> MethodOutput:
         """Logits (B, num_classes). ``task`` is not used: in training the current task's context is the
@@ -231,14 +244,16 @@ class CLIPPrompt(Method):
         return lr, weight_decay
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The image prompt and the current task's text context (past and future contexts stay fixed)."""
-        return [self.image_prompt, self.text_ctx[self.current_task]]
+        """The image side's parameters and the current task's text context (past and future contexts stay
+        fixed)."""
+        return [*self.image_parameters().values(), self.text_ctx[self.current_task]]
 
     def _learned_names(self) -> list[str]:
-        return ["image_prompt"] + [f"text_ctx.{t}" for t in range(len(self.text_ctx))]
+        return [*self.image_parameters()] + [f"text_ctx.{t}" for t in range(len(self.text_ctx))]
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
-        """The image prompt and every task's text context (trained, or still at its initial value)."""
+        """The image side's parameters and every task's text context (trained, or still at its initial
+        value)."""
         own = dict(self.named_parameters())
         return {n: own[n].detach().clone() for n in self._learned_names()}
 
@@ -265,7 +280,7 @@ class CLIPPrompt(Method):
                 own[n].copy_(state[n])
         self._text_cache.clear()
 
-    def train(self, mode: bool = True) -> CLIPPrompt:
+    def train(self, mode: bool = True) -> CLIPTextLearner:
         super().train(mode)
         self._text_cache.clear()
         return self
@@ -273,6 +288,33 @@ class CLIPPrompt(Method):
     def _apply(self, fn, *args, **kwargs):  # .to(device) / .half(): cached features would be stale
         self._text_cache = {}
         return super()._apply(fn, *args, **kwargs)
+
+
+@METHODS.register("clip_prompt")
+class CLIPPrompt(CLIPTextLearner):
+    @dataclass
+    class Params(TextParams):
+        length: int = 10
+        """Image prompt tokens P (released config: 10; the paper's appendix says 5)."""
+        prompt_init: Literal["kaiming", "uniform", "normal", "zero"] = "kaiming"
+        """kaiming: U(-1/sqrt(D), 1/sqrt(D)), the released nn.Linear init; uniform: U(-1, 1); normal: std 0.02."""
+
+        def validate(self) -> None:
+            if self.length < 1:
+                raise ConfigError("method.length must be >= 1")
+            super().validate()
+
+    default_eps = {"prompt": 0.90}
+
+    def init_image_side(self, backbone: nn.Module) -> None:
+        self.image_prompt = nn.Parameter(torch.empty(self.params.length, backbone.embed_dim))
+        _init_prompt_(self.image_prompt, self.params.prompt_init)
+
+    def image_parameters(self) -> dict[str, nn.Parameter]:
+        return {"image_prompt": self.image_prompt}
+
+    def encode_image(self, x: Tensor) -> Tensor:
+        return self.backbone.encode_image(x, self.image_prompt)
 
     # -- PGP -----------------------------------------------------------------------------------------
     def protected_groups(self, eps: dict[str, float]):

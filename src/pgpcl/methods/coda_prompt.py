@@ -21,6 +21,7 @@ K and A, is not projected): see docs/pgp.md.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 from pgpcl.errors import ConfigError
 from pgpcl.methods import METHODS
 from pgpcl.methods.base import Method, MethodOutput
-from pgpcl.methods.vit_common import PromptedViTMethod, init_head, pool_key_prefix_view
+from pgpcl.methods.vit_common import KeyPrefixBases, PromptedViTMethod, init_head, pool_key_prefix_view
 
 
 @METHODS.register("coda_prompt")
@@ -42,6 +43,9 @@ class CodaPrompt(PromptedViTMethod, Method):
         layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
         ortho_mu: float = 0.0
         """Weight of the orthogonality penalty mean((W W^T - I)^2) on K, A and P of every layer."""
+        key_basis: Literal["layer", "head"] = "layer"
+        """PGP's key-prefix bases: one per layer (DualPrompt-PGP's rule) or one per layer and attention head
+        (each head's logits kept, not their sum; docs/pgp.md, section 14)."""
 
         def validate(self) -> None:
             if min(self.pool_size, self.length) < 1:
@@ -153,12 +157,14 @@ class CodaPrompt(PromptedViTMethod, Method):
 
     # -- PGP ---------------------------------------------------------------------------------------
     def protected_groups(self, eps: dict[str, float]):
-        from pgpcl.projection import ProtectedGroup
-
         # components=50: the PCA width DualPrompt's released arithmetic uses (pgp.mode=reference only).
-        return [ProtectedGroup(f"prefix.l{layer}", "prefix", self.components, pool_key_prefix_view(i), eps["prefix"],
-                               components=50)
-                for i, layer in enumerate(self.params.layers)]
+        return self._keys().groups("prefix", eps["prefix"], components=50)
+
+    def _keys(self) -> KeyPrefixBases:
+        entries = [(f"prefix.l{layer}", self.components, pool_key_prefix_view(i), layer)
+                   for i, layer in enumerate(self.params.layers)]
+        bb = self.backbone
+        return KeyPrefixBases(entries, self.params.key_basis == "head", bb.num_heads, bb.embed_dim)
 
     @torch.no_grad()
     def representations(self, x: Tensor, task: Tensor) -> dict[str, Tensor]:
@@ -166,7 +172,7 @@ class CodaPrompt(PromptedViTMethod, Method):
         runs (the prefixes assembled from this task's and the earlier components)."""
         layers = self.params.layers
         queries = self.backbone.queries(x, layers, prefixes=self.prefixes(self.backbone.query(x)))
-        return {f"prefix.l{layer}": queries[layer] for layer in layers}
+        return self._keys().rows(queries)
 
 
 

@@ -9,7 +9,8 @@ Unlike the released code, key- and value-prefixes are split by indexing their ow
 reshape that mixes them across the batch.
 
 PGP: the key-prefixes of the G-prompt and of the E-prompts are protected, one basis per layer, spanned
-by that layer's queries W_q LN(x) of the task's data (eps 0.50), built after each task. The memory pass
+by that layer's queries W_q LN(x) of the task's data (eps 0.50), built after each task
+(``key_basis=head``: one per layer and head). The memory pass
 selects E-prompts exactly as training does (the true task's prompt).
 """
 
@@ -24,7 +25,13 @@ from torch import Tensor, nn
 from pgpcl.errors import ConfigError
 from pgpcl.methods import METHODS
 from pgpcl.methods.base import Method, MethodOutput
-from pgpcl.methods.vit_common import PromptedViTMethod, init_head, init_prompt_, pool_key_prefix_view
+from pgpcl.methods.vit_common import (
+    KeyPrefixBases,
+    PromptedViTMethod,
+    init_head,
+    init_prompt_,
+    pool_key_prefix_view,
+)
 
 
 @METHODS.register("dualprompt")
@@ -43,6 +50,9 @@ class DualPrompt(PromptedViTMethod, Method):
         pull_lambda: float = 1.0
         head: Literal["token", "prompt"] = "token"
         prompt_init: Literal["uniform", "zero", "normal"] = "uniform"
+        key_basis: Literal["layer", "head"] = "layer"
+        """PGP's key-prefix bases: one per layer over full-width queries (as released), or one per layer and
+        attention head, which keeps each head's logits rather than their sum (docs/pgp.md, section 14)."""
 
         def validate(self) -> None:
             if set(self.g_layers) & set(self.e_layers):
@@ -115,18 +125,15 @@ class DualPrompt(PromptedViTMethod, Method):
         out += [(f"e_key.l{layer}", self.pool.prompts, i, layer) for i, layer in enumerate(self.params.e_layers)]
         return out
 
-    def protected_groups(self, eps: dict[str, float]):
-        from pgpcl.projection import ProtectedGroup
+    def _keys(self) -> KeyPrefixBases:
+        entries = [(name, param, _g_key_view(i) if param is self.g_prompt else pool_key_prefix_view(i), layer)
+                   for name, param, i, layer in self._prefixed_layers()]
+        bb = self.backbone
+        return KeyPrefixBases(entries, self.params.key_basis == "head", bb.num_heads, bb.embed_dim)
 
-        groups = []
-        for name, param, i, _ in self._prefixed_layers():
-            if param is self.g_prompt:
-                view = _g_key_view(i)
-            else:
-                view = pool_key_prefix_view(i)
-            # components=50: PCA width of the released arithmetic (pgp.mode=reference only).
-            groups.append(ProtectedGroup(name, "prefix", param, view, eps["prefix"], components=50))
-        return groups
+    def protected_groups(self, eps: dict[str, float]):
+        # components=50: PCA width of the released arithmetic (pgp.mode=reference only).
+        return self._keys().groups("prefix", eps["prefix"], components=50)
 
     @torch.no_grad()
     def representations(self, x: Tensor, task: Tensor) -> dict[str, Tensor]:
@@ -138,7 +145,7 @@ class DualPrompt(PromptedViTMethod, Method):
         layers = [layer for *_, layer in self._prefixed_layers()]
         idx = self.pool.forced_ids(task, x.shape[0])
         queries = self.backbone.queries(x, layers, prefixes=self._prefix_dict(self.pool.gather(idx)[:, 0]))
-        return {name: queries[layer] for name, _, _, layer in self._prefixed_layers()}
+        return self._keys().rows(queries)
 
 
 def _g_key_view(i: int):

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from pgpcl.errors import ConfigError
 from pgpcl.methods import METHODS
 from pgpcl.methods.base import Method, MethodOutput
-from pgpcl.methods.vit_common import ViTBackboneMethod, init_head, init_prompt_
+from pgpcl.methods.vit_common import KeyPrefixBases, ViTBackboneMethod, init_head, init_prompt_
 
 
 @METHODS.register("prefix")
@@ -87,7 +87,7 @@ class Prefix(ViTBackboneMethod, Method):
     def protected_groups(self, eps: dict[str, float]):
         from pgpcl.projection import ProtectedGroup
 
-        groups = [ProtectedGroup(name, "prefix", self.prefix, view, eps["prefix"]) for name, view, _ in self._key_parts()]
+        groups = self._keys().groups("prefix", eps["prefix"])
         if self.params.protect_values:
             groups += [ProtectedGroup(f"value.l{layer}", "prefix_value", self.prefix, _value_view(i),
                                       eps["prefix_value"]) for i, layer in enumerate(self.layers)]
@@ -103,30 +103,19 @@ class Prefix(ViTBackboneMethod, Method):
             queries, weights = self.backbone.queries_and_prefix_weights(x, prefixes)
         else:
             queries, weights = self.backbone.queries(x, self.layers, prefixes=prefixes), {}
-        out = {name: rows(queries) for name, _, rows in self._key_parts()}
+        out = self._keys().rows(queries)
         out.update({f"value.l{layer}": w.flatten(1, 2) for layer, w in weights.items()})
         return out
 
-    def _key_parts(self):
-        """(group name, view of the prefix tensor, rows from {layer: queries (B, T, D)}) per key basis:
-        per layer (L, D) / (B, T, D), or per head h (L, D/H) / (B, T, D/H) of columns h*D/H..(h+1)*D/H."""
-        if self.params.key_basis == "layer":
-            return [(f"key.l{layer}", _key_view(i, slice(None)), _rows(layer, slice(None)))
-                    for i, layer in enumerate(self.layers)]
-        H = self.backbone.num_heads
-        hd = self.backbone.embed_dim // H
-        return [(f"key.l{layer}.h{h}", _key_view(i, slice(h * hd, (h + 1) * hd)), _rows(layer, slice(h * hd, (h + 1) * hd)))
-                for i, layer in enumerate(self.layers) for h in range(H)]
+    def _keys(self) -> KeyPrefixBases:
+        entries = [(f"key.l{layer}", self.prefix, _key_view(i), layer) for i, layer in enumerate(self.layers)]
+        bb = self.backbone
+        return KeyPrefixBases(entries, self.params.key_basis == "head", bb.num_heads, bb.embed_dim)
 
 
-def _key_view(i: int, cols: slice):
-    """Columns ``cols`` of layer i's key-prefix: (L, width) out of (n_layers, 2, L, D)."""
-    return lambda t: t[i, 0, :, cols]
-
-
-def _rows(layer: int, cols: slice):
-    """The same columns of that layer's queries: {layer: (B, T, D)} -> (B, T, width)."""
-    return lambda queries: queries[layer][..., cols]
+def _key_view(i: int):
+    """Layer i's key-prefix: (L, D) out of (n_layers, 2, L, D)."""
+    return lambda t: t[i, 0]
 
 
 def _value_view(i: int):

@@ -48,29 +48,16 @@ class PromptedViTMethod(ViTBackboneMethod, QueryPromptedPredict):
     built from a config, and predicting with the cacheable query."""
 
 
-class BackboneTuningMethod(ViTBackboneMethod):
-    """Methods that train small modules inside the frozen ViT (LoRA, adapters), with a linear head on the
-    final-norm CLS output. A subclass calls :meth:`attach` with the function that adds its modules, names
-    in ``maps`` the weights PGP protects, and says in :meth:`captured_rows` which rows each one gets.
-    """
+class TunedModulesPGP:
+    """PGP for small modules trained inside a frozen backbone (LoRA factors, adapters): ``tuned`` holds the
+    added modules, each with ``capture`` / ``captured``; ``maps`` names the weights PGP protects, and
+    :meth:`captured_rows` says which rows each one gets; :meth:`capture_forward` is the backbone forward
+    that makes the modules capture."""
 
     tuned: dict[str, nn.Module]
     """{name: added module with ``capture`` / ``captured``}, e.g. {"b0.qkv": LoRALinear}."""
     maps: tuple[tuple[str, str, str], ...] = ()
     """(group suffix, eps kind, attribute) per protected weight of a module, e.g. ("A", "lora_a", "lora_a")."""
-
-    def attach(self, backbone: nn.Module, num_classes: int, add) -> None:
-        """``add(vit, blocks)`` puts the modules into ``method.blocks`` (None = all) of the ViT."""
-        from pgpcl.errors import ConfigError
-
-        self.backbone = backbone
-        blocks = list(range(backbone.depth)) if self.params.blocks is None else list(self.params.blocks)
-        try:
-            self.tuned = add(backbone.vit, blocks)
-        except ValueError as e:
-            raise ConfigError(f"method: {e}") from None
-        # PromptedViT froze the ViT before these modules existed: they alone of it are trainable.
-        self.head = init_head(nn.Linear(backbone.embed_dim, num_classes))
 
     def protected_groups(self, eps: dict[str, float]):
         from pgpcl.projection import ProtectedGroup
@@ -78,15 +65,12 @@ class BackboneTuningMethod(ViTBackboneMethod):
         return [ProtectedGroup(f"{name}.{suffix}", kind, getattr(m, attr), None, eps[kind])
                 for name, m in self.tuned.items() for suffix, kind, attr in self.maps]
 
-    def forward(self, x: Tensor, task: Tensor | None = None):
-        from pgpcl.methods.base import MethodOutput
-
-        # The whole sequence through every block: PromptedViT's row-only shortcuts (out_rows, query)
-        # read attn.qkv.weight directly and would bypass a LoRA on qkv.
-        return MethodOutput(self.head(self.backbone.forward_features(x).tokens[:, 0]))
-
     def captured_rows(self, name: str, module: nn.Module) -> dict[str, Tensor]:
         """PGP group name -> rows (B, T, D_group) from what ``module`` captured in the last forward."""
+        raise NotImplementedError
+
+    def capture_forward(self, x: Tensor) -> None:
+        """A forward of the backbone through every tuned module (the output is not used)."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -95,7 +79,7 @@ class BackboneTuningMethod(ViTBackboneMethod):
         for m in self.tuned.values():
             m.capture = True
         try:
-            self.backbone.forward_features(x)
+            self.capture_forward(x)
             out: dict[str, Tensor] = {}
             for name, m in self.tuned.items():
                 out.update(self.captured_rows(name, m))
@@ -103,6 +87,76 @@ class BackboneTuningMethod(ViTBackboneMethod):
             for m in self.tuned.values():
                 m.capture, m.captured = False, None
         return out
+
+
+class BackboneTuningMethod(TunedModulesPGP, ViTBackboneMethod):
+    """Methods that train small modules inside the frozen ViT (LoRA, adapters), with a linear head on the
+    final-norm CLS output. A subclass calls :meth:`attach` with the function that adds its modules, names
+    in ``maps`` the weights PGP protects, and says in :meth:`captured_rows` which rows each one gets.
+    """
+
+    def attach(self, backbone: nn.Module, num_classes: int, add) -> None:
+        """``add(vit, blocks)`` puts the modules into ``method.blocks`` (None = all) of the ViT."""
+        self.backbone = backbone
+        self.tuned = attach_modules(add, backbone.vit, backbone.depth, self.params.blocks)
+        # PromptedViT froze the ViT before these modules existed: they alone of it are trainable.
+        self.head = init_head(nn.Linear(backbone.embed_dim, num_classes))
+
+    def forward(self, x: Tensor, task: Tensor | None = None):
+        from pgpcl.methods.base import MethodOutput
+
+        # The whole sequence through every block: PromptedViT's row-only shortcuts (out_rows, query)
+        # read attn.qkv.weight directly and would bypass a LoRA on qkv.
+        return MethodOutput(self.head(self.backbone.forward_features(x).tokens[:, 0]))
+
+    def capture_forward(self, x: Tensor) -> None:
+        self.backbone.forward_features(x)
+
+
+def attach_modules(add, model: nn.Module, depth: int, blocks: list[int] | None) -> dict[str, nn.Module]:
+    """``add(model, indices)`` for ``blocks`` (None = all ``depth``); a bad block is a ConfigError."""
+    from pgpcl.errors import ConfigError
+
+    indices = list(range(depth)) if blocks is None else list(blocks)
+    try:
+        return add(model, indices)
+    except ValueError as e:
+        raise ConfigError(f"method: {e}") from None
+
+
+class KeyPrefixBases:
+    """PGP's key-prefix groups of a prefix-tuning method, and the rows each one gets.
+
+    ``entries``: (group name, parameter, view of a key-prefix (..., L, D) in it, layer). With one basis per
+    layer (``per_head=False``, the paper's rule and DualPrompt-PGP's) a key-prefix's rows are kept
+    orthogonal to the layer's full-width queries, which makes the old inputs' logits on the prefix
+    unchanged only summed over the heads; with ``per_head`` every head's columns get their own basis from
+    that head's queries, so each head's logits are kept (docs/pgp.md, section 14).
+    """
+
+    def __init__(self, entries, per_head: bool, num_heads: int, embed_dim: int):
+        self.per_head = per_head
+        width = embed_dim // num_heads if per_head else embed_dim
+        cuts = [(f".h{h}", slice(h * width, (h + 1) * width)) for h in range(num_heads)] if per_head else [("", slice(None))]
+        self.parts = [(name + suffix, param, _columns(view, cols), layer, cols)
+                      for name, param, view, layer in entries for suffix, cols in cuts]
+
+    def groups(self, kind: str, eps: float, components: int | None = None):
+        """``components``: the released arithmetic's PCA width; per-head bases have no released arithmetic,
+        so they get none and ``pgp.mode=reference`` is refused for them."""
+        from pgpcl.projection import ProtectedGroup
+
+        components = None if self.per_head else components
+        return [ProtectedGroup(name, kind, param, view, eps, components=components)
+                for name, param, view, _, _ in self.parts]
+
+    def rows(self, queries: dict[int, Tensor]) -> dict[str, Tensor]:
+        """{layer: queries W_q LN(x) (B, T, D)} -> {group: (B, T, D or D / H)}."""
+        return {name: queries[layer][..., cols] for name, _, _, layer, cols in self.parts}
+
+
+def _columns(view, cols: slice):
+    return lambda t: view(t)[..., cols]
 
 
 def pool_key_prefix_view(i: int):

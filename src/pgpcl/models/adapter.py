@@ -1,14 +1,14 @@
 """Parallel bottleneck adapters on a frozen timm ViT (AdaptFormer-style), wrapped around blocks' MLPs.
 
 ``add_adapters`` replaces ``blocks[i].mlp`` by an :class:`AdapterMLP` holding the original MLP
-(frozen) and a trainable bottleneck beside it: mlp(x) + scale * up(relu(down(x))). timm's files are
-not touched; timm's block forward calls the wrapper like the MLP it replaced.
+(frozen) and a trainable bottleneck beside it: mlp(x) + scale * up(relu(down(x))). timm's and open_clip's
+files are not touched; their block forwards call the wrapper like the MLP it replaced.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,11 +48,13 @@ class AdapterMLP(nn.Module):
         return f"hidden={self.down.shape[0]}, scale={self.scale:g}"
 
 
-def add_adapters(vit: nn.Module, blocks: Iterable[int], hidden: int, scale: float) -> dict[str, AdapterMLP]:
-    """Put an adapter beside the MLP of each block in ``blocks``; returns {"b{i}": adapter}."""
+def add_adapters(
+    blocks: Sequence[nn.Module], indices: Iterable[int], dim: int, hidden: int, scale: float
+) -> dict[str, AdapterMLP]:
+    """Put an adapter beside the MLP (``.mlp``) of each block of ``blocks`` in ``indices``: a timm ViT's
+    ``blocks`` or an open_clip tower's ``transformer.resblocks``, width ``dim``. Returns {"b{i}": adapter}."""
     added: dict[str, AdapterMLP] = {}
-    dim = int(vit.embed_dim)
-    for i, blk in chosen_blocks(vit, blocks):
+    for i, blk in chosen_blocks(blocks, indices):
         if isinstance(blk.mlp, AdapterMLP):
             raise ValueError(f"block {i} has an adapter already")
         blk.mlp = AdapterMLP(blk.mlp, dim, hidden, scale).to(next(blk.parameters()).device)

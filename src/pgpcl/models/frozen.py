@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from torch import nn
 
 
-def chosen_blocks(vit: nn.Module, indices: Iterable[int]) -> list[tuple[int, nn.Module]]:
-    """(index, block) of ``vit.blocks`` for each of ``indices``; ValueError naming one that does not exist."""
-    depth = len(vit.blocks)
+def chosen_blocks(blocks: Sequence[nn.Module], indices: Iterable[int]) -> list[tuple[int, nn.Module]]:
+    """(index, block) of ``blocks`` (a ViT's ``blocks``, a CLIP tower's ``resblocks``) for each of
+    ``indices``; ValueError naming one that does not exist."""
+    depth = len(blocks)
     out = []
     for i in indices:
         if not 0 <= i < depth:
             raise ValueError(f"block {i} does not exist in a {depth}-block ViT; use 0..{depth - 1}")
-        out.append((i, vit.blocks[i]))
+        out.append((i, blocks[i]))
     return out
 
 

@@ -62,7 +62,7 @@ def add_lora(
     The ViT keeps its other parameters frozen (as :class:`PromptedViT` leaves them).
     """
     added: dict[str, LoRALinear] = {}
-    for i, blk in chosen_blocks(vit, blocks):
+    for i, blk in chosen_blocks(vit.blocks, blocks):
         for target in targets:
             if target not in TARGETS:
                 raise ValueError(f"unknown LoRA target '{target}'; choose from {', '.join(TARGETS)}")

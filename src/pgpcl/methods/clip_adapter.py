@@ -1,0 +1,54 @@
+"""CLIP adapter learner, and CLIP-Adapter-PGP with ``pgp.enabled=true``.
+
+The CLIP prompt learner's text side (one CoOp context of ``text_length`` tokens per task before each class
+name; logits = cosine(image feature, text feature) x the logit scale; see :mod:`pgpcl.methods.clip_prompt`)
+with adapters instead of an image prompt on the image side: one bias-free bottleneck beside the MLP of
+each of ``blocks`` of the image tower (``models/adapter.py``), shared by all tasks and trained on each
+in turn. Without PGP this is sequential adapter tuning of the image tower: the baseline.
+
+PGP protects both maps of every adapter as on the ViT (``methods/adapter.py``): W_down orthogonal to the
+adapter's old inputs, W_up to its old hidden activations, so old images' features stay unchanged through
+the whole image tower. Text contexts are not projected (each task trains only its own). The follow-up
+work of PGP's authors (PEGP) applies gradient projection to adapters on CLIP; this is pgpcl's
+derivation of it, not their code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from pgpcl.methods import METHODS
+from pgpcl.methods.adapter import AdapterParams, AdapterPGP
+from pgpcl.methods.clip_prompt import CLIPTextLearner, TextParams
+from pgpcl.methods.vit_common import TunedModulesPGP, attach_modules
+
+
+@METHODS.register("clip_adapter")
+class CLIPAdapter(AdapterPGP, TunedModulesPGP, CLIPTextLearner):
+    @dataclass
+    class Params(AdapterParams, TextParams):
+        def validate(self) -> None:
+            AdapterParams.validate(self)
+            TextParams.validate(self)
+
+    def init_image_side(self, backbone: nn.Module) -> None:
+        from pgpcl.models.adapter import add_adapters
+
+        p, tower = self.params, backbone.clip.visual.transformer
+        self.tuned = attach_modules(
+            lambda blocks, idx: add_adapters(blocks, idx, backbone.embed_dim, p.hidden, p.scale),
+            tower.resblocks, len(tower.resblocks), p.blocks,
+        )
+
+    def image_parameters(self) -> dict[str, nn.Parameter]:
+        """The adapters' weights under their state-dict names (``backbone.clip.visual...mlp.down``)."""
+        mine = {id(getattr(m, attr)) for m in self.tuned.values() for *_, attr in self.maps}
+        return {n: p for n, p in self.named_parameters() if id(p) in mine}
+
+    def encode_image(self, x: Tensor) -> Tensor:
+        return self.backbone.encode_image(x)
+
+    def capture_forward(self, x: Tensor) -> None:
+        self.backbone.encode_image(x)

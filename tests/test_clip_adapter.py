@@ -1,0 +1,98 @@
+"""CLIP adapters and CLIP-Adapter-PGP on the small random open_clip model: where the adapters sit and
+what trains, old images' features under PGP with the frozen CLIP weights untouched, resume, bad input,
+the CLI and the report. (The text side is the CLIP prompt learner's: tests/test_clip.py.)"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pgpcl.cli import main
+from pgpcl.config import load_config
+from pgpcl.engine.trainer import Trainer
+from pgpcl.errors import ConfigError
+from pgpcl.models.adapter import AdapterMLP
+from test_resume import assert_killed_mid_task_resumes_exactly
+
+pytestmark = pytest.mark.usefixtures("data_one_thread")
+QUIET = ["train.progress=false", "data.train_per_class=16", "data.test_per_class=5"]
+
+
+def _trainer(tmp_path, overrides=(), preset="tiny_clip_adapter") -> Trainer:
+    return Trainer(load_config(preset, [*QUIET, *overrides]), tmp_path / preset)
+
+
+def test_adapters_sit_in_the_image_tower_and_train_with_the_current_context(tmp_path):
+    method = _trainer(tmp_path, ["method.blocks=[1]"]).method
+    blocks = method.backbone.clip.visual.transformer.resblocks
+    assert sorted(method.tuned) == ["b1"] and isinstance(blocks[1].mlp, AdapterMLP)
+    assert not isinstance(blocks[0].mlp, AdapterMLP)
+    adapter = blocks[1].mlp
+    method.begin_task(1)
+    trainable = method.trainable_parameters()
+    assert trainable[:2] == [adapter.down, adapter.up] and trainable[2] is method.text_ctx[1]
+    state = method.trainable_state_dict()
+    assert set(state) == {"backbone.clip.visual.transformer.resblocks.1.mlp.down",
+                          "backbone.clip.visual.transformer.resblocks.1.mlp.up", "text_ctx.0", "text_ctx.1"}
+    x = torch.rand(2, 3, 16, 16)
+    method.train()
+    with torch.enable_grad():
+        method(x).logits.sum().backward()
+    assert adapter.down.grad is not None and method.text_ctx[1].grad is not None
+    assert all(p.grad is None for p in adapter.mlp.parameters())
+    with pytest.raises(ConfigError, match="block 2 does not exist in a 2-block ViT"):
+        _trainer(tmp_path / "b", ["method.blocks=[2]"])
+    with pytest.raises(ConfigError, match="method.hidden must be >= 1"):
+        _trainer(tmp_path / "c", ["method.hidden=0"])
+
+
+def _old_image_features_change(tmp_path, pgp: bool) -> tuple[float, float, bool]:
+    """Task 1, then task 2 (Adam, target update, eps 1, no weight decay): relative change of task-1
+    images' image features and of the adapters, and whether the frozen CLIP weights are bit-identical."""
+    tr = _trainer(tmp_path, [
+        f"pgp.enabled={str(pgp).lower()}", "pgp.eps={adapter_down: 1.0, adapter_up: 1.0}", "train.optimizer=adam",
+        "pgp.target=update", "train.lr=0.05", "method.first_task_lr=0.05", "train.weight_decay=0.0",
+        "method.first_task_weight_decay=0.0", "train.epochs=2",
+    ], "tiny_clip_adapter_pgp" if pgp else "tiny_clip_adapter")
+    method = tr.method
+    tuned = set(method.image_parameters())
+    frozen = {k: v.clone() for k, v in method.state_dict().items() if k not in tuned and "text_ctx" not in k}
+    tr.run_task(0)
+    x, _, _ = next(iter(tr.scenario.sample_loader(0, 64, 64, seed=1, augment=False)))
+    with torch.no_grad():
+        before = method.encode_image(x).clone()
+    adapters = torch.cat([p.detach().flatten() for p in method.image_parameters().values()]).clone()
+    tr.run_task(1)
+    with torch.no_grad():
+        after = method.encode_image(x)
+    moved = torch.cat([p.detach().flatten() for p in method.image_parameters().values()]) - adapters
+    now = method.state_dict()
+    same = all(torch.equal(v, now[k]) for k, v in frozen.items())
+    return float((after - before).norm() / before.norm()), float(moved.norm() / adapters.norm()), same
+
+
+def test_pgp_keeps_old_images_features_and_the_frozen_weights(tmp_path):
+    rel_on, moved_on, same_on = _old_image_features_change(tmp_path / "on", True)
+    rel_off, _, same_off = _old_image_features_change(tmp_path / "off", False)
+    assert same_on and same_off
+    assert rel_on < 1e-5 and moved_on > 1e-3, "the adapters still learn, outside the old inputs' span"
+    assert rel_off > 1e3 * rel_on
+
+
+def test_killed_mid_task_resumes_exactly(tmp_path):
+    assert_killed_mid_task_resumes_exactly(tmp_path, "tiny_clip_adapter_pgp")
+
+
+def test_cli_paired_runs_and_report(tmp_path, capsys):
+    for preset in ("tiny_clip_adapter", "tiny_clip_adapter_pgp"):
+        assert main(["train", preset, f"output_dir={tmp_path}", *QUIET]) == 0
+    r = json.loads((tmp_path / "tiny_clip_adapter_pgp" / "seed0" / "results.json").read_text())
+    assert {p["group"] for p in r["projection"]} == {f"b{i}.{w}" for i in range(2) for w in ("down", "up")}
+    assert main(["train", "tiny_clip_adapter_pgp", "pgp.mode=reference", f"output_dir={tmp_path / 'r'}", *QUIET]) == 2
+    assert "use pgp.mode=feature" in capsys.readouterr().err
+    from test_lora import eval_and_report
+
+    out = eval_and_report(tmp_path, "tiny_clip_adapter", "tiny_clip_adapter_pgp", capsys)
+    assert "clip_adapter-PGP" in out and "PGP - baseline" in out and "b1.up" in out
