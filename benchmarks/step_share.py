@@ -6,8 +6,9 @@ around the optimizer step (``before_step``: gradient projection and snapshots; `
 projection or step bookkeeping). Reports the median step, the median time in the hooks and their
 share, per projection target. Issue #4's budget is "projection under 5% of step time".
 
-    python benchmarks/step_share.py                      # the demo presets of all five ViT learners
+    python benchmarks/step_share.py                      # the demo presets of all six ViT learners
     python benchmarks/step_share.py --presets tiny_lora_pgp,tiny_adapter_pgp --targets update
+    python benchmarks/step_share.py --presets demo_dualprompt_pgp method.key_basis=head
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from _common import add_common_args, clock, finish, med, setup, table
 DEFAULT = "demo_l2p_pgp,demo_dualprompt_pgp,demo_coda_prompt_pgp,demo_lora_pgp,demo_adapter_pgp,demo_prefix_pgp"
 
 
-def measure(preset: str, target: str, threads: int) -> dict:
+def measure(preset: str, target: str, threads: int, extra: list[str]) -> dict:
     from pgpcl.config import load_config
     from pgpcl.engine.trainer import Trainer
 
-    overrides = ["train.progress=false", f"pgp.target={target}", f"train.num_threads={threads}"]
+    overrides = ["train.progress=false", f"pgp.target={target}", f"train.num_threads={threads}", *extra]
     with tempfile.TemporaryDirectory() as tmp:
         tr = Trainer(load_config(preset, overrides), Path(tmp) / "run")
         hooks, steps, current = tr.pgp, [], {"hooks": 0.0}
@@ -62,9 +63,10 @@ def main() -> None:
     add_common_args(p)
     p.add_argument("--presets", default=DEFAULT)
     p.add_argument("--targets", default="gradient,update")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides applied to every preset")
     args = p.parse_args()
     mach = setup(args)
-    results = [measure(preset, target, args.threads)
+    results = [measure(preset, target, args.threads, args.overrides)
                for preset in args.presets.split(",") for target in args.targets.split(",")]
     rows = [[r["preset"], r["target"], r["groups"], r["steps"], 1e3 * r["median_step_s"], 1e3 * r["median_hooks_s"],
              r["hooks_pct_of_step"]] for r in results]

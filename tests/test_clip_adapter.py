@@ -96,3 +96,16 @@ def test_cli_paired_runs_and_report(tmp_path, capsys):
 
     out = eval_and_report(tmp_path, "tiny_clip_adapter", "tiny_clip_adapter_pgp", capsys)
     assert "clip_adapter-PGP" in out and "PGP - baseline" in out and "b1.up" in out
+
+
+def test_full_size_presets_follow_the_clip_protocol():
+    """cifar100_10_clip_adapter(_pgp): the CLIP prompt learner's released schedule and data, adapters
+    instead of the image prompt."""
+    adapter, prompt = load_config("cifar100_10_clip_adapter_pgp"), load_config("cifar100_10_clip_pgp")
+    assert adapter.method.name == "clip_adapter" and adapter.pgp.enabled
+    assert (adapter.method.params.hidden, adapter.method.params.scale, adapter.method.params.blocks) == (64, 0.1, None)
+    assert adapter.train == prompt.train and adapter.data == prompt.data and adapter.backbone == prompt.backbone
+    a, p = adapter.method.params, prompt.method.params
+    assert (a.text_length, a.first_task_lr, a.first_task_weight_decay) == (p.text_length, p.first_task_lr,
+                                                                          p.first_task_weight_decay)
+    assert not load_config("cifar100_10_clip_adapter").pgp.enabled

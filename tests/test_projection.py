@@ -300,6 +300,48 @@ def test_update_target_without_step_leak_bookkeeping_projects_identically():
     assert float((finals[1] @ memory.basis("w").float()).norm()) > 0  # the start's own component stays
 
 
+def _several_groups_on_one_parameter(param, overlap: bool = False) -> tuple[list[ProtectedGroup], SubspaceMemory]:
+    """Per-head-like column blocks of one row-set, a transposed view of the other (its basis full),
+    and optionally a group overlapping the first."""
+    memory = SubspaceMemory()
+    for name, dim, rank in (("h0", 4, 2), ("h1", 4, 3), ("t", 5, 5), ("o", 8, 2)):
+        rows = rows_with_spectrum([1.0] * rank, orthonormal(dim, rank, seed=dim + rank), n=rank + 5, seed=rank)
+        feature_update(memory, name, rows, 1.0)
+    groups = [ProtectedGroup("h0", "k", param, lambda t: t[0, :, :4]), ProtectedGroup("h1", "k", param, lambda t: t[0, :, 4:]),
+              ProtectedGroup("t", "v", param, lambda t: t[1].transpose(0, 1))]
+    if overlap:
+        groups.append(ProtectedGroup("o", "k", param, lambda t: t[0]))
+    return groups, memory
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_update_target_with_several_groups_on_one_parameter(overlap):
+    """Disjoint groups on one parameter share one snapshot per step (the engine's fast path): the same
+    parameters, bit for bit, as one snapshot per group; overlapping ones keep the per-group path."""
+    finals = []
+    for measure in (True, False):
+        torch.manual_seed(0)
+        param = nn.Parameter(torch.randn(2, 5, 8))  # (key / value, L, D)
+        groups, memory = _several_groups_on_one_parameter(param, overlap)
+        projector = Projector(groups, memory, target="update", measure_step_leak=measure)
+        assert projector._per_param == (not measure and not overlap)
+        opt = torch.optim.Adam([param], lr=0.05)
+        start = param.detach().clone()
+        for _ in range(4):
+            opt.zero_grad()
+            (param.square() * torch.linspace(0.5, 2, 8)).sum().backward()
+            projector.before_step()
+            opt.step()
+            projector.after_step()
+        delta = param.detach() - start
+        assert torch.equal(delta[1], torch.zeros_like(delta[1]))  # the transposed view's basis is full
+        for g in groups[:2] if not overlap else groups[3:]:  # (undoing "o" can re-enter h0's span)
+            u = memory.basis(g.name).float()
+            assert float((g.select(delta) @ u).norm()) < 1e-6 * float(g.select(delta).norm())
+        finals.append(param.detach().clone())
+    assert torch.equal(finals[0], finals[1])
+
+
 def test_view_protects_only_the_selected_slice():
     dim = 8
     memory = basis_with_rank(dim, 3)

@@ -44,7 +44,8 @@ class _Operator:
     def component(self, x: Tensor) -> Tensor:
         """The part of x (..., D) in span(U): x U U^T, same shape, compute dtype (x itself when full, so
         that subtracting it leaves exactly 0)."""
-        x = x.to(self.basis.dtype)
+        if x.dtype != self.basis.dtype:  # a no-op .to() still costs a dispatch, per group and step
+            x = x.to(self.basis.dtype)
         if self.full:
             return x
         if self.outer is not None:
@@ -57,13 +58,23 @@ class _Operator:
         ``current - (current - before)`` is not in floating point."""
         if self.full:
             current.copy_(before)
-        else:
-            current.sub_((self.component(current - before) if comp is None else comp).to(current.dtype))
+            return
+        comp = self.component(current - before) if comp is None else comp
+        current.sub_(comp if comp.dtype == current.dtype else comp.to(current.dtype))
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # Half-precision projections would leave a visible component in span(U); do them in float32.
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _disjoint(groups: Sequence[ProtectedGroup]) -> bool:
+    """Whether no element of any parameter lies in two groups' views (checked once, on a count tensor)."""
+    counts: dict[int, Tensor] = {}
+    for g in groups:
+        c = counts.setdefault(id(g.param), torch.zeros(g.param.shape, dtype=torch.int32))
+        g.select(c).add_(1)
+    return all(int(c.max()) <= 1 for c in counts.values())
 
 
 def _ratio(num: Tensor, den: Tensor) -> Tensor:
@@ -90,6 +101,10 @@ class Projector:
         self.measure_step_leak = measure_step_leak
         self._ops: dict[str, _Operator] = {}
         self._step_before: dict[str, Tensor] = {}
+        self._param_before: dict[int, Tensor] = {}
+        # target=update without the step leak snapshots each protected parameter once, not each group,
+        # when the groups on it do not overlap (several groups per parameter: per-head key bases, ...).
+        self._per_param = target == "update" and not measure_step_leak and _disjoint(self.groups)
         self._step_leak: dict[str, tuple[Tensor, Tensor]] = {}
         self._task_start: dict[str, Tensor] = {}
 
@@ -138,7 +153,10 @@ class Projector:
         if self.target == "gradient":
             self.project_gradients()
         self._step_before.clear()
-        if self.target == "update" or self.measure_step_leak:
+        if self._per_param:
+            self._param_before = {id(g.param): g.param.detach().clone() for g in self.groups
+                                  if self._operator(g) is not None}
+        elif self.target == "update" or self.measure_step_leak:
             for group in self.groups:
                 if self._operator(group) is not None:
                     self._step_before[group.name] = snapshot(group)
@@ -151,6 +169,9 @@ class Projector:
         gradients, and the correction is applied again after every step.
         """
         self._step_leak.clear()
+        if self._per_param:
+            self._undo_inside_per_param()
+            return
         for group in self.groups:
             before = self._step_before.get(group.name)
             op = self._operator(group)
@@ -169,6 +190,26 @@ class Projector:
                 comp = op.component(delta)
             self._step_leak[group.name] = (raw, _ratio(comp.norm(), delta.norm().to(comp.dtype)))
         self._step_before.clear()
+
+    def _undo_inside_per_param(self) -> None:
+        """target=update from per-parameter snapshots: one change per parameter, each group's part of it
+        projected (the groups are disjoint, so the order does not matter)."""
+        deltas = {key: None for key in self._param_before}
+        for group in self.groups:
+            before = self._param_before.get(id(group.param))
+            op = self._operator(group)
+            if before is None or op is None:
+                continue
+            current = group.selected_data()
+            if op.full:
+                current.copy_(group.select(before))
+                continue
+            delta = deltas[id(group.param)]
+            if delta is None:
+                delta = deltas[id(group.param)] = group.param.detach() - before
+            comp = op.component(group.select(delta))
+            current.sub_(comp if comp.dtype == current.dtype else comp.to(current.dtype))
+        self._param_before = {}
 
     def step_leak(self) -> dict[str, dict[str, float]]:
         """Leak of the last step per protected group with a basis (synchronises with the device).
