@@ -13,6 +13,7 @@ from pgpcl.config import PGPConfig
 from pgpcl.errors import CheckpointError, ConfigError
 from pgpcl.projection import (
     PGP,
+    Block,
     GramCollector,
     Projector,
     ProtectedGroup,
@@ -300,6 +301,19 @@ def test_update_target_without_step_leak_bookkeeping_projects_identically():
     assert float((finals[1] @ memory.basis("w").float()).norm()) > 0  # the start's own component stays
 
 
+def _adam_steps(param, projector, steps: int = 4) -> torch.Tensor:
+    """Adam steps on a coordinate-weighted square loss with ``projector`` around each; the change."""
+    opt = torch.optim.Adam([param], lr=0.05)
+    start = param.detach().clone()
+    for _ in range(steps):
+        opt.zero_grad()
+        (param.square() * torch.linspace(0.5, 2, param.shape[-1])).sum().backward()
+        projector.before_step()
+        opt.step()
+        projector.after_step()
+    return param.detach() - start
+
+
 def _several_groups_on_one_parameter(param, overlap: bool = False) -> tuple[list[ProtectedGroup], SubspaceMemory]:
     """Per-head-like column blocks of one row-set, a transposed view of the other (its basis full),
     and optionally a group overlapping the first."""
@@ -325,21 +339,65 @@ def test_update_target_with_several_groups_on_one_parameter(overlap):
         groups, memory = _several_groups_on_one_parameter(param, overlap)
         projector = Projector(groups, memory, target="update", measure_step_leak=measure)
         assert projector._per_param == (not measure and not overlap)
-        opt = torch.optim.Adam([param], lr=0.05)
-        start = param.detach().clone()
-        for _ in range(4):
-            opt.zero_grad()
-            (param.square() * torch.linspace(0.5, 2, 8)).sum().backward()
-            projector.before_step()
-            opt.step()
-            projector.after_step()
-        delta = param.detach() - start
+        delta = _adam_steps(param, projector)
         assert torch.equal(delta[1], torch.zeros_like(delta[1]))  # the transposed view's basis is full
         for g in groups[:2] if not overlap else groups[3:]:  # (undoing "o" can re-enter h0's span)
             u = memory.basis(g.name).float()
             assert float((g.select(delta) @ u).norm()) < 1e-6 * float(g.select(delta).norm())
         finals.append(param.detach().clone())
     assert torch.equal(finals[0], finals[1])
+
+
+def _head_groups(param, blocks: bool) -> tuple[list[ProtectedGroup], SubspaceMemory]:
+    """Two 'heads' (columns 0-3, 4-7) of param[0], one with a rank-2 basis and one whose basis is full."""
+    memory = SubspaceMemory()
+    for name, rank in (("h0", 2), ("h1", 4)):
+        rows = rows_with_spectrum([1.0] * rank, orthonormal(4, rank, seed=rank), n=rank + 5, seed=rank)
+        feature_update(memory, name, rows, 1.0)
+    wide = lambda t: t[0]  # noqa: E731
+    groups = [ProtectedGroup(name, "k", param, lambda t, c=cols: t[0][..., c], block=Block("l0", wide, cols) if blocks else None)
+              for name, cols in (("h0", slice(0, 4)), ("h1", slice(4, 8)))]
+    return groups, memory
+
+
+@pytest.mark.parametrize("target", ["gradient", "update"])
+def test_block_groups_are_projected_together_as_each_alone(target):
+    """Block siblings (per-head bases) applied as one block-diagonal projection: the same parameters as
+    one projection per group (to float rounding), the full block's part held exactly."""
+    finals = []
+    for blocks in (False, True):
+        torch.manual_seed(0)
+        param = nn.Parameter(torch.randn(2, 5, 8))
+        groups, memory = _head_groups(param, blocks)
+        projector = Projector(groups, memory, target=target, measure_step_leak=False)
+        assert len(projector._units) == (1 if blocks else 2)
+        delta = _adam_steps(param, projector)
+        u = memory.basis("h0").float()
+        if target == "update":
+            assert torch.equal(delta[0, :, 4:], torch.zeros(5, 4))  # full block: exactly undone
+            assert float((delta[0, :, :4] @ u).norm()) < 1e-6 * float(delta[0, :, :4].norm())
+        assert float(delta[1].norm()) > 0  # outside every group: free
+        finals.append(param.detach().clone())
+    torch.testing.assert_close(finals[0], finals[1], atol=1e-6, rtol=0)
+
+
+def test_block_groups_zero_a_full_blocks_gradient_exactly():
+    param = nn.Parameter(torch.randn(2, 5, 8))
+    groups, memory = _head_groups(param, True)
+    param.grad = torch.randn(2, 5, 8)
+    expected = param.grad.clone()
+    u = memory.basis("h0").float()
+    expected[0, :, :4] -= expected[0, :, :4] @ u @ u.T
+    expected[0, :, 4:] = 0
+    Projector(groups, memory).project_gradients()
+    assert torch.equal(param.grad[0, :, 4:], torch.zeros(5, 4))
+    torch.testing.assert_close(param.grad, expected, atol=1e-6, rtol=0)
+
+
+def test_a_block_must_be_the_groups_own_columns():
+    param = nn.Parameter(torch.randn(2, 5, 8))
+    with pytest.raises(ValueError, match=r"block.view\(t\)\[..., block.cols\]"):
+        ProtectedGroup("h0", "k", param, lambda t: t[0][..., :4], block=Block("l0", lambda t: t[0], slice(4, 8)))
 
 
 def test_view_protects_only_the_selected_slice():

@@ -138,21 +138,22 @@ class KeyPrefixBases:
         self.per_head = per_head
         width = embed_dim // num_heads if per_head else embed_dim
         cuts = [(f".h{h}", slice(h * width, (h + 1) * width)) for h in range(num_heads)] if per_head else [("", slice(None))]
-        self.parts = [(name + suffix, param, _columns(view, cols), layer, cols)
+        self.parts = [(name + suffix, param, _columns(view, cols), layer, cols, name, view)
                       for name, param, view, layer in entries for suffix, cols in cuts]
 
     def groups(self, kind: str, eps: float, components: int | None = None):
         """``components``: the released arithmetic's PCA width; per-head bases have no released arithmetic,
         so they get none and ``pgp.mode=reference`` is refused for them."""
-        from pgpcl.projection import ProtectedGroup
+        from pgpcl.projection import Block, ProtectedGroup
 
         components = None if self.per_head else components
-        return [ProtectedGroup(name, kind, param, view, eps, components=components)
-                for name, param, view, _, _ in self.parts]
+        return [ProtectedGroup(name, kind, param, view, eps, components=components,
+                               block=Block(key, base, cols) if self.per_head else None)
+                for name, param, view, _, cols, key, base in self.parts]
 
     def rows(self, queries: dict[int, Tensor]) -> dict[str, Tensor]:
         """{layer: queries W_q LN(x) (B, T, D)} -> {group: (B, T, D or D / H)}."""
-        return {name: queries[layer][..., cols] for name, _, _, layer, cols in self.parts}
+        return {name: queries[layer][..., cols] for name, _, _, layer, cols, *_ in self.parts}
 
 
 def _columns(view, cols: slice):

@@ -7,12 +7,13 @@ updates out of those bases and measures the leak. :class:`PGP` ties them to a ``
 """
 
 from pgpcl.projection.collect import GramCollector, RepresentationCollector, SampleCollector
-from pgpcl.projection.groups import ProtectedGroup
+from pgpcl.projection.groups import Block, ProtectedGroup
 from pgpcl.projection.memory import SubspaceMemory, UpdateInfo
 from pgpcl.projection.pgp import PGP, resolve_eps
 from pgpcl.projection.projector import Projector
 
 __all__ = [
+    "Block",
     "PGP",
     "GramCollector",
     "ProtectedGroup",

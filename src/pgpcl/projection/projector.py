@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from pgpcl.projection.groups import ProtectedGroup, check_unique, snapshot
+from pgpcl.projection.groups import ProtectedGroup, check_unique, shares_storage, snapshot
 from pgpcl.projection.memory import SubspaceMemory
 
 Target = Literal["gradient", "update"]
@@ -63,9 +63,43 @@ class _Operator:
         current.sub_(comp if comp.dtype == current.dtype else comp.to(current.dtype))
 
 
+@dataclass
+class _BlockOperator:
+    """The projection of one set of column-block groups (:class:`Block`) as one block-diagonal matrix."""
+
+    versions: tuple[tuple[int, int], ...]
+    outer: Tensor | None  # (D_all, D_all) compute dtype: U_h U_h^T on each partial block, 0 elsewhere; None if none
+    full: Tensor | None  # columns of the blocks whose basis spans their whole space (set exactly), or None
+
+    def cast(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """x U U^T over the partial blocks, in ``dtype``."""
+        x = x if x.dtype == self.outer.dtype else x.to(self.outer.dtype)
+        y = x @ self.outer
+        return y if y.dtype == dtype else y.to(dtype)
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # Half-precision projections would leave a visible component in span(U); do them in float32.
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _units(groups: Sequence[ProtectedGroup]) -> list[ProtectedGroup | list[ProtectedGroup]]:
+    """The groups in order, each set of :class:`Block` siblings gathered into one list (applied together)."""
+    units: list = []
+    blocks: dict[str, list[ProtectedGroup]] = {}
+    for g in groups:
+        if g.block is None:
+            units.append(g)
+            continue
+        members = blocks.get(g.block.key)
+        if members is None:
+            members = blocks[g.block.key] = []
+            units.append(members)
+        elif members[0].param is not g.param:
+            raise ValueError(f"groups '{members[0].name}' and '{g.name}' share block key '{g.block.key}' "
+                             "but not their parameter")
+        members.append(g)
+    return units
 
 
 def _disjoint(groups: Sequence[ProtectedGroup]) -> bool:
@@ -100,6 +134,8 @@ class Projector:
         self.target: Target = target
         self.measure_step_leak = measure_step_leak
         self._ops: dict[str, _Operator] = {}
+        self._block_ops: dict[str, _BlockOperator] = {}
+        self._units = _units(self.groups)
         self._step_before: dict[str, Tensor] = {}
         self._param_before: dict[int, Tensor] = {}
         # target=update without the step leak snapshots each protected parameter once, not each group,
@@ -132,6 +168,36 @@ class Projector:
         self._ops[group.name] = op
         return op
 
+    def _block_operator(self, members: list[ProtectedGroup]) -> _BlockOperator | None:
+        """The cached operator of one set of block groups, refreshed when any basis changed; None while
+        all are empty."""
+        versions = tuple((self.memory.version(g.name), self.memory.rank(g.name)) for g in members)
+        if all(rank == 0 for _, rank in versions):
+            return None
+        key = members[0].block.key
+        op = self._block_ops.get(key)
+        if op is not None and op.versions == versions:
+            return op
+        first = members[0]
+        width = first.block.view(first.param.detach()).shape[-1]
+        dtype, device = _compute_dtype(first.param.dtype), first.param.device
+        outer, full = None, []
+        for g in members:
+            basis = self.memory.basis(g.name)
+            if basis is None or basis.shape[1] == 0:
+                continue
+            if basis.shape[0] != g.dim:
+                raise ValueError(f"group '{g.name}': basis is {basis.shape[0]}-D, the parameter view is {g.dim}-D")
+            if basis.shape[1] == basis.shape[0]:
+                full.extend(range(width)[g.block.cols])
+                continue
+            outer = torch.zeros(width, width, dtype=dtype, device=device) if outer is None else outer
+            u = basis.to(device, dtype)
+            outer[g.block.cols, g.block.cols] = u @ u.T
+        op = _BlockOperator(versions, outer, torch.tensor(full, device=device) if full else None)
+        self._block_ops[key] = op
+        return op
+
     def active(self) -> bool:
         """True when at least one group has a non-empty basis (from the second task on)."""
         return any(self.memory.rank(g.name) > 0 for g in self.groups)
@@ -141,11 +207,27 @@ class Projector:
     @torch.no_grad()
     def project_gradients(self) -> None:
         """In place, for every group with a basis and a gradient: g_view <- g_view - g_view U U^T."""
-        for group in self.groups:
-            op = self._operator(group)
-            grad = group.selected_grad() if op is not None else None
+        for unit in self._units:
+            if isinstance(unit, list):
+                self._project_block_gradients(unit)
+                continue
+            op = self._operator(unit)
+            grad = unit.selected_grad() if op is not None else None
             if grad is not None:
                 grad.sub_(op.component(grad).to(grad.dtype))
+
+    def _project_block_gradients(self, members: list[ProtectedGroup]) -> None:
+        op = self._block_operator(members)
+        grad = members[0].param.grad
+        if op is None or grad is None:
+            return
+        wide = members[0].block.view(grad)
+        if not shares_storage(wide, grad):
+            raise RuntimeError(f"group '{members[0].name}': block view copied the gradient (strides {grad.stride()})")
+        if op.outer is not None:
+            wide.sub_(op.cast(wide, wide.dtype))
+        if op.full is not None:
+            wide.index_fill_(-1, op.full, 0)
 
     @torch.no_grad()
     def before_step(self) -> None:
@@ -155,7 +237,7 @@ class Projector:
         self._step_before.clear()
         if self._per_param:
             self._param_before = {id(g.param): g.param.detach().clone() for g in self.groups
-                                  if self._operator(g) is not None}
+                                  if self.memory.rank(g.name) > 0}
         elif self.target == "update" or self.measure_step_leak:
             for group in self.groups:
                 if self._operator(group) is not None:
@@ -195,7 +277,10 @@ class Projector:
         """target=update from per-parameter snapshots: one change per parameter, each group's part of it
         projected (the groups are disjoint, so the order does not matter)."""
         deltas = {key: None for key in self._param_before}
-        for group in self.groups:
+        for group in self._units:
+            if isinstance(group, list):
+                self._undo_block_inside(group)
+                continue
             before = self._param_before.get(id(group.param))
             op = self._operator(group)
             if before is None or op is None:
@@ -210,6 +295,19 @@ class Projector:
             comp = op.component(group.select(delta))
             current.sub_(comp if comp.dtype == current.dtype else comp.to(current.dtype))
         self._param_before = {}
+
+    def _undo_block_inside(self, members: list[ProtectedGroup]) -> None:
+        first = members[0]
+        before = self._param_before.get(id(first.param))
+        op = self._block_operator(members)
+        if before is None or op is None:
+            return
+        view = first.block.view
+        current, start = view(first.param.detach()), view(before)
+        if op.outer is not None:
+            current.sub_(op.cast(current - start, current.dtype))
+        if op.full is not None:
+            current.index_copy_(-1, op.full, start.index_select(-1, op.full))
 
     def step_leak(self) -> dict[str, dict[str, float]]:
         """Leak of the last step per protected group with a basis (synchronises with the device).
