@@ -129,6 +129,12 @@ def test_cli_paired_runs_and_report(tmp_path, capsys):
     assert all(g["rank"] > 0 for g in groups.values())
     assert all(g["dim"] == 2 for n, g in groups.items() if n.startswith("value"))
     assert main(["train", "tiny_prefix_pgp", "pgp.mode=reference", f"output_dir={tmp_path / 'r'}", *QUIET]) == 2
+    assert "set method.key_basis=layer, or keep per-head bases with pgp.mode=feature" in capsys.readouterr().err
+    assert main(["train", "tiny_prefix_pgp", "pgp.mode=reference", "method.key_basis=layer",
+                 f"output_dir={tmp_path / 'r'}", *QUIET]) == 2  # the value groups have no released arithmetic
     assert "use pgp.mode=feature" in capsys.readouterr().err
+    assert main(["train", "tiny_dualprompt_pgp", "pgp.mode=reference", "method.key_basis=head",
+                 f"output_dir={tmp_path / 'd'}", *QUIET]) == 2
+    assert "set method.key_basis=layer" in capsys.readouterr().err
     out = eval_and_report(tmp_path, "tiny_prefix", "tiny_prefix_pgp", capsys)
     assert "prefix-PGP" in out and "PGP - baseline" in out and "value.l3" in out

@@ -372,6 +372,9 @@ def validate(cfg: Config) -> None:
     check = getattr(cfg.method.params, "validate", None)
     if check is not None:
         check()
+    if p.enabled and p.mode == "reference" and getattr(cfg.method.params, "key_basis", None) == "head":
+        raise ConfigError("pgp.mode=reference reproduces the released one-basis-per-layer arithmetic; "
+                          "set method.key_basis=layer, or keep per-head bases with pgp.mode=feature")
 
 
 # ----------------------------------------------------------------------------------------------------
