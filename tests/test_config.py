@@ -71,6 +71,8 @@ def test_overrides_are_typed():
         ("method.top_k=9", "larger than method.pool_size"),
         ("pgp.enabled=maybe", "must be true or false"),
         ("method.name=l3p", "did you mean 'l2p'"),
+        ("name=on", "quote the text: name=\"'...'\""),
+        ("output_dir=2024", "got 2024 (YAML reads"),
     ],
 )
 def test_bad_config_rejected_with_hint(override, expected):
@@ -96,6 +98,11 @@ def test_roundtrip_through_dict():
     cfg = load_config("tiny_dualprompt_pgp")
     again = config_from_dict(cfg.to_dict())
     assert again == cfg
+
+
+def test_quoted_override_keeps_yaml_words_as_text():
+    cfg = load_config("tiny_l2p", ["name='on'", "output_dir='2024'"])
+    assert (cfg.name, cfg.output_dir) == ("on", "2024")
 
 
 def test_override_requires_equals():

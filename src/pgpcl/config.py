@@ -281,6 +281,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, (bool, int, float)):  # YAML read on / yes / 2024 / 0123 as a bool or number
+            raise ConfigError(
+                f"config key '{key}' must be a string, got {value!r} (YAML reads on, yes, no and bare numbers "
+                f"as booleans and numbers); quote the text: {key}=\"'...'\" on the command line, '...' in YAML"
+            )
         raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
     if dataclasses.is_dataclass(tp):
         return build_dataclass(tp, value, key)
