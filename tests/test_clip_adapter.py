@@ -48,14 +48,16 @@ def test_adapters_sit_in_the_image_tower_and_train_with_the_current_context(tmp_
         _trainer(tmp_path / "c", ["method.hidden=0"])
 
 
-def _old_image_features_change(tmp_path, pgp: bool) -> tuple[float, float, bool]:
+def old_image_features_change(tmp_path, pgp: bool, preset: str = "tiny_clip_adapter",
+                              kinds=("adapter_down", "adapter_up")) -> tuple[float, float, bool]:
     """Task 1, then task 2 (Adam, target update, eps 1, no weight decay): relative change of task-1
-    images' image features and of the adapters, and whether the frozen CLIP weights are bit-identical."""
+    images' image features and of the tuned modules, and whether the frozen CLIP weights are bit-identical."""
+    eps = ", ".join(f"{k}: 1.0" for k in kinds)
     tr = _trainer(tmp_path, [
-        f"pgp.enabled={str(pgp).lower()}", "pgp.eps={adapter_down: 1.0, adapter_up: 1.0}", "train.optimizer=adam",
+        f"pgp.enabled={str(pgp).lower()}", f"pgp.eps={{{eps}}}", "train.optimizer=adam",
         "pgp.target=update", "train.lr=0.05", "method.first_task_lr=0.05", "train.weight_decay=0.0",
         "method.first_task_weight_decay=0.0", "train.epochs=2",
-    ], "tiny_clip_adapter_pgp" if pgp else "tiny_clip_adapter")
+    ], preset)
     method = tr.method
     tuned = set(method.image_parameters())
     frozen = {k: v.clone() for k, v in method.state_dict().items() if k not in tuned and "text_ctx" not in k}
@@ -74,8 +76,8 @@ def _old_image_features_change(tmp_path, pgp: bool) -> tuple[float, float, bool]
 
 
 def test_pgp_keeps_old_images_features_and_the_frozen_weights(tmp_path):
-    rel_on, moved_on, same_on = _old_image_features_change(tmp_path / "on", True)
-    rel_off, _, same_off = _old_image_features_change(tmp_path / "off", False)
+    rel_on, moved_on, same_on = old_image_features_change(tmp_path / "on", True)
+    rel_off, _, same_off = old_image_features_change(tmp_path / "off", False)
     assert same_on and same_off
     assert rel_on < 1e-5 and moved_on > 1e-3, "the adapters still learn, outside the old inputs' span"
     assert rel_off > 1e3 * rel_on
@@ -85,16 +87,22 @@ def test_killed_mid_task_resumes_exactly(tmp_path):
     assert_killed_mid_task_resumes_exactly(tmp_path, "tiny_clip_adapter_pgp")
 
 
-def test_cli_paired_runs_and_report(tmp_path, capsys):
-    for preset in ("tiny_clip_adapter", "tiny_clip_adapter_pgp"):
-        assert main(["train", preset, f"output_dir={tmp_path}", *QUIET]) == 0
-    r = json.loads((tmp_path / "tiny_clip_adapter_pgp" / "seed0" / "results.json").read_text())
-    assert {p["group"] for p in r["projection"]} == {f"b{i}.{w}" for i in range(2) for w in ("down", "up")}
-    assert main(["train", "tiny_clip_adapter_pgp", "pgp.mode=reference", f"output_dir={tmp_path / 'r'}", *QUIET]) == 2
-    assert "use pgp.mode=feature" in capsys.readouterr().err
+def paired_cli_runs(tmp_path, capsys, preset: str, groups: set[str]) -> str:
+    """``preset`` and ``preset``_pgp through the CLI (reference mode refused), the PGP run's groups
+    checked; ``pgpcl eval`` and ``pgpcl report`` of the pair: the report's text."""
     from test_lora import eval_and_report
 
-    out = eval_and_report(tmp_path, "tiny_clip_adapter", "tiny_clip_adapter_pgp", capsys)
+    for name in (preset, f"{preset}_pgp"):
+        assert main(["train", name, f"output_dir={tmp_path}", *QUIET]) == 0
+    r = json.loads((tmp_path / f"{preset}_pgp" / "seed0" / "results.json").read_text())
+    assert {p["group"] for p in r["projection"]} == groups
+    assert main(["train", f"{preset}_pgp", "pgp.mode=reference", f"output_dir={tmp_path / 'r'}", *QUIET]) == 2
+    assert "use pgp.mode=feature" in capsys.readouterr().err
+    return eval_and_report(tmp_path, preset, f"{preset}_pgp", capsys)
+
+
+def test_cli_paired_runs_and_report(tmp_path, capsys):
+    out = paired_cli_runs(tmp_path, capsys, "tiny_clip_adapter", {f"b{i}.{w}" for i in range(2) for w in ("down", "up")})
     assert "clip_adapter-PGP" in out and "PGP - baseline" in out and "b1.up" in out
 
 

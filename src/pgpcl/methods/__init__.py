@@ -13,6 +13,7 @@ METHODS: Registry[type[Method]] = Registry("method")
 from pgpcl.methods import (  # noqa: E402,F401
     adapter,
     clip_adapter,
+    clip_lora,
     clip_prompt,
     coda_prompt,
     dualprompt,

@@ -17,16 +17,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor, nn
+from torch import nn
 
 from pgpcl.methods import METHODS
 from pgpcl.methods.adapter import AdapterParams, AdapterPGP
-from pgpcl.methods.clip_prompt import CLIPTextLearner, TextParams
-from pgpcl.methods.vit_common import TunedModulesPGP, attach_modules
+from pgpcl.methods.clip_prompt import CLIPTextLearner, TextParams, TunedImageTower
 
 
 @METHODS.register("clip_adapter")
-class CLIPAdapter(AdapterPGP, TunedModulesPGP, CLIPTextLearner):
+class CLIPAdapter(AdapterPGP, TunedImageTower, CLIPTextLearner):
     @dataclass
     class Params(AdapterParams, TextParams):
         def validate(self) -> None:
@@ -36,19 +35,5 @@ class CLIPAdapter(AdapterPGP, TunedModulesPGP, CLIPTextLearner):
     def init_image_side(self, backbone: nn.Module) -> None:
         from pgpcl.models.adapter import add_adapters
 
-        p, tower = self.params, backbone.clip.visual.transformer
-        self.tuned = attach_modules(
-            lambda blocks, idx: add_adapters(blocks, idx, backbone.embed_dim, p.hidden, p.scale),
-            tower.resblocks, len(tower.resblocks), p.blocks,
-        )
-
-    def image_parameters(self) -> dict[str, nn.Parameter]:
-        """The adapters' weights under their state-dict names (``backbone.clip.visual...mlp.down``)."""
-        mine = {id(getattr(m, attr)) for m in self.tuned.values() for *_, attr in self.maps}
-        return {n: p for n, p in self.named_parameters() if id(p) in mine}
-
-    def encode_image(self, x: Tensor) -> Tensor:
-        return self.backbone.encode_image(x)
-
-    def capture_forward(self, x: Tensor) -> None:
-        self.backbone.encode_image(x)
+        p = self.params
+        self.attach_to_tower(backbone, lambda blocks, idx: add_adapters(blocks, idx, backbone.embed_dim, p.hidden, p.scale))

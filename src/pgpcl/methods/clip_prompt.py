@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from pgpcl.errors import ConfigError
 from pgpcl.methods import METHODS
 from pgpcl.methods.base import Method, MethodOutput
-from pgpcl.methods.vit_common import init_prompt_
+from pgpcl.methods.vit_common import TunedModulesPGP, attach_modules, init_prompt_
 
 CTX_WORD = "X"
 """Placeholder word whose token embeddings the learned context replaces (CoOp)."""
@@ -288,6 +288,28 @@ class CLIPTextLearner(Method):
     def _apply(self, fn, *args, **kwargs):  # .to(device) / .half(): cached features would be stale
         self._text_cache = {}
         return super()._apply(fn, *args, **kwargs)
+
+
+class TunedImageTower(TunedModulesPGP):
+    """Image side for CLIP learners that train modules added inside the image tower (adapters, LoRA):
+    :meth:`attach_to_tower` puts them into ``method.blocks`` of ``visual.transformer.resblocks``; PGP
+    comes from :class:`TunedModulesPGP` (a subclass names ``maps`` and ``captured_rows``)."""
+
+    def attach_to_tower(self, backbone: nn.Module, add) -> None:
+        """``add(resblocks, indices)`` -> {name: module}."""
+        blocks = backbone.clip.visual.transformer.resblocks
+        self.tuned = attach_modules(add, blocks, len(blocks), self.params.blocks)
+
+    def image_parameters(self) -> dict[str, nn.Parameter]:
+        """The added modules' weights under their state-dict names (``backbone.clip.visual...``)."""
+        mine = {id(getattr(m, attr)) for m in self.tuned.values() for *_, attr in self.maps}
+        return {n: p for n, p in self.named_parameters() if id(p) in mine}
+
+    def encode_image(self, x: Tensor) -> Tensor:
+        return self.backbone.encode_image(x)
+
+    def capture_forward(self, x: Tensor) -> None:
+        self.backbone.encode_image(x)
 
 
 @METHODS.register("clip_prompt")

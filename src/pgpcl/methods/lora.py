@@ -25,44 +25,59 @@ from pgpcl.methods.base import Method
 from pgpcl.methods.vit_common import BackboneTuningMethod
 
 
-@METHODS.register("lora")
-class LoRA(BackboneTuningMethod, Method):
-    @dataclass
-    class Params:
-        rank: int = 4
-        alpha: float | None = None
-        """Scale of the update is alpha / rank; None = rank (scale 1)."""
-        blocks: list[int] | None = None
-        """Blocks that get LoRA; None = all."""
-        targets: list[str] = field(default_factory=lambda: ["qkv"])
-        """Linear layers of each block: any of qkv, proj (attention), fc1, fc2 (MLP)."""
+@dataclass
+class LoRAParams:
+    """LoRA's settings, shared by the ViT and CLIP LoRA learners (their Params derive from it)."""
 
-        def validate(self) -> None:
-            from pgpcl.models.lora import TARGETS
+    rank: int = 4
+    alpha: float | None = None
+    """Scale of the update is alpha / rank; None = rank (scale 1)."""
+    blocks: list[int] | None = None
+    """Blocks that get LoRA; None = all."""
+    targets: list[str] = field(default_factory=lambda: ["qkv"])
+    """Layers of each block: on the ViT any of qkv, proj (attention), fc1, fc2 (MLP); on CLIP qkv, fc1, fc2."""
 
-            if self.rank < 1:
-                raise ConfigError(f"method.rank must be >= 1, got {self.rank}")
-            bad = [t for t in self.targets if t not in TARGETS]
-            if bad or not self.targets or len(set(self.targets)) != len(self.targets):
-                raise ConfigError(
-                    f"method.targets must be distinct names from {', '.join(TARGETS)}, got {self.targets}"
-                )
+    def validate(self) -> None:
+        from pgpcl.models.lora import TARGETS
+
+        self.check_targets(TARGETS)
+
+    def check_targets(self, allowed) -> None:
+        if self.rank < 1:
+            raise ConfigError(f"method.rank must be >= 1, got {self.rank}")
+        bad = [t for t in self.targets if t not in allowed]
+        if bad or not self.targets or len(set(self.targets)) != len(self.targets):
+            raise ConfigError(f"method.targets must be distinct names from {', '.join(allowed)}, got {self.targets}")
+
+    @property
+    def scale_alpha(self) -> float:
+        return float(self.rank if self.alpha is None else self.alpha)
+
+
+class LoRAPGP:
+    """What PGP protects of each LoRA module and the rows it gets (module docstring)."""
 
     default_eps = {"lora_a": 0.97, "lora_b": 0.97}
+    maps = (("A", "lora_a", "lora_a"), ("B", "lora_b", "lora_b"))
+
+    def captured_rows(self, name: str, module) -> dict[str, Tensor]:
+        """A: the layer's inputs x (B, T, in); B: x A^T (B, T, r)."""
+        inputs = module.captured
+        return {f"{name}.A": inputs, f"{name}.B": inputs @ module.lora_a.T}
+
+
+@METHODS.register("lora")
+class LoRA(LoRAPGP, BackboneTuningMethod, Method):
+    @dataclass
+    class Params(LoRAParams):
+        pass
+
     basis_timing = "task_end"
     ddp_find_unused_parameters = False
-
-    maps = (("A", "lora_a", "lora_a"), ("B", "lora_b", "lora_b"))
 
     def __init__(self, params: Params, backbone: nn.Module, num_classes: int, task_classes):
         super().__init__(params, num_classes, task_classes)
         from pgpcl.models.lora import add_lora
 
-        alpha = params.rank if params.alpha is None else params.alpha
-        self.attach(backbone, num_classes, lambda vit, blocks: add_lora(vit, blocks, params.targets, params.rank, alpha))
-
-    # -- PGP ---------------------------------------------------------------------------------------
-    def captured_rows(self, name: str, module) -> dict[str, Tensor]:
-        """A: the layer's inputs x (B, T, in); B: x A^T (B, T, r)."""
-        inputs = module.captured
-        return {f"{name}.A": inputs, f"{name}.B": inputs @ module.lora_a.T}
+        self.attach(backbone, num_classes,
+                    lambda vit, blocks: add_lora(vit, blocks, params.targets, params.rank, params.scale_alpha))

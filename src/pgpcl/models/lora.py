@@ -1,4 +1,4 @@
-"""LoRA on a frozen timm ViT: low-rank updates wrapped around chosen linear layers of chosen blocks.
+"""LoRA on a frozen timm ViT or open_clip image tower: low-rank updates wrapped around chosen layers.
 
 ``add_lora`` replaces e.g. ``blocks[i].attn.qkv`` by a :class:`LoRALinear` holding the original
 ``nn.Linear`` (frozen) and two trainable factors, so every code path that calls the layer as a
@@ -8,12 +8,13 @@ module (timm's own block forward included) sees W + scale * B A. timm's files ar
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pgpcl.models.attention import plain_product, plain_product_preferred
 from pgpcl.models.frozen import chosen_blocks
 
 TARGETS = {
@@ -52,6 +53,78 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.lora_a.shape[0]}, scale={self.scale:g}"
+
+
+class LoRAAttention(nn.Module):
+    """open_clip's ``nn.MultiheadAttention`` (batch-first self-attention) with LoRA on its packed q/k/v
+    projection: qkv = W_in x + b_in + scale * (x A^T) B^T; A: (r, D), B: (3D, r), W_in and the output
+    projection frozen. The product is F.scaled_dot_product_attention, or the plain one where that is
+    faster (:func:`plain_product_preferred`). Called as the module it replaces
+    (``attn(x, x, x, need_weights=False, attn_mask=...)``, as open_clip's block does); returns
+    (output, None). ``capture`` / ``captured`` as :class:`LoRALinear`: the layer's inputs x.
+    """
+
+    def __init__(self, attn: nn.MultiheadAttention, rank: int, alpha: float):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        if not (attn.batch_first and attn._qkv_same_embed_dim and attn.bias_k is None and not attn.add_zero_attn):
+            raise ValueError("LoRA on CLIP attention needs open_clip's plain batch-first self-attention")
+        self.attn = attn.requires_grad_(False)
+        dim = attn.embed_dim
+        self.lora_a = nn.Parameter(torch.empty(rank, dim))
+        self.lora_b = nn.Parameter(torch.zeros(3 * dim, rank))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        self.scale = float(alpha) / rank
+        self.capture = False
+        self.captured: Tensor | None = None
+
+    def forward(self, query: Tensor, key: Tensor | None = None, value: Tensor | None = None,
+                need_weights: bool = False, attn_mask: Tensor | None = None) -> tuple[Tensor, None]:
+        if (key is not None and key is not query) or (value is not None and value is not query) or need_weights:
+            raise ValueError("LoRAAttention computes self-attention only, without attention weights")
+        x, a = query, self.attn
+        if self.capture:
+            self.captured = x.detach()
+        B, T, D = x.shape
+        H = a.num_heads
+        qkv = F.linear(x, a.in_proj_weight, a.in_proj_bias) + self.scale * F.linear(F.linear(x, self.lora_a), self.lora_b)
+        q, k, v = qkv.reshape(B, T, 3, H, D // H).permute(2, 0, 3, 1, 4)
+        if plain_product_preferred(x):
+            out = plain_product(q, k, v, (D // H) ** -0.5, attn_mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return a.out_proj(out.transpose(1, 2).reshape(B, T, D)), None
+
+    def extra_repr(self) -> str:
+        return f"rank={self.lora_a.shape[0]}, scale={self.scale:g}"
+
+
+CLIP_TARGETS = ("qkv", "fc1", "fc2")
+"""LoRA targets in an open_clip ResidualAttentionBlock: the attention's packed q/k/v projection (its output
+projection is read by torch's attention function directly, so it cannot be wrapped), the MLP's c_fc and
+c_proj."""
+
+
+def add_clip_lora(
+    blocks: Sequence[nn.Module], indices: Iterable[int], targets: Iterable[str], rank: int, alpha: float
+) -> dict[str, nn.Module]:
+    """LoRA on ``targets`` (of :data:`CLIP_TARGETS`) of each open_clip block of ``blocks`` in ``indices``;
+    returns {"b{i}.{target}": module}."""
+    added: dict[str, nn.Module] = {}
+    for i, blk in chosen_blocks(blocks, indices):
+        for target in targets:
+            if target not in CLIP_TARGETS:
+                raise ValueError(f"unknown CLIP LoRA target '{target}'; choose from {', '.join(CLIP_TARGETS)}")
+            parent, attr = (blk, "attn") if target == "qkv" else (blk.mlp, "c_fc" if target == "fc1" else "c_proj")
+            layer = getattr(parent, attr)
+            if isinstance(layer, (LoRALinear, LoRAAttention)):
+                raise ValueError(f"block {i} {target} has LoRA already")
+            wrap = LoRAAttention if target == "qkv" else LoRALinear
+            wrapped = wrap(layer, rank, alpha).to(next(layer.parameters()).device)
+            setattr(parent, attr, wrapped)
+            added[f"b{i}.{target}"] = wrapped
+    return added
 
 
 def add_lora(

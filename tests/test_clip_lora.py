@@ -1,0 +1,79 @@
+"""LoRA on CLIP's image tower and CLIP-LoRA-PGP on the small random open_clip model: the wrapped
+attention computes open_clip's attention, what trains, old images' features under PGP with the frozen
+CLIP weights untouched, resume, bad input, the CLI and the report."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pgpcl.errors import ConfigError
+from pgpcl.models.lora import LoRAAttention, LoRALinear, add_clip_lora
+from test_clip import small_clip
+from test_clip_adapter import _trainer, old_image_features_change, paired_cli_runs
+from test_resume import assert_killed_mid_task_resumes_exactly
+
+pytestmark = pytest.mark.usefixtures("data_one_thread")
+KINDS = ("lora_a", "lora_b")
+
+
+def test_wrapped_attention_is_open_clips_until_its_factors_move():
+    model, _ = small_clip()
+    visual = model.visual
+    x = torch.rand(3, 3, 8, 8)
+    with torch.no_grad():
+        before = visual(x)
+        added = add_clip_lora(visual.transformer.resblocks, [0], ["qkv", "fc2"], rank=2, alpha=2.0)
+        torch.testing.assert_close(visual(x), before, atol=1e-6, rtol=1e-5)  # B = 0
+        attn = added["b0.qkv"]
+        attn.lora_b.normal_()
+        h = torch.randn(3, 5, 32)
+        a = attn.attn
+        qkv = h @ (a.in_proj_weight + attn.scale * attn.lora_b @ attn.lora_a).T + a.in_proj_bias
+        q, k, v = qkv.reshape(3, 5, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        expected = a.out_proj(torch.softmax(q @ k.transpose(-2, -1) / 4.0, -1).matmul(v).transpose(1, 2).reshape(3, 5, 32))
+        torch.testing.assert_close(attn(h, h, h)[0], expected, atol=1e-5, rtol=1e-4)
+    assert isinstance(visual.transformer.resblocks[0].attn, LoRAAttention)
+    assert isinstance(visual.transformer.resblocks[0].mlp.c_proj, LoRALinear)
+    with pytest.raises(ValueError, match="has LoRA already"):
+        add_clip_lora(visual.transformer.resblocks, [0], ["qkv"], 2, 2.0)
+    with pytest.raises(ValueError, match="self-attention only"):
+        attn(h, h.clone(), h)
+
+
+def test_only_the_factors_and_the_current_context_train_and_bad_settings_are_rejected(tmp_path):
+    method = _trainer(tmp_path, ["method.targets=[qkv, fc1]", "method.blocks=[1]"], "tiny_clip_lora").method
+    assert sorted(method.tuned) == ["b1.fc1", "b1.qkv"]
+    names = {n.rsplit(".", 2)[-2] + "." + n.rsplit(".", 1)[-1] for n in method.image_parameters()}
+    assert names == {"attn.lora_a", "attn.lora_b", "c_fc.lora_a", "c_fc.lora_b"}
+    assert method.trainable_parameters()[-1] is method.text_ctx[0]
+    with pytest.raises(ConfigError, match="method.targets must be distinct names from qkv, fc1, fc2"):
+        _trainer(tmp_path / "b", ["method.targets=[proj]"], "tiny_clip_lora")
+    with pytest.raises(ConfigError, match="block 2 does not exist in a 2-block ViT"):
+        _trainer(tmp_path / "c", ["method.blocks=[2]"], "tiny_clip_lora")
+
+
+def test_pgp_keeps_old_images_features_and_the_frozen_weights(tmp_path):
+    rel_on, moved_on, same_on = old_image_features_change(tmp_path / "on", True, "tiny_clip_lora_pgp", KINDS)
+    rel_off, _, same_off = old_image_features_change(tmp_path / "off", False, "tiny_clip_lora", KINDS)
+    assert same_on and same_off
+    assert rel_on < 1e-5 and moved_on > 1e-3, "the factors still learn, outside the old inputs' span"
+    assert rel_off > 1e3 * rel_on
+
+
+def test_killed_mid_task_resumes_exactly(tmp_path):
+    assert_killed_mid_task_resumes_exactly(tmp_path, "tiny_clip_lora_pgp")
+
+
+def test_cli_paired_runs_and_report(tmp_path, capsys):
+    out = paired_cli_runs(tmp_path, capsys, "tiny_clip_lora", {f"b{i}.qkv.{f}" for i in range(2) for f in "AB"})
+    assert "clip_lora-PGP" in out and "PGP - baseline" in out and "b1.qkv.B" in out
+
+
+def test_full_size_presets_follow_the_clip_protocol():
+    from pgpcl.config import load_config
+
+    lora, prompt = load_config("cifar100_10_clip_lora_pgp"), load_config("cifar100_10_clip_pgp")
+    assert lora.method.name == "clip_lora" and lora.pgp.enabled and not load_config("cifar100_10_clip_lora").pgp.enabled
+    assert (lora.method.params.rank, lora.method.params.targets) == (8, ["qkv"])
+    assert lora.train == prompt.train and lora.data == prompt.data and lora.backbone == prompt.backbone
