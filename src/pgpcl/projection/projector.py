@@ -71,7 +71,7 @@ class _BlockOperator:
     outer: Tensor | None  # (D_all, D_all) compute dtype: U_h U_h^T on each partial block, 0 elsewhere; None if none
     full: Tensor | None  # columns of the blocks whose basis spans their whole space (set exactly), or None
 
-    def cast(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+    def component(self, x: Tensor, dtype: torch.dtype) -> Tensor:
         """x U U^T over the partial blocks, in ``dtype``."""
         x = x if x.dtype == self.outer.dtype else x.to(self.outer.dtype)
         y = x @ self.outer
@@ -225,7 +225,7 @@ class Projector:
         if not shares_storage(wide, grad):
             raise RuntimeError(f"group '{members[0].name}': block view copied the gradient (strides {grad.stride()})")
         if op.outer is not None:
-            wide.sub_(op.cast(wide, wide.dtype))
+            wide.sub_(op.component(wide, wide.dtype))
         if op.full is not None:
             wide.index_fill_(-1, op.full, 0)
 
@@ -305,7 +305,7 @@ class Projector:
         view = first.block.view
         current, start = view(first.param.detach()), view(before)
         if op.outer is not None:
-            current.sub_(op.cast(current - start, current.dtype))
+            current.sub_(op.component(current - start, current.dtype))
         if op.full is not None:
             current.index_copy_(-1, op.full, start.index_select(-1, op.full))
 
