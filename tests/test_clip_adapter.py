@@ -49,14 +49,14 @@ def test_adapters_sit_in_the_image_tower_and_train_with_the_current_context(tmp_
 
 
 def old_image_features_change(tmp_path, pgp: bool, preset: str = "tiny_clip_adapter",
-                              kinds=("adapter_down", "adapter_up")) -> tuple[float, float, bool]:
+                              kinds=("adapter_down", "adapter_up"), extra=()) -> tuple[float, float, bool]:
     """Task 1, then task 2 (Adam, target update, eps 1, no weight decay): relative change of task-1
     images' image features and of the tuned modules, and whether the frozen CLIP weights are bit-identical."""
     eps = ", ".join(f"{k}: 1.0" for k in kinds)
     tr = _trainer(tmp_path, [
         f"pgp.enabled={str(pgp).lower()}", f"pgp.eps={{{eps}}}", "train.optimizer=adam",
         "pgp.target=update", "train.lr=0.05", "method.first_task_lr=0.05", "train.weight_decay=0.0",
-        "method.first_task_weight_decay=0.0", "train.epochs=2",
+        "method.first_task_weight_decay=0.0", "train.epochs=2", *extra,
     ], preset)
     method = tr.method
     tuned = set(method.image_parameters())
@@ -87,7 +87,7 @@ def test_killed_mid_task_resumes_exactly(tmp_path):
     assert_killed_mid_task_resumes_exactly(tmp_path, "tiny_clip_adapter_pgp")
 
 
-def paired_cli_runs(tmp_path, capsys, preset: str, groups: set[str]) -> str:
+def paired_cli_runs(tmp_path, capsys, preset: str, groups: set[str], refusal: str = "use pgp.mode=feature") -> str:
     """``preset`` and ``preset``_pgp through the CLI (reference mode refused), the PGP run's groups
     checked; ``pgpcl eval`` and ``pgpcl report`` of the pair: the report's text."""
     from test_lora import eval_and_report
@@ -97,7 +97,7 @@ def paired_cli_runs(tmp_path, capsys, preset: str, groups: set[str]) -> str:
     r = json.loads((tmp_path / f"{preset}_pgp" / "seed0" / "results.json").read_text())
     assert {p["group"] for p in r["projection"]} == groups
     assert main(["train", f"{preset}_pgp", "pgp.mode=reference", f"output_dir={tmp_path / 'r'}", *QUIET]) == 2
-    assert "use pgp.mode=feature" in capsys.readouterr().err
+    assert refusal in capsys.readouterr().err
     return eval_and_report(tmp_path, preset, f"{preset}_pgp", capsys)
 
 

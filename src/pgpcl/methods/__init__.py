@@ -14,6 +14,7 @@ from pgpcl.methods import (  # noqa: E402,F401
     adapter,
     clip_adapter,
     clip_lora,
+    clip_prefix,
     clip_prompt,
     coda_prompt,
     dualprompt,

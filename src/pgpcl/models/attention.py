@@ -36,3 +36,16 @@ def plain_product(
         w = w + attn_mask.to(w.dtype)
     w = w.softmax(dim=-1)
     return (w if drop is None else drop(w)) @ v
+
+
+def check_clip_attention(attn, what: str) -> None:
+    """ValueError unless ``attn`` is open_clip's plain batch-first self-attention ``nn.MultiheadAttention``
+    (what the CLIP wrappers, LoRA and prefix, re-implement)."""
+    if not (attn.batch_first and attn._qkv_same_embed_dim and attn.bias_k is None and not attn.add_zero_attn):
+        raise ValueError(f"{what} on CLIP attention needs open_clip's plain batch-first self-attention")
+
+
+def check_self_attention_call(query: Tensor, key, value, need_weights: bool, name: str) -> None:
+    """The wrappers are called as open_clip's block calls attention: attn(x, x, x, need_weights=False)."""
+    if (key is not None and key is not query) or (value is not None and value is not query) or need_weights:
+        raise ValueError(f"{name} computes self-attention only, without attention weights")

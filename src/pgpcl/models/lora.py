@@ -14,7 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pgpcl.models.attention import plain_product, plain_product_preferred
+from pgpcl.models.attention import (
+    check_clip_attention,
+    check_self_attention_call,
+    plain_product,
+    plain_product_preferred,
+)
 from pgpcl.models.frozen import chosen_blocks
 
 TARGETS = {
@@ -68,8 +73,7 @@ class LoRAAttention(nn.Module):
         super().__init__()
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-        if not (attn.batch_first and attn._qkv_same_embed_dim and attn.bias_k is None and not attn.add_zero_attn):
-            raise ValueError("LoRA on CLIP attention needs open_clip's plain batch-first self-attention")
+        check_clip_attention(attn, "LoRA")
         self.attn = attn.requires_grad_(False)
         dim = attn.embed_dim
         self.lora_a = nn.Parameter(torch.empty(rank, dim))
@@ -81,8 +85,7 @@ class LoRAAttention(nn.Module):
 
     def forward(self, query: Tensor, key: Tensor | None = None, value: Tensor | None = None,
                 need_weights: bool = False, attn_mask: Tensor | None = None) -> tuple[Tensor, None]:
-        if (key is not None and key is not query) or (value is not None and value is not query) or need_weights:
-            raise ValueError("LoRAAttention computes self-attention only, without attention weights")
+        check_self_attention_call(query, key, value, need_weights, "LoRAAttention")
         x, a = query, self.attn
         if self.capture:
             self.captured = x.detach()
