@@ -132,3 +132,16 @@ def test_lora_pgp_under_two_processes_matches_one(tmp_path):
     assert any("lora_a" in name for name in s1["method"])
     for name, value in s1["method"].items():
         assert torch.allclose(value, s2["method"][name], atol=1e-5, rtol=0), name
+
+
+def test_prefix_pgp_with_per_head_blocks_under_two_processes_matches_one(tmp_path):
+    """Prefix-PGP: per-head key bases applied as one block projection per layer, value-prefixes, and the
+    per-parameter snapshot of target=update, under DDP as in one process."""
+    two_processes_and_one(tmp_path, "tiny_prefix_pgp")
+    r1, r2 = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert r1["acc"] == r2["acc"]
+    task2 = {p["group"]: p for p in r2["projection"] if p["task"] == 1}
+    assert set(task2) == {f"key.l{i}.h{h}" for i in range(4) for h in range(2)} | {f"value.l{i}" for i in range(4)}
+    assert all(p["leak"] < 1e-4 for name, p in task2.items() if name.startswith("key"))
+    s1, s2 = (load_checkpoint(tmp_path / d / "checkpoints" / "task001.pt") for d in ("one", "two"))
+    assert torch.allclose(s1["method"]["prefix"], s2["method"]["prefix"], atol=1e-5, rtol=0)
