@@ -1,6 +1,7 @@
 """The full-size presets run end to end: the 10- and 20-split CIFAR-100 presets (L2P, DualPrompt,
-CODA-Prompt, with PGP) on generated files in the official ``cifar-100-python`` format, with only the backbone and
-the image size shrunk (and CODA-Prompt's pool, whose 100 orthogonal keys need a width >= 100)."""
+CODA-Prompt, and the four CLIP learners, with PGP) on generated files in the official ``cifar-100-python``
+format, with only the backbone and the image size shrunk (and CODA-Prompt's pool, whose 100 orthogonal
+keys need a width >= 100; the CLIP presets get the small random CLIP)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ SHRINK = ["backbone.weights=null", "backbone.img_size=32", "backbone.patch_size=
           "backbone.depth=5", "backbone.num_heads=2", "data.img_size=32", "train.epochs=1", "train.batch_size=16",
           "pgp.num_samples=16", "train.device=cpu", "data.num_workers=0", "train.progress=false",
           "train.eval_batch_size=100"]
+CLIP = ["backbone.arch=pgpcl-tiny-clip", "backbone.img_size=null", "backbone.patch_size=null",
+        "backbone.embed_dim=null", "backbone.depth=null", "backbone.num_heads=null", "data.img_size=16"]
 pytestmark = pytest.mark.usefixtures("data_one_thread")
 
 
@@ -43,6 +46,7 @@ def cifar_root(tmp_path_factory):
     ("cifar100_10_coda_prompt_pgp", ["method.pool_size=30"]),
     ("cifar100_20_l2p_pgp", []),
     ("cifar100_20_dualprompt_pgp", []),
+    *((f"cifar100_10_{name}_pgp", CLIP) for name in ("clip", "clip_adapter", "clip_lora", "clip_prefix")),
 ])
 def test_released_preset_trains_every_task(tmp_path, cifar_root, preset, extra):
     cfg = load_config(preset, [f"data.root={cifar_root}", *SHRINK, *extra])
