@@ -236,8 +236,8 @@ class Projector:
             self.project_gradients()
         self._step_before.clear()
         if self._per_param:
-            self._param_before = {id(g.param): g.param.detach().clone() for g in self.groups
-                                  if self.memory.rank(g.name) > 0}
+            params = {id(g.param): g.param for g in self.groups if self.memory.rank(g.name) > 0}
+            self._param_before = {key: p.detach().clone() for key, p in params.items()}
         elif self.target == "update" or self.measure_step_leak:
             for group in self.groups:
                 if self._operator(group) is not None:
@@ -285,15 +285,13 @@ class Projector:
             op = self._operator(group)
             if before is None or op is None:
                 continue
-            current = group.selected_data()
-            if op.full:
-                current.copy_(group.select(before))
-                continue
-            delta = deltas[id(group.param)]
-            if delta is None:
-                delta = deltas[id(group.param)] = group.param.detach() - before
-            comp = op.component(group.select(delta))
-            current.sub_(comp if comp.dtype == current.dtype else comp.to(current.dtype))
+            comp = None
+            if not op.full:
+                delta = deltas[id(group.param)]
+                if delta is None:
+                    delta = deltas[id(group.param)] = group.param.detach() - before
+                comp = op.component(group.select(delta))
+            op.undo_inside(group.selected_data(), group.select(before), comp)
         self._param_before = {}
 
     def _undo_block_inside(self, members: list[ProtectedGroup]) -> None:
