@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -31,11 +32,24 @@ def plain_product(
     """softmax(q k^T * scale + attn_mask) v, the attention matrix materialised: (B, H, T, hd) queries,
     (B, H, S, hd) keys and values, additive float mask broadcastable to (B, H, T, S) -> (B, H, T, hd).
     ``drop``: dropout applied to the attention weights."""
+    w = attention_weights(q, k, scale, attn_mask)
+    return (w if drop is None else drop(w)) @ v
+
+
+def attention_weights(q: Tensor, k: Tensor, scale: float, attn_mask: Tensor | None = None) -> Tensor:
+    """softmax(q k^T * scale + attn_mask): (B, H, T, hd) queries, (B, H, S, hd) keys -> (B, H, T, S)."""
     w = (q * scale) @ k.transpose(-2, -1)
     if attn_mask is not None:
         w = w + attn_mask.to(w.dtype)
-    w = w.softmax(dim=-1)
-    return (w if drop is None else drop(w)) @ v
+    return w.softmax(dim=-1)
+
+
+def preferred_product(q: Tensor, k: Tensor, v: Tensor, scale: float, attn_mask: Tensor | None = None) -> Tensor:
+    """softmax(q k^T * scale + attn_mask) v by the kernel that is faster for ``q``: the plain product in
+    bf16 / fp16 on the CPU (:func:`plain_product_preferred`), F.scaled_dot_product_attention elsewhere."""
+    if plain_product_preferred(q):
+        return plain_product(q, k, v, scale, attn_mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
 
 
 def check_clip_attention(attn, what: str) -> None:

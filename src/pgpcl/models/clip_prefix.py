@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pgpcl.models.attention import (
+    attention_weights,
     check_clip_attention,
     check_self_attention_call,
-    plain_product,
-    plain_product_preferred,
+    preferred_product,
 )
 from pgpcl.models.frozen import chosen_blocks
 
@@ -54,13 +54,11 @@ class PrefixAttention(nn.Module):
             attn_mask = F.pad(attn_mask, (L, 0))
         scale = (D // H) ** -0.5
         if self.capture:
-            w = ((q * scale) @ k.transpose(-2, -1) + (0 if attn_mask is None else attn_mask)).softmax(dim=-1)
+            w = attention_weights(q, k, scale, attn_mask)
             out = w @ v
             self.captured = (q.transpose(1, 2).reshape(B, T, D).detach(), w[..., :L].detach())
-        elif plain_product_preferred(x):
-            out = plain_product(q, k, v, scale, attn_mask)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+            out = preferred_product(q, k, v, scale, attn_mask)
         return a.out_proj(out.transpose(1, 2).reshape(B, T, D)), None
 
     def extra_repr(self) -> str:

@@ -14,12 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pgpcl.models.attention import (
-    check_clip_attention,
-    check_self_attention_call,
-    plain_product,
-    plain_product_preferred,
-)
+from pgpcl.models.attention import check_clip_attention, check_self_attention_call, preferred_product
 from pgpcl.models.frozen import chosen_blocks
 
 TARGETS = {
@@ -93,10 +88,7 @@ class LoRAAttention(nn.Module):
         H = a.num_heads
         qkv = F.linear(x, a.in_proj_weight, a.in_proj_bias) + self.scale * F.linear(F.linear(x, self.lora_a), self.lora_b)
         q, k, v = qkv.reshape(B, T, 3, H, D // H).permute(2, 0, 3, 1, 4)
-        if plain_product_preferred(x):
-            out = plain_product(q, k, v, (D // H) ** -0.5, attn_mask)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out = preferred_product(q, k, v, (D // H) ** -0.5, attn_mask)
         return a.out_proj(out.transpose(1, 2).reshape(B, T, D)), None
 
     def extra_repr(self) -> str:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from pgpcl.config import BackboneConfig
 from pgpcl.errors import ConfigError
-from pgpcl.models.attention import plain_product, plain_product_preferred
+from pgpcl.models.attention import attention_weights, plain_product, plain_product_preferred
 from pgpcl.models.frozen import train_keeping_frozen
 from pgpcl.models.weights import (
     WeightsInfo,
@@ -441,7 +441,7 @@ class PromptedViT(nn.Module):
         if prefix_weights and prefix is not None:
             # The product with its weights materialised (no fused kernel returns them); no dropout: this
             # serves no-grad representation passes.
-            w = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+            w = attention_weights(q, k, attn.scale)
             out, weights = w @ v, w[..., : k.shape[2] - T]
         else:
             out = self._product(attn, q, k, v)
