@@ -48,7 +48,7 @@ def test_add_lora_wraps_the_named_layers_and_rejects_bad_ones(tmp_path):
     assert trainable == {f"backbone.vit.blocks.{b}.{m}.lora_{f}" for b in (1, 3)
                          for m in ("attn.qkv", "mlp.fc2") for f in "ab"} | {"head.weight", "head.bias"}
     with pytest.raises(ValueError, match="has LoRA already"):
-        add_lora(vit, [1], ["qkv"], 2, 2.0)
+        add_lora(vit.blocks, [1], ["qkv"], 2, 2.0)
     with pytest.raises(ConfigError, match="block 9 does not exist in a 4-block ViT"):
         _trainer(tmp_path / "b", ["method.blocks=[9]"])
     with pytest.raises(ConfigError, match="method.targets must be distinct names from qkv, proj, fc1, fc2"):

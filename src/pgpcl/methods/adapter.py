@@ -43,10 +43,16 @@ class AdapterParams:
 
 
 class AdapterPGP:
-    """What PGP protects of each adapter and the rows it gets (module docstring)."""
+    """The adapters as a tuned-module method's pieces (ViT and CLIP): how they are added, what PGP
+    protects of each and the rows it gets (module docstring)."""
 
     default_eps = {"adapter_down": 0.97, "adapter_up": 0.97}
     maps = (("down", "adapter_down", "down"), ("up", "adapter_up", "up"))
+
+    def add_modules(self, blocks, indices: list[int], width: int) -> dict[str, nn.Module]:
+        from pgpcl.models.adapter import add_adapters
+
+        return add_adapters(blocks, indices, width, self.params.hidden, self.params.scale)
 
     def captured_rows(self, name: str, module) -> dict[str, Tensor]:
         """down: the adapter's inputs x (B, T, D); up: its hidden activations relu(x W_down^T) (B, T, h)."""
@@ -59,13 +65,3 @@ class Adapter(AdapterPGP, BackboneTuningMethod, Method):
     @dataclass
     class Params(AdapterParams):
         pass
-
-    basis_timing = "task_end"
-    ddp_find_unused_parameters = False
-
-    def __init__(self, params: Params, backbone: nn.Module, num_classes: int, task_classes):
-        super().__init__(params, num_classes, task_classes)
-        from pgpcl.models.adapter import add_adapters
-
-        self.attach(backbone, num_classes,
-                    lambda vit, blocks: add_adapters(vit.blocks, blocks, vit.embed_dim, params.hidden, params.scale))

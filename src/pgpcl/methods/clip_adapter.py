@@ -17,8 +17,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import nn
-
 from pgpcl.methods import METHODS
 from pgpcl.methods.adapter import AdapterParams, AdapterPGP
 from pgpcl.methods.clip_prompt import CLIPTextLearner, TextParams, TunedImageTower
@@ -31,9 +29,3 @@ class CLIPAdapter(AdapterPGP, TunedImageTower, CLIPTextLearner):
         def validate(self) -> None:
             AdapterParams.validate(self)
             TextParams.validate(self)
-
-    def init_image_side(self, backbone: nn.Module) -> None:
-        from pgpcl.models.adapter import add_adapters
-
-        p = self.params
-        self.attach_to_tower(backbone, lambda blocks, idx: add_adapters(blocks, idx, backbone.embed_dim, p.hidden, p.scale))

@@ -33,8 +33,8 @@ class CLIPLoRA(LoRAPGP, TunedImageTower, CLIPTextLearner):
             self.check_targets(CLIP_TARGETS)
             TextParams.validate(self)
 
-    def init_image_side(self, backbone: nn.Module) -> None:
+    def add_modules(self, blocks, indices: list[int], width: int) -> dict[str, nn.Module]:
         from pgpcl.models.lora import add_clip_lora
 
         p = self.params
-        self.attach_to_tower(backbone, lambda blocks, idx: add_clip_lora(blocks, idx, p.targets, p.rank, p.scale_alpha))
+        return add_clip_lora(blocks, indices, p.targets, p.rank, p.scale_alpha)

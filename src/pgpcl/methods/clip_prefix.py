@@ -16,17 +16,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
 from torch import Tensor, nn
 
 from pgpcl.errors import ConfigError
 from pgpcl.methods import METHODS
-from pgpcl.methods.clip_prompt import CLIPTextLearner, TextParams
-from pgpcl.methods.vit_common import KeyPrefixBases, attach_modules, init_prompt_
+from pgpcl.methods.clip_prompt import CLIPTextLearner, TextParams, TunedImageTower
+from pgpcl.methods.vit_common import KeyPrefixBases, init_prompt_
 
 
 @METHODS.register("clip_prefix")
-class CLIPPrefix(CLIPTextLearner):
+class CLIPPrefix(TunedImageTower, CLIPTextLearner):
     @dataclass
     class Params(TextParams):
         length: int = 5
@@ -46,52 +45,37 @@ class CLIPPrefix(CLIPTextLearner):
     default_eps = {"prefix": 0.97, "prefix_value": 0.97}
 
     def init_image_side(self, backbone: nn.Module) -> None:
+        tower = backbone.clip.visual.transformer
+        self.attach_tuned(tower.resblocks, backbone.embed_dim, self.params.layers)
+        entries = [(f"key.{name}", m.prefix, _key_view, int(name[1:])) for name, m in self.tuned.items()]
+        heads = next(iter(self.tuned.values())).attn.num_heads
+        self.key_bases = KeyPrefixBases(entries, self.params.key_basis == "head", heads, backbone.embed_dim)
+
+    def add_modules(self, blocks, indices: list[int], width: int) -> dict[str, nn.Module]:
         from pgpcl.models.clip_prefix import add_clip_prefixes
 
-        p = self.params
-        blocks = backbone.clip.visual.transformer.resblocks
-        self.tuned = attach_modules(lambda b, idx: add_clip_prefixes(b, idx, p.length), blocks, len(blocks), p.layers)
-        for m in self.tuned.values():
-            init_prompt_(m.prefix.data, p.prompt_init)
-
-    def image_parameters(self) -> dict[str, nn.Parameter]:
-        mine = {id(m.prefix) for m in self.tuned.values()}
-        return {n: q for n, q in self.named_parameters() if id(q) in mine}
-
-    def encode_image(self, x: Tensor) -> Tensor:
-        return self.backbone.encode_image(x)
+        added = add_clip_prefixes(blocks, indices, self.params.length)
+        for m in added.values():
+            init_prompt_(m.prefix.data, self.params.prompt_init)
+        return added
 
     # -- PGP -----------------------------------------------------------------------------------------
-    def _keys(self) -> KeyPrefixBases:
-        entries = [(f"key.{name}", m.prefix, _key_view, int(name[1:])) for name, m in self.tuned.items()]
-        bb = self.backbone
-        heads = bb.clip.visual.transformer.resblocks[0].attn.attn.num_heads
-        return KeyPrefixBases(entries, self.params.key_basis == "head", heads, bb.embed_dim)
-
     def protected_groups(self, eps: dict[str, float]):
         from pgpcl.projection import ProtectedGroup
 
-        groups = self._keys().groups("prefix", eps["prefix"])
+        groups = self.key_bases.groups("prefix", eps["prefix"])
         if self.params.protect_values:
             groups += [ProtectedGroup(f"value.{name}", "prefix_value", m.prefix, _value_view, eps["prefix_value"])
                        for name, m in self.tuned.items()]
         return groups
 
-    @torch.no_grad()
-    def representations(self, x: Tensor, task: Tensor) -> dict[str, Tensor]:
-        """keys: each prefixed layer's queries (B, T, D), cut per head; values: the tokens' attention weights
-        on its prefix positions, heads pooled (B, H * T, L). One image forward with capturing on."""
-        for m in self.tuned.values():
-            m.capture = True
-        try:
-            self.backbone.encode_image(x)
-            queries = {int(name[1:]): m.captured[0] for name, m in self.tuned.items()}
-            out = self._keys().rows(queries)
-            if self.params.protect_values:
-                out.update({f"value.{name}": m.captured[1].flatten(1, 2) for name, m in self.tuned.items()})
-        finally:
-            for m in self.tuned.values():
-                m.capture, m.captured = False, None
+    def captured_rows(self, name: str, module: nn.Module) -> dict[str, Tensor]:
+        """keys: the layer's queries (B, T, D), cut per head; values: the tokens' attention weights on its
+        prefix positions, heads pooled (B, H * T, L)."""
+        queries, weights = module.captured
+        out = self.key_bases.rows({int(name[1:]): queries})
+        if self.params.protect_values:
+            out[f"value.{name}"] = weights.flatten(1, 2)
         return out
 
 

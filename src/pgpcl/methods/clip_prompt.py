@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from pgpcl.errors import ConfigError
 from pgpcl.methods import METHODS
 from pgpcl.methods.base import Method, MethodOutput
-from pgpcl.methods.vit_common import TunedModulesPGP, attach_modules, init_prompt_
+from pgpcl.methods.vit_common import TunedModulesPGP, init_prompt_
 
 CTX_WORD = "X"
 """Placeholder word whose token embeddings the learned context replaces (CoOp)."""
@@ -291,19 +291,17 @@ class CLIPTextLearner(Method):
 
 
 class TunedImageTower(TunedModulesPGP):
-    """Image side for CLIP learners that train modules added inside the image tower (adapters, LoRA):
-    :meth:`attach_to_tower` puts them into ``method.blocks`` of ``visual.transformer.resblocks``; PGP
-    comes from :class:`TunedModulesPGP` (a subclass names ``maps`` and ``captured_rows``)."""
+    """Image side for CLIP learners that train modules added inside the image tower (adapters, LoRA,
+    prefixes): the subclass's :meth:`add_modules` puts them into ``method.blocks`` of
+    ``visual.transformer.resblocks``; PGP comes from :class:`TunedModulesPGP`."""
 
-    def attach_to_tower(self, backbone: nn.Module, add) -> None:
-        """``add(resblocks, indices)`` -> {name: module}."""
-        blocks = backbone.clip.visual.transformer.resblocks
-        self.tuned = attach_modules(add, blocks, len(blocks), self.params.blocks)
+    def init_image_side(self, backbone: nn.Module) -> None:
+        self.attach_tuned(backbone.clip.visual.transformer.resblocks, backbone.embed_dim, self.params.blocks)
 
     def image_parameters(self) -> dict[str, nn.Parameter]:
-        """The added modules' weights under their state-dict names (``backbone.clip.visual...``)."""
-        mine = {id(getattr(m, attr)) for m in self.tuned.values() for *_, attr in self.maps}
-        return {n: p for n, p in self.named_parameters() if id(p) in mine}
+        """The added modules' trainable weights under their state-dict names (``backbone.clip.visual...``)."""
+        mine = {id(q) for m in self.tuned.values() for q in m.parameters() if q.requires_grad}
+        return {n: q for n, q in self.named_parameters() if id(q) in mine}
 
     def encode_image(self, x: Tensor) -> Tensor:
         return self.backbone.encode_image(x)

@@ -72,12 +72,8 @@ class LoRA(LoRAPGP, BackboneTuningMethod, Method):
     class Params(LoRAParams):
         pass
 
-    basis_timing = "task_end"
-    ddp_find_unused_parameters = False
-
-    def __init__(self, params: Params, backbone: nn.Module, num_classes: int, task_classes):
-        super().__init__(params, num_classes, task_classes)
+    def add_modules(self, blocks, indices: list[int], width: int) -> dict[str, nn.Module]:
         from pgpcl.models.lora import add_lora
 
-        self.attach(backbone, num_classes,
-                    lambda vit, blocks: add_lora(vit, blocks, params.targets, params.rank, params.scale_alpha))
+        p = self.params
+        return add_lora(blocks, indices, p.targets, p.rank, p.scale_alpha)

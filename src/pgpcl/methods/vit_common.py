@@ -65,6 +65,21 @@ class TunedModulesPGP:
         return [ProtectedGroup(f"{name}.{suffix}", kind, getattr(m, attr), None, eps[kind])
                 for name, m in self.tuned.items() for suffix, kind, attr in self.maps]
 
+    def add_modules(self, blocks, indices: list[int], width: int) -> dict[str, nn.Module]:
+        """Put the method's modules into ``blocks[i]`` for i in ``indices`` (tokens ``width`` wide); returns
+        {name: module}. A ValueError (e.g. a block that does not exist) becomes a ConfigError."""
+        raise NotImplementedError
+
+    def attach_tuned(self, blocks, width: int, chosen: list[int] | None) -> None:
+        """``add_modules`` on ``chosen`` of ``blocks`` (None = all) into ``tuned``."""
+        from pgpcl.errors import ConfigError
+
+        indices = list(range(len(blocks))) if chosen is None else list(chosen)
+        try:
+            self.tuned = self.add_modules(blocks, indices, width)
+        except ValueError as e:
+            raise ConfigError(f"method: {e}") from None
+
     def captured_rows(self, name: str, module: nn.Module) -> dict[str, Tensor]:
         """PGP group name -> rows (B, T, D_group) from what ``module`` captured in the last forward."""
         raise NotImplementedError
@@ -91,14 +106,17 @@ class TunedModulesPGP:
 
 class BackboneTuningMethod(TunedModulesPGP, ViTBackboneMethod):
     """Methods that train small modules inside the frozen ViT (LoRA, adapters), with a linear head on the
-    final-norm CLS output. A subclass calls :meth:`attach` with the function that adds its modules, names
-    in ``maps`` the weights PGP protects, and says in :meth:`captured_rows` which rows each one gets.
+    final-norm CLS output. A subclass implements :meth:`add_modules`, names in ``maps`` the weights PGP
+    protects, and says in :meth:`captured_rows` which rows each one gets.
     """
 
-    def attach(self, backbone: nn.Module, num_classes: int, add) -> None:
-        """``add(vit, blocks)`` puts the modules into ``method.blocks`` (None = all) of the ViT."""
+    basis_timing = "task_end"
+    ddp_find_unused_parameters = False  # every added module takes part in every step
+
+    def __init__(self, params, backbone: nn.Module, num_classes: int, task_classes):
+        super().__init__(params, num_classes, task_classes)
         self.backbone = backbone
-        self.tuned = attach_modules(add, backbone.vit, backbone.depth, self.params.blocks)
+        self.attach_tuned(backbone.vit.blocks, backbone.embed_dim, params.blocks)
         # PromptedViT froze the ViT before these modules existed: they alone of it are trainable.
         self.head = init_head(nn.Linear(backbone.embed_dim, num_classes))
 
@@ -111,17 +129,6 @@ class BackboneTuningMethod(TunedModulesPGP, ViTBackboneMethod):
 
     def capture_forward(self, x: Tensor) -> None:
         self.backbone.forward_features(x)
-
-
-def attach_modules(add, model: nn.Module, depth: int, blocks: list[int] | None) -> dict[str, nn.Module]:
-    """``add(model, indices)`` for ``blocks`` (None = all ``depth``); a bad block is a ConfigError."""
-    from pgpcl.errors import ConfigError
-
-    indices = list(range(depth)) if blocks is None else list(blocks)
-    try:
-        return add(model, indices)
-    except ValueError as e:
-        raise ConfigError(f"method: {e}") from None
 
 
 class KeyPrefixBases:
@@ -152,8 +159,8 @@ class KeyPrefixBases:
                 for name, param, view, _, cols, key, base in self.parts]
 
     def rows(self, queries: dict[int, Tensor]) -> dict[str, Tensor]:
-        """{layer: queries W_q LN(x) (B, T, D)} -> {group: (B, T, D or D / H)}."""
-        return {name: queries[layer][..., cols] for name, _, _, layer, cols, *_ in self.parts}
+        """{layer: queries W_q LN(x) (B, T, D)} -> {group: (B, T, D or D / H)}, for the layers given."""
+        return {name: queries[layer][..., cols] for name, _, _, layer, cols, *_ in self.parts if layer in queries}
 
 
 def _columns(view, cols: slice):

@@ -123,14 +123,12 @@ def add_clip_lora(
 
 
 def add_lora(
-    vit: nn.Module, blocks: Iterable[int], targets: Iterable[str], rank: int, alpha: float
+    blocks: Sequence[nn.Module], indices: Iterable[int], targets: Iterable[str], rank: int, alpha: float
 ) -> dict[str, LoRALinear]:
-    """Wrap ``targets`` of each block in ``blocks`` with LoRA; returns {"b{i}.{target}": module}.
-
-    The ViT keeps its other parameters frozen (as :class:`PromptedViT` leaves them).
-    """
+    """Wrap ``targets`` of each timm block of ``blocks`` (a ViT's ``blocks``) in ``indices`` with LoRA;
+    returns {"b{i}.{target}": module}. The ViT keeps its other parameters frozen."""
     added: dict[str, LoRALinear] = {}
-    for i, blk in chosen_blocks(vit.blocks, blocks):
+    for i, blk in chosen_blocks(blocks, indices):
         for target in targets:
             if target not in TARGETS:
                 raise ValueError(f"unknown LoRA target '{target}'; choose from {', '.join(TARGETS)}")
