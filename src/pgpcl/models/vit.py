@@ -310,13 +310,17 @@ class PromptedViT(nn.Module):
     ) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
         """For every prefixed layer: the queries W_q LN(x) (B, T, A) and the attention weights of the T
         tokens on that layer's Lp prefix positions (B, H, T, Lp), from one prefixed forward run up to the
-        last prefixed layer. (A prefix-tuning learner's PGP pass: keys and values.)"""
+        last prefixed layer, of which only the attention runs. (A prefix-tuning learner's PGP pass: keys
+        and values.)"""
         prefixes = dict(prefixes)
         self._check_layers(prefixes)
         if not prefixes:
             return {}, {}
         weights: dict[int, Tensor] = {}
-        _, queries = self._run_blocks(self._sequence(x, None), max(prefixes) + 1, prefixes, set(prefixes), weights)
+        last = max(prefixes)
+        h, queries = self._run_blocks(self._sequence(x, None), last, prefixes, set(prefixes), weights)
+        blk = self.vit.blocks[last]
+        _, queries[last], weights[last] = self._attention(blk.attn, blk.norm1(h), prefixes[last], True)
         return queries, weights
 
     def _check_layers(self, layers: Iterable[int]) -> None:
