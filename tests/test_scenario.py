@@ -78,6 +78,11 @@ def test_not_divisible_is_one_line_error(mnist_root):
         build_scenario(_cfg(mnist_root, num_tasks=3), seed=0)
     with pytest.raises(DataError, match="first_task_classes=3"):
         build_scenario(_cfg(mnist_root, num_tasks=3, first_task_classes=3), seed=0)
+    with pytest.raises(DataError) as err:
+        split_classes(10, 1, 12)
+    assert str(err.value) == (
+        "data.first_task_classes=12 is outside 1..10 (the dataset has 10 classes); choose a value in that range"
+    )
 
 
 def test_random_order_recorded_reproducible_and_remapped(mnist_root):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
+import warnings
 
 import numpy as np
 import pytest
@@ -234,6 +236,31 @@ def test_pickled_objects_refused(tmp_path):
     assert "refused pickled code or objects: argparse.Namespace" in msg and "weights_only" not in msg
 
 
+def test_non_finite_weights_are_named(tmp_path):
+    sd = tiny_model().state_dict()
+    sd["blocks.1.mlp.fc2.weight"][0, 0] = float("nan")
+    save_file(sd, str(tmp_path / "w.safetensors"))
+    with pytest.raises(CheckpointError) as e:
+        build_vit(cfg(weights=str(tmp_path / "w.safetensors")))
+    assert "'blocks.1.mlp.fc2.weight' holds NaN or infinite values" in one_line_error(e)
+
+
+def test_torchscript_and_pickled_npz_are_refused_with_their_fix(tmp_path):
+    script = tmp_path / "model.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(script))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's TorchScript warning must not reach the user either
+        with pytest.raises(CheckpointError) as e:
+            build_vit(cfg(weights=str(script)))
+    assert "is a TorchScript archive" in one_line_error(e) and ".safetensors" in str(e.value)
+    pickled = tmp_path / "w.npz"
+    np.save(pickled.open("wb"), np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(CheckpointError) as e:
+        build_vit(cfg(weights=str(pickled)))
+    msg = one_line_error(e)
+    assert "holds pickled data" in msg and "allow_pickle" not in msg and "unsafely" not in msg
+
+
 def test_missing_file_and_unknown_extension(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         build_vit(cfg(weights=str(tmp_path / "nope.safetensors")))
@@ -306,6 +333,26 @@ def test_hub_download_then_checked_load(monkeypatch, tmp_path):
     ref = tiny_model(num_classes=21843 % 50)
     ref.reset_classifier(0)
     assert same_weights(model, ref)
+
+
+def test_hub_unreachable_reads_the_cache_only_and_fails_at_once(monkeypatch, capfd, caplog):
+    from huggingface_hub import constants
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    assert constants.HF_HUB_OFFLINE is False
+    with pytest.raises(CheckpointError) as e:  # the real hf_hub_download: it must not retry the lookup
+        build_vit(cfg(weights="hub", pretrained_tag="augreg_in21k"))
+    assert "could not fetch pretrained weights" in one_line_error(e)
+    assert constants.HF_HUB_OFFLINE is False
+    assert "Retrying" not in capfd.readouterr().err + caplog.text
+    with W.hub_cache_only_if_unreachable():
+        assert constants.HF_HUB_OFFLINE is True
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: [])
+    with W.hub_cache_only_if_unreachable():
+        assert constants.HF_HUB_OFFLINE is False
 
 
 def test_hub_unknown_tag():

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,17 @@ def md5_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def is_torchscript(path: str | os.PathLike) -> bool:
+    """True for a TorchScript archive (e.g. OpenAI's original CLIP ``.pt``), which holds code."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
+    except OSError:
+        return False
 
 
 def safe_torch_load(path: str | os.PathLike) -> Any:

@@ -115,8 +115,15 @@ def is_image(path: str | Path) -> bool:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files directly inside ``folder``, sorted by name so labels never depend on the OS order."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and is_image(p.name))
+    """Image files directly inside ``folder``, sorted by name so labels never depend on the OS order.
+
+    A link to an image that is gone is an error, not a file to skip: skipping it would change the dataset.
+    """
+    files = sorted(p for p in folder.iterdir() if is_image(p.name) and not p.is_dir())
+    broken = [p for p in files if not p.is_file()]
+    if broken:
+        raise DataError(f"{broken[0]} is a broken link or not a regular file; restore it or remove it")
+    return files
 
 
 def subdirs(folder: Path) -> list[Path]:

@@ -20,34 +20,44 @@ CIFAR100_TGZ_BYTES = 169_001_437
 _MEMBERS = ("train", "test", "meta")
 
 
-def _numpy_reconstruct() -> Any:
+def _numpy_global(name: str) -> Any:
     try:
-        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+        from numpy._core import multiarray, numeric  # numpy >= 2
     except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core.multiarray import _reconstruct
-    return _reconstruct
+        from numpy.core import multiarray, numeric
+    return multiarray._reconstruct if name == "_reconstruct" else numeric._frombuffer
+
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    """What Python 3's protocol-2 pickles call to rebuild bytes; any other codec is refused."""
+    if encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"refusing codec {encoding!r}")
+    return text.encode("latin1")
 
 
 class _ArrayOnlyUnpickler(pickle.Unpickler):
     """Builds dicts, lists, bytes and numpy arrays; refuses every other global, so no code can run.
 
-    The official files store ``data`` as a numpy array, so numpy's three array-rebuilding names must be
-    allowed; they only allocate an array from raw bytes.
+    The official files store ``data`` as a numpy array, so numpy's array-rebuilding names must be allowed
+    (``_frombuffer`` for files re-saved with protocol 5, latin-1 ``_codecs.encode`` for Python 3's
+    protocol 2); they only allocate an array or bytes from raw data.
     """
 
-    _ALLOWED = {
+    _NUMPY = {
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
     }
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
-        if name == "_reconstruct":
-            return _numpy_reconstruct()
-        return getattr(np, name)
+        if (module, name) in self._NUMPY:
+            return _numpy_global(name)
+        if module == "numpy" and name in ("ndarray", "dtype"):
+            return getattr(np, name)
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_encode
+        raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
 
 
 def load_pickle(path: Path) -> dict:
@@ -72,14 +82,30 @@ def _field(d: dict, key: bytes, path: Path) -> Any:
     return d[key]
 
 
+def _labels(raw: Any, path: Path) -> np.ndarray:
+    """``fine_labels`` as int64 (N,); DataError for anything but a flat list of integers."""
+    try:
+        labels = np.asarray(raw)
+    except ValueError:
+        labels = None
+    if labels is None or labels.ndim != 1 or (labels.size and labels.dtype.kind not in "iu"):
+        raise DataError(f"{path}: fine_labels is not a list of integer labels; re-extract it")
+    return labels.astype(np.int64)
+
+
 def _split(path: Path) -> DatasetSplit:
     d = load_pickle(path)
-    data = np.asarray(_field(d, b"data", path))
-    labels = np.asarray(_field(d, b"fine_labels", path), dtype=np.int64)
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
+    try:
+        data = np.asarray(_field(d, b"data", path))
+    except ValueError:
+        raise DataError(f"{path}: data rows differ in length, expected uint8 (N, 3072); re-extract it") from None
+    labels = _labels(_field(d, b"fine_labels", path), path)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise DataError(
             f"{path}: data has shape {data.shape} {data.dtype}, expected uint8 (N, 3072); re-extract it"
         )
+    if len(data) != len(labels):
+        raise DataError(f"{path}: {len(data)} images but {len(labels)} fine_labels; re-extract it")
     # Rows are channel-planar (3, 32, 32); readers hand out HWC.
     images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
     return DatasetSplit(images=images, paths=None, targets=labels)
@@ -145,8 +171,8 @@ def read_cifar100(root: str | None, download: bool, *, md5: str = CIFAR100_TGZ_M
     """
     folder = _locate(resolve_root(root), download, md5)
     meta_path = folder / "meta"
-    names = [
-        n.decode() if isinstance(n, bytes) else str(n)
-        for n in _field(load_pickle(meta_path), b"fine_label_names", meta_path)
-    ]
+    raw_names = _field(load_pickle(meta_path), b"fine_label_names", meta_path)
+    if not isinstance(raw_names, list) or not all(isinstance(n, (bytes, str)) for n in raw_names):
+        raise DataError(f"{meta_path}: fine_label_names is not a list of names; re-extract it")
+    names = [n.decode(errors="replace") if isinstance(n, bytes) else n for n in raw_names]
     return DatasetSplits("cifar100", _split(folder / "train"), _split(folder / "test"), names)

@@ -147,20 +147,30 @@ def _tiny_words(folder: Path, wnids: list[str]) -> list[str]:
 
 
 def _tiny_val(folder: Path, label_of: dict[str, int]) -> tuple[list[str], list[int]]:
+    """Val images and labels from ``val_annotations.txt``, which must list every val image exactly once."""
     ann = folder / "val" / "val_annotations.txt"
-    paths, labels = [], []
+    labels_of_file: dict[str, int] = {}
     for line in read_lines(ann, "TinyImageNet"):
         parts = line.split("\t")
-        if len(parts) < 2 or parts[1] not in label_of:
+        if len(parts) < 2:
             raise DataError(
                 f"{ann}: bad line {line[:60]!r} (want file<TAB>wnid<TAB>box); re-extract the dataset"
             )
-        path = folder / "val" / "images" / parts[0]
-        if not path.is_file():
-            raise DataError(f"TinyImageNet val image {path} is missing; re-extract tiny-imagenet-200.zip")
-        paths.append(str(path))
-        labels.append(label_of[parts[1]])
-    return paths, labels
+        if parts[1] not in label_of:
+            raise DataError(f"{ann}: {parts[0]} has wnid {parts[1]!r}, not in wnids.txt; re-extract the dataset")
+        if parts[0] in labels_of_file:
+            raise DataError(f"{ann}: {parts[0]} is listed twice; re-extract the dataset")
+        labels_of_file[parts[0]] = label_of[parts[1]]
+    images = folder / "val" / "images"
+    for name in labels_of_file:
+        if not (images / name).is_file():
+            raise DataError(f"TinyImageNet val image {images / name} is missing; re-extract tiny-imagenet-200.zip")
+    unlisted = sorted({p.name for p in list_images(images)} - set(labels_of_file)) if images.is_dir() else []
+    if unlisted:
+        raise DataError(
+            f"{ann} has no line for {len(unlisted)} val image(s) (e.g. {unlisted[0]}); re-extract the dataset"
+        )
+    return [str(images / n) for n in labels_of_file], list(labels_of_file.values())
 
 
 @DATASETS.register("tiny_imagenet")
@@ -201,8 +211,21 @@ def _id_table(path: Path) -> dict[int, str]:
             raise DataError(
                 f"{path}: bad line {line[:60]!r} (want '<id> <value>'); re-extract CUB_200_2011.tgz"
             )
+        if int(key) in table:
+            raise DataError(f"{path}: id {key} is listed twice; re-extract CUB_200_2011.tgz")
         table[int(key)] = value.strip()
     return table
+
+
+def _cub_ints(table: dict[int, str], path: Path, allowed: set[int] | None = None) -> dict[int, int]:
+    """The values of an id table as integers (class labels, or the 0/1 of train_test_split.txt)."""
+    out = {}
+    for key, value in table.items():
+        if not value.isdigit() or (allowed is not None and int(value) not in allowed):
+            want = "/".join(map(str, sorted(allowed))) if allowed else "an integer"
+            raise DataError(f"{path}: id {key} has {value[:20]!r}, want {want}; re-extract CUB_200_2011.tgz")
+        out[key] = int(value)
+    return out
 
 
 def _cub_name(raw: str) -> str:
@@ -220,8 +243,9 @@ def read_cub200(root: str | None, download: bool) -> DatasetSplits:
             raise _no_download("CUB-200-2011", CUB_URL, base)
         raise DataError(f"CUB-200-2011 not found under {base}: extract CUB_200_2011.tgz there")
     images = _id_table(folder / "images.txt")
-    labels = _id_table(folder / "image_class_labels.txt")
-    is_train = _id_table(folder / "train_test_split.txt")
+    labels = _cub_ints(_id_table(folder / "image_class_labels.txt"), folder / "image_class_labels.txt")
+    split_file = folder / "train_test_split.txt"
+    is_train = _cub_ints(_id_table(split_file), split_file, {0, 1})
     classes = _id_table(folder / "classes.txt")
     ids = sorted(images)
     if set(labels) != set(ids) or set(is_train) != set(ids):
@@ -229,8 +253,14 @@ def read_cub200(root: str | None, download: bool) -> DatasetSplits:
             f"{folder}: images.txt, image_class_labels.txt and train_test_split.txt list different ids"
         )
     paths = [str(folder / "images" / images[i]) for i in ids]
-    y = [int(labels[i]) - 1 for i in ids]  # files count classes from 1
-    test = np.array([is_train[i] == "0" for i in ids], dtype=bool)
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise DataError(
+            f"CUB-200-2011: {len(missing)} image(s) listed in images.txt are missing (e.g. {missing[0]}); "
+            "re-extract CUB_200_2011.tgz"
+        )
+    y = [labels[i] - 1 for i in ids]  # files count classes from 1
+    test = np.array([is_train[i] == 0 for i in ids], dtype=bool)
     train_split, test_split = _split_of(paths, y, test)
     names = [_cub_name(classes[k]) for k in sorted(classes)]
     return DatasetSplits("cub200", train_split, test_split, names)
@@ -262,10 +292,23 @@ def _collect(folder: Path, label_of: dict[str, int], domain: int) -> tuple[list[
             raise DataError(
                 f"image_folder: class {cdir.name!r} in {folder} has no train/ folder; add or remove it"
             )
-        files = list_images(cdir)
+        files = _class_images(cdir)
         paths += [str(f) for f in files]
         labels += [label_of[cdir.name]] * len(files)
     return paths, labels, [domain] * len(paths)
+
+
+def _same_classes(layout: list[tuple[str | None, Path]]) -> None:
+    """DIL needs every domain to hold the same classes: one head is shared across domains."""
+    sets = {name: sorted(c.name for c in subdirs(d / "train")) for name, d in layout}
+    first, *rest = sets
+    for name in rest:
+        if sets[name] != sets[first]:
+            odd = sorted(set(sets[name]) ^ set(sets[first]))
+            raise DataError(
+                f"image_folder: domains {first!r} and {name!r} hold different classes (e.g. {odd[0]!r}); "
+                "give every domain's train/ the same class folders"
+            )
 
 
 @DATASETS.register("image_folder")
@@ -282,6 +325,8 @@ def read_image_folder(root: str | None, download: bool) -> DatasetSplits:
     if not base.is_dir():
         raise DataError(f"image_folder: {base} does not exist; set data.root to your image folder")
     layout = _folder_layout(base)
+    if layout[0][0] is not None:
+        _same_classes(layout)
     names = sorted({c.name for _, d in layout for c in subdirs(d / "train")})
     label_of = {n: i for i, n in enumerate(names)}
     parts = {"train": ([], [], []), "test": ([], [], [])}

@@ -39,6 +39,8 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
             f"{path} is not an IDX file of {ndim}-d unsigned bytes (bad magic number); delete it and fetch it again"
         )
     dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    if 0 in dims[1:]:
+        raise DataError(f"{path} holds images of size {dims[1:]}; the file is damaged, fetch it again")
     if len(raw) != head + int(np.prod(dims)):
         raise DataError(
             f"{path} is truncated or padded (dims {dims}, {len(raw) - head} data bytes); fetch it again"

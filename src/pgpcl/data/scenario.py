@@ -69,7 +69,12 @@ def split_classes(num_classes: int, num_tasks: int, first: int | None) -> list[i
             )
         return [num_classes // num_tasks] * num_tasks
     rest, others = num_classes - first, num_tasks - 1
-    if first < 1 or (others == 0 and rest != 0) or (others > 0 and (rest < others or rest % others)):
+    if not 1 <= first <= num_classes:
+        raise DataError(
+            f"data.first_task_classes={first} is outside 1..{num_classes} (the dataset has {num_classes} "
+            "classes); choose a value in that range"
+        )
+    if (others == 0 and rest != 0) or (others > 0 and (rest < others or rest % others)):
         raise DataError(
             f"data.first_task_classes={first} leaves {rest} of {num_classes} classes, which cannot be split into "
             f"{others} equal tasks; choose first_task_classes so the remaining classes divide evenly by {others}"

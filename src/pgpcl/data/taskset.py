@@ -19,11 +19,16 @@ _CHUNK = 2048
 
 def load_image(path: str) -> torch.Tensor:
     """Decode one file to uint8 (3, H, W); DataError naming the file if it is corrupt or missing."""
+    # Deleting the file is no fix: it changes the dataset, which a resumed run refuses.
     try:
         with Image.open(path) as im:
             return F.pil_to_tensor(im.convert("RGB"))
+    except FileNotFoundError:
+        raise DataError(f"image {path} is missing; restore it (re-extract the dataset)") from None
+    except Image.DecompressionBombError as e:
+        raise DataError(f"image {path} is too large to decode safely ({e}); replace it with a smaller copy") from None
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-        raise DataError(f"cannot read image {path} ({e}); replace or delete this file") from None
+        raise DataError(f"cannot read image {path} ({e}); replace it with a readable copy (re-extract the dataset)") from None
 
 
 def array_to_chw(images: np.ndarray) -> torch.Tensor:

@@ -38,7 +38,6 @@ from pgpcl.engine import checkpoint as ckpt
 from pgpcl.engine.distributed import (
     DistContext,
     EpochPlan,
-    PeerFailed,
     already_agreed,
     derive_seed,
     init_distributed,
@@ -433,7 +432,9 @@ class Trainer:
             if err is e:
                 raise
             raise err from None
-        except (PgpclError, PeerFailed) as e:
+        except Interrupted:  # Ctrl+C / SIGTERM: progress is saved and the run stays resumable
+            raise
+        except Exception as e:  # user errors, a peer's failure, and bugs (which keep their traceback)
             self._fail(e)
             raise
         finally:

@@ -37,7 +37,6 @@ import copy
 import difflib
 import json
 import os
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +46,17 @@ from torch import Tensor, nn
 
 from pgpcl.config import BackboneConfig
 from pgpcl.errors import CheckpointError, ConfigError
+from pgpcl.io import is_torchscript
 from pgpcl.models.attention import plain_product, plain_product_preferred
 from pgpcl.models.frozen import train_keeping_frozen
-from pgpcl.models.weights import WeightsInfo, _one_line, _unwrap, check_state_dict, read_state_dict
+from pgpcl.models.weights import (
+    WeightsInfo,
+    _one_line,
+    _unwrap,
+    check_state_dict,
+    hub_cache_only_if_unreachable,
+    read_state_dict,
+)
 
 # Model configs pgpcl defines, in open_clip's format ({embed_dim, vision_cfg, text_cfg}). The tiny one is
 # for tests and the offline smoke presets: random weights, seconds on a CPU, the real BPE tokenizer
@@ -160,17 +167,6 @@ def create_clip(model_cfg: dict[str, Any]) -> nn.Module:
 # Weights
 
 
-def is_torchscript(path: str | os.PathLike) -> bool:
-    """True for a TorchScript archive (e.g. OpenAI's original CLIP ``.pt``), which holds code."""
-    try:
-        if not zipfile.is_zipfile(path):
-            return False
-        with zipfile.ZipFile(path) as z:
-            return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
-    except OSError:
-        return False
-
-
 def read_clip_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     """Read a CLIP state dict from ``.safetensors`` / ``.pth`` / ``.bin`` without executing code."""
     path = Path(path).expanduser()
@@ -272,7 +268,8 @@ def fetch_clip_weights(arch: str, tag: str) -> str:
     """Local path of open_clip's pretrained ``arch``/``tag`` file; CheckpointError with the recipe offline."""
     pcfg = _pretrained_cfg(arch, tag)
     try:
-        return _download(pcfg)
+        with hub_cache_only_if_unreachable():
+            return _download(pcfg)
     except Exception as e:
         hint = _hub_file_hint(pcfg)
         raise CheckpointError(

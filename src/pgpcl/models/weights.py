@@ -19,20 +19,23 @@ Formats:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
 from torch import nn
 
 from pgpcl.errors import CheckpointError, ConfigError
-from pgpcl.io import safe_torch_load, sha256_file, torch_load_reason
+from pgpcl.io import is_torchscript, safe_torch_load, sha256_file, torch_load_reason
 
 try:  # huggingface_hub ships with timm; kept optional so offline installs still import.
     from huggingface_hub import hf_hub_download
@@ -89,15 +92,29 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
             from safetensors.torch import load_file
 
             return load_file(str(path), device="cpu")
+        if is_torchscript(path):
+            raise CheckpointError(
+                f"weights file '{path}' is a TorchScript archive, which holds code that pgpcl never runs; "
+                "save the model's state_dict() to a .safetensors file and give that"
+            )
         return _unwrap(safe_torch_load(path))
     except CheckpointError:
         raise
     except Exception as e:  # each reader raises its own types on corrupt input
-        reason = torch_load_reason(e, 120) if suffix in TORCH_EXT else f"{type(e).__name__}: {_one_line(e, 120)}"
+        reason = _read_reason(e, suffix)
         raise CheckpointError(
             f"could not read weights file '{path}' ({reason}); "
             f"the file is corrupt or not a plain {suffix} state dict: download or export it again"
         ) from e
+
+
+def _read_reason(e: Exception, suffix: str) -> str:
+    """A reader's complaint in a few words, without any advice to load the file unsafely."""
+    if suffix in TORCH_EXT:
+        return torch_load_reason(e, 120)
+    if suffix in NPZ_EXT and "pickle" in str(e):  # numpy suggests allow_pickle=True, which runs code
+        return "it holds pickled data, not plain arrays; pgpcl loads arrays only"
+    return f"{type(e).__name__}: {_one_line(e, 120)}"
 
 
 def _unwrap(obj: Any) -> dict[str, Any]:
@@ -285,7 +302,7 @@ def _adapt(sd: dict[str, Any], model: nn.Module, where: str) -> dict[str, Any]:
 def check_state_dict(sd: Mapping[str, Any], model: nn.Module, where: str) -> dict[str, torch.Tensor]:
     """Return ``sd`` minus head keys after checking every key and shape against ``model``.
 
-    Raises CheckpointError naming the first missing, wrong-shaped or unexpected key.
+    Raises CheckpointError naming the first missing, wrong-shaped, non-finite or unexpected key.
     """
     expected = {k: v for k, v in model.state_dict().items() if not _is_head(k)}
     given = {k: v for k, v in sd.items() if not _is_head(k)}
@@ -299,6 +316,11 @@ def check_state_dict(sd: Mapping[str, Any], model: nn.Module, where: str) -> dic
             found_txt = tuple(found) if found is not None else type(given[k]).__name__
             raise CheckpointError(
                 f"weights {where}: '{k}' should have shape {tuple(v.shape)} but has {found_txt}; {fix}"
+            )
+        if given[k].is_floating_point() and not torch.isfinite(given[k]).all():
+            raise CheckpointError(
+                f"weights {where}: '{k}' holds NaN or infinite values; the file is corrupt, "
+                "download or export it again"
             )
     extra = [k for k in given if k not in expected]
     if extra:
@@ -347,6 +369,31 @@ def hub_name(arch: str, tag: str | None) -> str:
     return f"{cfg.architecture}.{cfg.tag}" if cfg.tag else name
 
 
+@contextlib.contextmanager
+def hub_cache_only_if_unreachable() -> Any:
+    """Inside, huggingface_hub reads its local cache only when the hub's host name does not resolve.
+
+    Without this an offline machine waits ~25 s while huggingface_hub retries the lookup five times,
+    printing a line each time, before pgpcl can say what to do.
+    """
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - huggingface_hub ships with timm
+        yield
+        return
+    try:
+        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
+        reachable = True
+    except OSError:
+        reachable = False
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = before or not reachable
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
 def _hub_download(cfg: Any) -> str:
     """Download (or find in the local cache) the weights file of a timm pretrained config."""
     if cfg.hf_hub_id:
@@ -376,7 +423,8 @@ def fetch_hub_weights(arch: str, tag: str | None) -> tuple[str, str]:
 
     name = hub_name(arch, tag)
     try:
-        return name, _hub_download(get_pretrained_cfg(name))
+        with hub_cache_only_if_unreachable():
+            return name, _hub_download(get_pretrained_cfg(name))
     except Exception as e:
         raise CheckpointError(
             f"could not fetch pretrained weights '{name}' (offline?): download them where you have "
