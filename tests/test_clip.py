@@ -398,8 +398,8 @@ def test_config_errors():
         (["backbone.weights=builtin:x"], "builtin"),
         (["data.setting=dil", "data.domains=[mnist5k, mnist5k]"], "disjoint classes"),
     ]:
-        cfg = load_config("tiny_clip", overrides)
-        with pytest.raises(ConfigError, match=match):
+        with pytest.raises(ConfigError, match=match):  # from the config's checks or from the CLIP builder's
+            cfg = load_config("tiny_clip", overrides)
             METHODS.get("clip_prompt").build(cfg, build_scenario(cfg.data, cfg.seed))
 
 

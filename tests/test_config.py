@@ -73,6 +73,26 @@ def test_overrides_are_typed():
         ("method.name=l3p", "did you mean 'l2p'"),
         ("name=on", "quote the text: name=\"'...'\""),
         ("output_dir=2024", "got 2024 (YAML reads"),
+        # values torch's optimizers or timm would only refuse mid-run, after the run folder was prepared
+        ("train.betas=[0.9]", "train.betas must be two numbers in [0, 1)"),
+        ("train.betas=[0.9, 1.5]", "train.betas must be two numbers in [0, 1)"),
+        ("train.weight_decay=-1", "train.weight_decay must be a finite number >= 0"),
+        ("train.momentum=-1", "train.momentum must be in [0, 1)"),
+        ("backbone.depth=0", "backbone.depth must be >= 1"),
+        ("seed=-1", "seed must be in 0..4294967295"),
+        ("seed=99999999999999999999", "seed must be in 0..4294967295"),
+        ("data.order_seed=-5", "data.order_seed must be in 0..4294967295"),
+        ("train.device=mps", "train.device must be auto, cpu, cuda or cuda:N"),
+        ("data.channels=3", "data.channels=3 but backbone.in_chans=1"),
+        ("data.img_size=32", "data.img_size=32 but backbone.img_size=16"),
+        ("data.channels=2", "data.channels must be 1 or 3"),
+        ("name=..", "name must be a plain folder name"),
+        ("name=a/b", "name must be a plain folder name"),
+        ("name=''", "name must be a plain folder name"),
+        ("output_dir=''", "output_dir is empty"),
+        ("train=", "would replace the whole 'train' section"),
+        ("train=5", "would replace the whole 'train' section"),
+        ("method=l2p", "set its keys instead, e.g. method.name=<value>"),
     ],
 )
 def test_bad_config_rejected_with_hint(override, expected):
@@ -108,3 +128,38 @@ def test_quoted_override_keeps_yaml_words_as_text():
 def test_override_requires_equals():
     with pytest.raises(ConfigError, match="section.key=value"):
         apply_overrides(load_raw("tiny_l2p"), ["train.lr"])
+
+
+def test_a_section_given_whole_adds_to_the_preset():
+    cfg = load_config("tiny_l2p", ["train={epochs: 3}", "train={}"])
+    preset = load_config("tiny_l2p")
+    assert cfg.train.epochs == 3 and cfg.train.batch_size == preset.train.batch_size
+    assert cfg.train.max_steps_per_task == preset.train.max_steps_per_task
+
+
+def test_method_section_that_is_not_a_mapping(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text("_base_: tiny_l2p\nmethod: l2p\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(path))
+    assert str(e.value) == (
+        "config section 'method' must be a mapping, got 'l2p'; to pick a method set method.name=..."
+    )
+
+
+@pytest.mark.parametrize(
+    "write, expected",
+    [
+        (lambda p: p.write_text("train:\n  epochs: 2\ntrain:\n  lr: 0.1\n"),
+         "is not valid YAML (line 3, column 1: key 'train' is given twice); fix that line"),
+        (lambda p: p.write_text("train: {epochs: 2\n"), "is not valid YAML (line 2, column 1: "),
+        (lambda p: p.write_bytes(b"name: caf\xe9\n"), "cannot be read (not UTF-8 text); give a UTF-8 YAML file"),
+        (lambda p: p.mkdir(), "cannot be read (Is a directory)"),
+    ],
+)
+def test_unreadable_yaml_names_file_line_and_fix(tmp_path, write, expected):
+    path = tmp_path / "c.yaml"
+    write(path)
+    with pytest.raises(ConfigError) as e:
+        load_config(str(path))
+    assert f"config '{path}' " in str(e.value) and expected in str(e.value) and "\n" not in str(e.value)

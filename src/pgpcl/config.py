@@ -314,6 +314,8 @@ def build_dataclass(cls: type, raw: Any, prefix: str = "") -> Any:
 def _build_method(raw: Any) -> MethodConfig:
     from pgpcl.methods import METHODS  # late import: methods import this module
 
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"config section 'method' must be a mapping, got {raw!r}; to pick a method set method.name=...")
     raw = dict(raw or {})
     name = raw.pop("name", MethodConfig.name)
     if not isinstance(name, str):
@@ -348,9 +350,60 @@ def import_modules(names: list[str]) -> None:
             ) from None
 
 
+_SEED_MAX = 2**32 - 1  # numpy's legacy seeding, and the order seed, take 32-bit seeds
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def _validate_names(cfg: Config) -> None:
+    """``name`` becomes one folder of the run path: one plain, non-empty folder name."""
+    if not cfg.name or cfg.name in (".", "..") or "/" in cfg.name or "\\" in cfg.name:
+        raise ConfigError(f"name must be a plain folder name (no '/', not '.' or '..'), got {cfg.name!r}")
+    if not cfg.output_dir:
+        raise ConfigError("output_dir is empty; give a folder (default: runs)")
+    for key, seed in (("seed", cfg.seed), ("data.order_seed", cfg.data.order_seed)):
+        if seed is not None and not 0 <= seed <= _SEED_MAX:
+            raise ConfigError(f"{key} must be in 0..{_SEED_MAX}, got {seed}")
+
+
+def _validate_optimizer(t: TrainConfig) -> None:
+    if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
+        raise ConfigError(f"train.betas must be two numbers in [0, 1), e.g. [0.9, 0.999], got {t.betas}")
+    if not 0.0 <= t.momentum < 1.0:
+        raise ConfigError(f"train.momentum must be in [0, 1), got {t.momentum}")
+    if not 0.0 <= t.weight_decay < float("inf"):
+        raise ConfigError(f"train.weight_decay must be a finite number >= 0, got {t.weight_decay}")
+    if not _DEVICE.match(t.device):
+        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
+
+
+def _validate_shapes(d: DataConfig, b: BackboneConfig) -> None:
+    """Sizes the backbone is built with must be positive and agree with what the data feeds it."""
+    for key in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
+        value = getattr(b, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"backbone.{key} must be >= 1 or null (the arch's own), got {value}")
+    if d.img_size < 1:
+        raise ConfigError(f"data.img_size must be >= 1, got {d.img_size}")
+    if d.channels not in (1, 3):
+        raise ConfigError(f"data.channels must be 1 or 3, got {d.channels}")
+    if b.in_chans is not None and b.in_chans != d.channels:
+        raise ConfigError(
+            f"data.channels={d.channels} but backbone.in_chans={b.in_chans}: the model takes {b.in_chans}-channel "
+            "images; set both to the same value"
+        )
+    if b.img_size is not None and b.img_size != d.img_size:
+        raise ConfigError(
+            f"data.img_size={d.img_size} but backbone.img_size={b.img_size}: the model takes {b.img_size}-pixel "
+            "images; set both to the same value"
+        )
+
+
 def validate(cfg: Config) -> None:
     """Range checks that types alone cannot express."""
     d, t, p = cfg.data, cfg.train, cfg.pgp
+    _validate_names(cfg)
+    _validate_optimizer(t)
+    _validate_shapes(d, cfg.backbone)
     if d.num_tasks < 1:
         raise ConfigError(f"data.num_tasks must be >= 1, got {d.num_tasks}")
     for kind, eps in p.eps.items():
@@ -419,15 +472,47 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice in one mapping is an error: YAML keeps the last silently."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """'line L, column C: problem' from a YAML error, on one line."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
+
+
+def read_yaml(path: Path) -> Any:
+    """The data of one YAML file; ConfigError naming the file, the line and the fix."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else (e.strerror or type(e).__name__)
+        raise ConfigError(f"config '{path}' cannot be read ({reason}); give a UTF-8 YAML file") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config '{path}' is not valid YAML ({_yaml_problem(e)}); fix that line") from None
+
+
 def load_raw(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
     """Read a preset or YAML file, following ``_base_`` inheritance."""
     path = _resolve_preset(name_or_path)
     if str(path) in _seen:
         raise ConfigError(f"config '{path}' inherits itself through _base_")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"config '{path}' must be a YAML mapping")
     base = raw.pop("_base_", None)
@@ -455,10 +540,22 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), parsed
 
 
+_SECTIONS = ("data", "backbone", "method", "train", "pgp")
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     raw = dict(raw)
     for text in overrides:
         path, value = parse_override(text)
+        if len(path) == 1 and path[0] in _SECTIONS:
+            # A whole section given on the command line adds to the preset's, never silently resets it.
+            if not isinstance(value, dict):
+                raise ConfigError(
+                    f"override '{text}' would replace the whole '{path[0]}' section; set its keys instead, "
+                    f"e.g. {path[0]}.{'name' if path[0] == 'method' else '<key>'}=<value>"
+                )
+            raw[path[0]] = _deep_merge(raw.get(path[0]) or {}, value)
+            continue
         node = raw
         for part in path[:-1]:
             nxt = node.get(part)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,6 +23,16 @@ def resolve_eps(
 ) -> list[ProtectedGroup]:
     """Copies of the groups with eps set: ``pgp.eps.<kind>`` first, then the group's own eps, then
     the method's default for the kind."""
+    # the method's default kinds count too: an option may switch a group off (prefix's protect_values)
+    kinds = sorted({g.kind for g in groups} | set(default_eps))
+    for kind in cfg_eps:
+        if kind not in kinds:
+            close = difflib.get_close_matches(str(kind), kinds, n=1, cutoff=0.5)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ConfigError(
+                f"pgp.eps names group kind '{kind}', which this method does not know; {hint}"
+                f"its kinds are: {', '.join(kinds)}"
+            )
     out = []
     for g in groups:
         own = g.eps if g.eps is not None else default_eps.get(g.kind)
