@@ -1,4 +1,6 @@
+import errno
 import json
+import os
 import statistics
 
 import pytest
@@ -8,6 +10,7 @@ from pgpcl.config import Config
 from pgpcl.engine.results import new_results, read_results, write_results
 from pgpcl.errors import PgpclError
 from pgpcl.report import Stat, paired_difference, report_runs
+from test_bad_input import fails, snapshot
 
 # CIL matrices A[i][t] of 3-task runs; TIL = CIL + 5 everywhere.
 CIL = {
@@ -199,8 +202,10 @@ def test_incomplete_runs_are_skipped(runs, tmp_path):
     assert " 2 " in line_of(text, "l2p ")
     text = report_runs([*runs, running], plots=False, include_incomplete=True)
     assert " 3 " in line_of(text, "l2p ")
-    with pytest.raises(PgpclError, match="none of the 1 results file"):
+    with pytest.raises(PgpclError, match="none of the 1 results file") as e:
         report_runs([running], plots=False)
+    # the hint names a command that exists: pgpcl report has no option to include incomplete runs
+    assert "include incomplete" not in str(e.value) and "pgpcl train --resume RUN_DIR" in str(e.value)
 
 
 def test_no_results_found(tmp_path):
@@ -329,3 +334,117 @@ def test_runs_written_before_a_config_key_existed_group_with_new_ones(tmp_path):
     r.config["method"]["prompt_init"] = "zero"
     write_results(new / "results.json", r)
     assert "l2p-PGP [method.prompt_init=" in report_runs([root], plots=False)
+
+
+def edit_json(path, change):
+    """Apply ``change`` to the raw JSON of a results or summary file (bypassing every writer check)."""
+    d = json.loads(path.read_text())
+    change(d)
+    path.write_text(json.dumps(d))
+
+
+def pgp_run_with_logs(root):
+    """A complete PGP run whose file holds timings, projection records and a basis log."""
+    run = write_run(root, True, 0, CIL[(True, 0)])
+    r = read_results(run / "results.json")
+    r.add_timing(0, 1.0, 0.5, 0.1, 10, 100, setup_s=0.2, checkpoint_s=0.1)
+    r.add_projection(1, "prompt", 4, 32, 0.2)
+    r.extra["basis"] = [{"task": 0, "group": "prompt", "rank_before": 0, "rank_after": 4, "dim": 32}]
+    write_results(run / "results.json", r)
+    return run
+
+
+MALFORMED = {
+    "projection without group": (lambda d: d["projection"][0].pop("group"), "projection[0] lacks 'group'"),
+    "dim null": (lambda d: d["projection"][0].update(dim=None), "projection[0].dim is null, expected an integer"),
+    "group a number": (lambda d: d["projection"][0].update(group=3), "projection[0].group is 3, expected a string"),
+    "leak text": (lambda d: d["projection"][0].update(leak="x"), 'projection[0].leak is "x", expected a number or null'),
+    "rank text": (lambda d: d["projection"][0].update(rank="x"), 'projection[0].rank is "x", expected an integer'),
+    "timing text": (lambda d: d["timings"][0].update(eval_s="x"), 'timings[0].eval_s is "x", expected a number'),
+    "basis entry": (lambda d: d["basis"][0].pop("dim"), "basis[0] lacks 'dim'"),
+    "unknown setting": (lambda d: d.update(setting="xyz"), 'setting "xyz" is not one of cil, til, online, dil'),
+    "metrics text": (lambda d: d["metrics"].update(cil="x"), 'metrics.cil is "x", expected an object'),
+    "metric text": (lambda d: d["metrics"]["til"].update(bwt="x"), 'metrics.til.bwt is "x", expected a number or null'),
+    "data not a mapping": (lambda d: d["config"].update(data=3), "config.data is 3, expected an object"),
+    "method not a mapping": (lambda d: d["config"].update(method=[1]), "config.method is [1], expected an object"),
+    "data missing": (lambda d: d["config"].pop("data"), "config lacks 'data'"),
+    "dataset missing": (lambda d: d["config"]["data"].pop("dataset"), "config.data lacks 'dataset'"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_results_entries_are_one_line_errors(case, tmp_path, capsys):
+    """Every field the report reads is checked as the runs load: one line naming the file and the field,
+    not a traceback (KeyError, TypeError) or a table that shows the damage (setting xyz, dataset ?)."""
+    change, problem = MALFORMED[case]
+    run = pgp_run_with_logs(tmp_path / "runs")
+    edit_json(run / "results.json", change)
+    fails(capsys, ["report", str(run), "--no-plots"],
+          f"results file {(run / 'results.json').resolve()} is malformed: {problem}; rerun or restore it")
+
+
+def test_timings_of_files_older_than_setup_s_still_report(tmp_path):
+    run = pgp_run_with_logs(tmp_path / "runs")
+    edit_json(run / "results.json", lambda d: [d["timings"][0].pop(k) for k in ("setup_s", "checkpoint_s")])
+    assert "prompt" in report_runs([run], plots=False).split("PGP subspaces")[1]
+
+
+@pytest.mark.parametrize("in_the_way", ["out", "out/sub"])
+def test_out_folder_blocked_by_a_file(in_the_way, runs, tmp_path, capsys):
+    (tmp_path / "out").write_text("mine")
+    out = tmp_path / in_the_way
+    fails(capsys, ["report", *map(str, runs), "--no-plots", "--out", str(out)],
+          f"cannot write the report to {out} (a file is in the way); choose a writable folder with --out")
+    assert (tmp_path / "out").read_text() == "mine"
+
+
+def fill_disk_at_write(monkeypatch, n):
+    """Make the ``n``-th file write of pgpcl.io fail as on a full disk."""
+    import pgpcl.io
+
+    calls, fsync = [], os.fsync
+
+    def full(fd):
+        calls.append(fd)
+        if len(calls) == n:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync(fd)
+
+    monkeypatch.setattr(pgpcl.io.os, "fsync", full)
+
+
+def test_disk_full_leaves_the_out_folder_as_it_was(runs, tmp_path, monkeypatch):
+    out = tmp_path / "rep"
+    report_runs(runs, out_dir=out)
+    (out / "notes.txt").write_text("mine")
+    before = snapshot(out)
+    fill_disk_at_write(monkeypatch, 3)  # table and the first plot written, then the disk is full
+    with pytest.raises(PgpclError, match=rf"cannot write the report to {out} \(No space left on device\); "
+                                         r".* or free disk space"):
+        report_runs(runs[:2], out_dir=out, fmt="markdown")
+    assert snapshot(out) == before and sorted(p.name for p in out.iterdir()) == sorted(before)
+    # a folder that did not exist is not left behind half-written, nor are the folders made for it
+    fill_disk_at_write(monkeypatch, 2)  # the summary, after the table
+    with pytest.raises(PgpclError, match="No space left on device"):
+        report_runs(runs, out_dir=tmp_path / "new" / "deeper" / "rep", plots=False)
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_report_replaces_the_previous_report_in_its_folder(runs, tmp_path):
+    """Only files an earlier report listed in its summary.json go; the user's own files stay."""
+    out = tmp_path / "rep"
+    report_runs(runs, out_dir=out)
+    assert len(list(out.glob("*.png"))) == 3
+    for name in ("notes.txt", "mine.png"):
+        (out / name).write_text("mine")
+    (tmp_path / "outside.png").write_text("mine")
+    # a summary from before the "files" list names its plots only
+    edit_json(out / "summary.json", lambda d: d.pop("files", None))
+    report_runs([r for r in runs if "pgp" in r.name], out_dir=out)
+    pngs = {p.name for p in out.glob("*.png")}
+    assert pngs == {"00_l2p-pgp-cifar100-cil_acc_matrix.png", "accuracy_curves.png", "mine.png"}
+    edit_json(out / "summary.json", lambda d: d["files"].extend(["../outside.png", "notes.txt"]))
+    report_runs(runs, out_dir=out, plots=False, fmt="markdown")
+    assert sorted(p.name for p in out.iterdir()) == ["mine.png", "notes.txt", "summary.json", "table.md"]
+    assert (tmp_path / "outside.png").exists()
+    assert json.loads((out / "summary.json").read_text())["files"] == ["table.md", "summary.json"]

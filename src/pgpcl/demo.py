@@ -102,7 +102,7 @@ def run_demo(
     probe = linear_probe(configs[0])
     elapsed = time.perf_counter() - start
     table = report_runs(run_dirs, out_dir=out_dir / "report", plots=True)
-    markdown = report_runs(run_dirs, out_dir=out_dir / "report", plots=False, fmt="markdown")
+    markdown = report_runs(run_dirs, plots=False, fmt="markdown")  # text only: the folder holds the report above
     header = (
         f"Joint upper bound (linear probe on the frozen backbone, all {configs[0].data.num_tasks} tasks "
         f"at once): {probe:.2f}%\nWall time: {elapsed:.0f} s for {len(configs)} runs."

@@ -12,6 +12,7 @@ import numpy as np
 from pgpcl.engine.results import now_iso
 from pgpcl.errors import PgpclError
 from pgpcl.io import atomic_write_json, atomic_write_text
+from pgpcl.report.outdir import SUMMARY, TABLES, write_report_folder
 from pgpcl.report.plots import SETTINGS, curve_stats, mean_matrix, plot_curves, plot_matrices
 from pgpcl.report.published import published_for
 from pgpcl.report.runs import (
@@ -43,7 +44,8 @@ def report_runs(
     ``paths``: run directories, ``results.json`` files, or folders searched recursively.
     Files (``summary.json``, ``table.txt``/``table.md`` and, with ``plots``, PNGs) are written when
     ``plots`` is true or ``out_dir`` is given. Default ``out_dir``: ``<run dir>/report`` for a single
-    run, else ``./report``. Runs not ``complete`` are skipped unless ``include_incomplete``.
+    run, else ``./report``. The new files replace the report already there, all at once, or none on a
+    failure (:mod:`pgpcl.report.outdir`). Runs not ``complete`` are skipped unless ``include_incomplete``.
     """
     if fmt not in FORMATS:
         raise PgpclError(f"unknown report format '{fmt}'; use one of {', '.join(FORMATS)}")
@@ -83,17 +85,17 @@ def write_outputs(
     out_dir: Path, groups: Sequence[RunGroup], pairs: Sequence[Pair], notes: Sequence[str],
     text: str, fmt: str, plots: bool,
 ) -> list[Path]:
-    """Write table, plots and summary.json into ``out_dir``; return the paths written."""
-    written: list[Path] = []
-    table = out_dir / ("table.md" if fmt == "markdown" else "table.txt")
-    atomic_write_text(table, text)
-    written.append(table)
-    plot_names = _write_plots(out_dir, groups) if plots else {}
-    written.extend(out_dir / name for names in plot_names.values() for name in names)
-    summary = out_dir / "summary.json"
-    atomic_write_json(summary, summary_dict(groups, pairs, notes, plot_names))
-    written.append(summary)
-    return written
+    """Write table, plots and summary.json into ``out_dir``, replacing the report there; return the paths."""
+
+    def write(stage: Path) -> list[str]:
+        table = TABLES[1] if fmt == "markdown" else TABLES[0]
+        atomic_write_text(stage / table, text)
+        plot_names = _write_plots(stage, groups) if plots else {}
+        files = [table, *(name for names in plot_names.values() for name in names), SUMMARY]
+        atomic_write_json(stage / SUMMARY, summary_dict(groups, pairs, notes, plot_names, files))
+        return files
+
+    return write_report_folder(out_dir, write)
 
 
 def _write_plots(out_dir: Path, groups: Sequence[RunGroup]) -> dict[str, list[str]]:
@@ -121,6 +123,7 @@ def _finite(arr: np.ndarray | None) -> list | None:
 
 def summary_dict(
     groups: Sequence[RunGroup], pairs: Sequence[Pair], notes: Sequence[str], plots: dict[str, list[str]],
+    files: Sequence[str] = (),
 ) -> dict[str, Any]:
     return {
         "report_version": 1,
@@ -130,6 +133,7 @@ def summary_dict(
         "paired": [_pair_dict(p, b, d) for p, b, d in pairs],
         "curves_plot": plots.get("curves", [None])[0],
         "notes": list(notes),
+        "files": list(files),  # what the next report into this folder replaces (report/outdir.py)
     }
 
 

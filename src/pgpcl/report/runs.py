@@ -20,6 +20,7 @@ from pgpcl.config import RESULT_NEUTRAL_KEYS, with_defaults
 from pgpcl.engine.metrics import accuracy_curve, summarize, tasks_done
 from pgpcl.engine.results import Results, collect_results, read_results
 from pgpcl.errors import PgpclError
+from pgpcl.report.validate import check_results
 
 IGNORED_KEYS = frozenset({"seed", "name", "data.download"} | RESULT_NEUTRAL_KEYS)
 
@@ -174,6 +175,7 @@ def load_runs(paths: Sequence[str | Path], include_incomplete: bool = False) -> 
     runs, skipped = [], []
     for f in collect_results(list(paths)):
         r = read_results(f)
+        check_results(r, f)
         done, total = tasks_done(r.acc["cil"]), r.num_tasks
         if done == 0 or (r.status != "complete" and not include_incomplete):
             skipped.append(f"skipped {f} (status {r.status}, {done}/{total} tasks done)")
@@ -182,7 +184,7 @@ def load_runs(paths: Sequence[str | Path], include_incomplete: bool = False) -> 
     if not runs:
         raise PgpclError(
             f"none of the {len(skipped)} results file(s) is a complete run; "
-            "wait for the runs to finish or include incomplete runs"
+            "wait for running runs to finish, or continue stopped ones with pgpcl train --resume RUN_DIR"
         )
     return runs, skipped
 

@@ -1,0 +1,114 @@
+"""Writing a report folder as a whole: all of the new report, or nothing.
+
+The files are first written into a hidden staging folder inside the output folder (same file system,
+so moving them in is a rename) and only moved in once every one of them exists; a failure (disk
+full, no permission, a file where the folder should be) leaves the folder as it was. The files the
+previous report there listed in its ``summary.json`` and this one does not write (plots of groups no
+longer reported, the other format's table) are then deleted, so the folder never mixes two reports;
+files that no report listed are never touched.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from pgpcl.errors import PgpclError
+
+SUMMARY = "summary.json"
+TABLES = ("table.txt", "table.md")
+
+
+def write_report_folder(out_dir: Path, write: Callable[[Path], list[str]]) -> list[Path]:
+    """Call ``write(stage)``, which writes the report into the empty folder ``stage`` and returns the
+    file names it wrote, then move those files into ``out_dir``; return their paths there."""
+    created = _first_missing(out_dir)
+    stage = None
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=".pgpcl-report-", dir=out_dir))
+        names = write(stage)
+        stale = previous_files(out_dir) - set(names)
+        _move_in(stage, out_dir, names)
+        for name in stale:
+            (out_dir / name).unlink(missing_ok=True)
+    except BaseException as e:
+        _remove_created(out_dir, created, stage)
+        if isinstance(e, OSError):
+            raise write_error(out_dir, e) from None
+        raise
+    stage.rmdir()
+    return [out_dir / name for name in names]
+
+
+def write_error(out_dir: Path, e: OSError) -> PgpclError:
+    reason = "a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror or str(e)
+    return PgpclError(f"cannot write the report to {out_dir} ({reason}); "
+                      "choose a writable folder with --out or free disk space")
+
+
+def previous_files(out_dir: Path) -> set[str]:
+    """Names of the files the report already in ``out_dir`` wrote, from its ``summary.json``; empty
+    when there is none or the file is not a pgpcl report summary."""
+    try:
+        d = json.loads((out_dir / SUMMARY).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(d, dict) or "report_version" not in d:
+        return set()
+    return {name for name in _listed(d) if _is_report_file(name)}
+
+
+def _listed(d: dict[str, Any]) -> Iterable[Any]:
+    if isinstance(d.get("files"), list):
+        return d["files"]
+    # Summaries written before "files" existed name their plots only.
+    groups = d.get("groups") if isinstance(d.get("groups"), list) else []
+    plots = [g.get("plots") for g in groups if isinstance(g, dict) and isinstance(g.get("plots"), list)]
+    return [name for names in plots for name in names] + [d.get("curves_plot")]
+
+
+def _is_report_file(name: Any) -> bool:
+    # A damaged or hand-edited summary must not make the report delete anything outside its own files.
+    if not isinstance(name, str) or name != Path(name).name or name.startswith("."):
+        return False
+    return name.endswith(".png") or name in (*TABLES, SUMMARY)
+
+
+def _move_in(stage: Path, out_dir: Path, names: list[str]) -> None:
+    # A folder in the way would stop the moves half-way, so look for one before moving anything.
+    for name in names:
+        if (out_dir / name).is_dir():
+            raise IsADirectoryError(errno.EISDIR, f"{name} is a folder", str(out_dir / name))
+    for name in names:
+        os.replace(stage / name, out_dir / name)
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The topmost folder of ``path`` that does not exist yet (the first one mkdir will create)."""
+    missing = None
+    for p in (path, *path.parents):
+        if p.exists() or p.is_symlink():
+            break
+        missing = p
+    return missing
+
+
+def _remove_created(out_dir: Path, created: Path | None, stage: Path | None) -> None:
+    if stage is not None:
+        shutil.rmtree(stage, ignore_errors=True)
+    if created is None:
+        return
+    for p in (out_dir, *out_dir.parents):
+        try:
+            p.rmdir()  # only empty folders: whatever someone else put there stays
+        except OSError:
+            return
+        if p == created:
+            return
