@@ -560,13 +560,13 @@ def test_transform_bad_args():
 
 def test_pickle_of_loader_dataset_roundtrip(tmp_path, data_write_idx):
     # Workers receive the dataset by pickling under spawn; it must survive the trip.
-    data_write_idx(tmp_path, [0, 1], [0])
+    data_write_idx(tmp_path, list(range(10)), [0])  # every class needs a training image
     from pgpcl.data import build_scenario
 
     sc = build_scenario(DataConfig(dataset="mnist", root=str(tmp_path), num_tasks=1, img_size=28,
                                    channels=1, train_transform="plain", test_transform="plain"), 0)  # fmt: skip
     ds = pickle.loads(pickle.dumps(sc.train_loader(0, 2, generator_seed=0).dataset))
-    assert len(ds) == 2 and ds[0][0].shape == (1, 28, 28)
+    assert len(ds) == 10 and ds[0][0].shape == (1, 28, 28)
 
 
 def test_failed_download_is_one_line(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -22,6 +23,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return _cmd_resume(args)
     if not args.config:
         raise PgpclError("give a config (a preset name or a YAML path), or --resume RUN_DIR to continue a run")
+    if args.run_dir is not None and not args.run_dir.strip():
+        raise PgpclError("--run-dir is empty; give a folder, or leave it out for OUTPUT_DIR/NAME/seedSEED")
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
     results = train(cfg, run_dir, overwrite=args.overwrite)
@@ -226,10 +229,28 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, PeerFailed) and not args.debug:  # another torchrun process failed and said why
             return 2
         raise
-    except KeyboardInterrupt:
-        print("pgpcl: interrupted (no checkpoint written for the current step); 'pgpcl train --resume RUN_DIR' "
-              "continues from the last one", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl+C outside training, whose own handler saves a checkpoint
+        print(INTERRUPTED, file=sys.stderr)
         return 130
+
+
+INTERRUPTED = "pgpcl: interrupted; every file already written is whole (files are written atomically)"
+
+
+def _exit_on_early_interrupt(signum: int, frame: object) -> None:
+    """SIGINT in the main process outside training: exit at once.
+
+    A KeyboardInterrupt raised while torch's extension modules are still being imported can leave the
+    interpreter broken (segfaults, 'duplicate registrations'); there is nothing to save at that point.
+    Loader worker processes inherit this handler and keep Python's behaviour (torch stops them quietly).
+    """
+    if os.getpid() != _MAIN_PID:
+        raise KeyboardInterrupt
+    os.write(2, (INTERRUPTED + "\n").encode())
+    os._exit(130)
+
+
+_MAIN_PID = os.getpid()
 
 
 def _one_line(e: BaseException) -> str:
@@ -256,6 +277,7 @@ def entry() -> None:
     2.14: its gloo threads outlive the call), and tearing it down during interpreter exit now and then
     aborts (SIGABRT, "terminate called without an active exception"), which fails a finished job.
     """
+    signal.signal(signal.SIGINT, _exit_on_early_interrupt)  # training installs its own, then restores this
     code = main()
     from pgpcl.engine.distributed import launched_world_size
 

@@ -87,16 +87,23 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, progress: bool = True, overwrit
 
     from pgpcl.config import DataConfig
     from pgpcl.data import load_dataset
-    from pgpcl.errors import PgpclError
+    from pgpcl.errors import DataError, PgpclError
 
     out_dir = Path(out_dir)
+    if cfg.epochs < 1:
+        raise PgpclError(f"--epochs must be >= 1, got {cfg.epochs}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PgpclError(f"--out {out_dir} is a file, not a folder; choose another --out")
     existing = [p for p in (out_dir / f"{cfg.name}.safetensors", out_dir / f"{cfg.name}.json") if p.exists()]
     if existing and not overwrite:
         raise PgpclError(f"{existing[0]} already exists; pass --overwrite to replace it, or choose --out / --name")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    splits = load_dataset(DataConfig(dataset=cfg.dataset, root=cfg.root))
+    try:
+        splits = load_dataset(DataConfig(dataset=cfg.dataset, root=cfg.root))
+    except DataError as e:  # the reader speaks of train's config keys; pretrain has --data-root only
+        raise DataError(str(e).replace(", or set data.download=true", "").replace("data.root", "--data-root")) from None
     x_train, y_train = _images_to_tensor(splits.train.images), torch.from_numpy(splits.train.targets)
     x_test, y_test = _images_to_tensor(splits.test.images), torch.from_numpy(splits.test.targets)
     model = timm.create_model(cfg.arch, pretrained=False, num_classes=len(splits.class_names), **cfg.vit_kwargs)
@@ -124,7 +131,10 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, progress: bool = True, overwrit
     train_s = time.perf_counter() - start
     test_acc = _accuracy(model, x_test, y_test)
     backbone = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("head.")}
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PgpclError(f"cannot create {out_dir} ({e.strerror}); choose a writable --out") from None
     weights_path = out_dir / f"{cfg.name}.safetensors"
     atomic_write_bytes(weights_path, save(backbone))
     record = {

@@ -334,6 +334,20 @@ def _domain_tasks(src: _Source, num_tasks: int) -> tuple[list[_Task], list[str]]
     return tasks, list(names)
 
 
+def _check_every_class_trains(sources: list[_Source]) -> None:
+    """A class without a training image would sit in a task untaught and score as if it were learnt."""
+    for src in sources:
+        data = src.data
+        counts = np.bincount(data.train.targets[src.train_keep], minlength=data.num_classes)
+        empty = np.flatnonzero(counts == 0)
+        if len(empty):
+            k = int(empty[0])
+            raise DataError(
+                f"{data.name}: {len(empty)} of {data.num_classes} classes have no training images (e.g. "
+                f"{data.class_names[k]!r}); the dataset is incomplete: re-extract it or point data.root at all of it"
+            )
+
+
 def _check_tasks(tasks: list[_Task]) -> None:
     for t, task in enumerate(tasks):
         for role in ("train", "test"):
@@ -358,6 +372,7 @@ def build_scenario(data_cfg: Any, seed: int) -> Scenario:
     remap[class_order] = np.arange(num_classes)
     dil = cfg.setting == "dil"
     sources = [_source(d, remap, cfg, seed, dil) for d in datasets]
+    _check_every_class_trains(sources)
     if not dil:
         sizes = split_classes(num_classes, cfg.num_tasks, cfg.first_task_classes)
         bounds = np.cumsum([0] + sizes)

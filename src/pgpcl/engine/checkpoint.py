@@ -23,13 +23,15 @@ Contents (version 2, plain tensors / numbers / strings only):
 ``results``        JSON of the results record so far (accuracy matrix, timings, projection stats).
 ``timing``         the running task's partial timings.
 ``config``         JSON of the resolved config; ``scenario``: class order, task classes and sizes;
-``weights_sha256`` the backbone file's hash: a resume checks all three against what it rebuilds.
+``weights_sha256`` the backbone file's hash: a resume and ``pgpcl eval`` check all three against what they
+                   rebuild (:func:`check_matches_run`).
 """
 
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +75,8 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
 
 
 def load_checkpoint(path: Path) -> dict:
+    """The checkpoint at ``path``, its structure checked (see :func:`check_structure`)."""
+    path = Path(path)
     try:
         state = safe_torch_load(path)
     except FileNotFoundError:
@@ -82,12 +86,101 @@ def load_checkpoint(path: Path) -> dict:
         raise CheckpointError(
             f"checkpoint {path} cannot be read ({msg}); delete it to fall back to the previous checkpoint"
         ) from None
-    if not isinstance(state, dict) or state.get("version") not in READABLE_VERSIONS:
-        raise CheckpointError(
-            f"checkpoint {path} is not a pgpcl checkpoint (version {CHECKPOINT_VERSION}); delete it or "
-            "give the run folder it came from"
-        )
+    check_version(path, state)
+    check_structure(path, state)
     return state
+
+
+def check_version(path: Path, state: Any) -> None:
+    version = state.get("version") if isinstance(state, dict) else None
+    if _is_count(version) and version > CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} was written by a newer pgpcl (version {version}; this pgpcl reads version "
+            f"{CHECKPOINT_VERSION}); upgrade pgpcl to read it"
+        )
+    if version not in READABLE_VERSIONS:
+        raise CheckpointError(
+            f"checkpoint {path} is not a pgpcl checkpoint (no pgpcl version record); delete it or give the "
+            "run folder it came from"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Structure: every field the trainer and eval read, so that a damaged file is one line, not a traceback
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _is_tensors(v: Any) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items())
+
+
+def _is(*types: type) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, types)
+
+
+_NONE = type(None)
+SCENARIO_KEYS = ("class_order", "task_classes", "train_sizes", "test_sizes")
+# (key, what it must be, check): what Trainer._state writes
+_V1_FIELDS = (("task", "a task number", _is_count), ("method", "a dict of parameter tensors", _is_tensors))
+_FIELDS = (
+    *_V1_FIELDS,
+    ("position", "a position record", _is(dict)),
+    ("method_extra", "a dict", _is(dict)),
+    ("optimizer", "an optimizer state or None", _is(dict, _NONE)),
+    ("scheduler", "a scheduler state or None", _is(dict, _NONE)),
+    ("pgp", "a subspace memory or None", _is(dict, _NONE)),
+    ("pgp_task_start", "a snapshot or None", _is(dict, _NONE)),
+    ("basis_log", "JSON text", _is(str)),
+    ("rng", "a record of generator states", _is(dict)),
+    ("results", "JSON text", _is(str)),
+    ("timing", "a timing record or None", _is(dict, _NONE)),
+    ("config", "JSON text", _is(str)),
+    ("scenario", "a scenario record", _is(dict)),
+    ("weights_sha256", "a sha256 or None", _is(str, _NONE)),
+)
+_POSITION = (("task", "a task number", _is_count), ("stage", f"one of {', '.join(STAGES)}", lambda v: v in STAGES),
+             ("step", "a step count", _is_count))
+_SCENARIO = tuple((key, "a list", _is(list)) for key in SCENARIO_KEYS)
+_MID_TASK = (("optimizer", "an optimizer state (mid-task)", _is(dict)),
+             ("timing", "a timing record (mid-task)", _is(dict)))
+
+
+def _damaged(path: Path, problem: str) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {path} is damaged ({problem}); delete it to fall back to the previous checkpoint"
+    )
+
+
+def _shown(v: Any) -> str:
+    # a record or tensor would flood the one-line message: name its type instead
+    return repr(v)[:40] if isinstance(v, (str, int, float, _NONE)) else f"a {type(v).__name__}"
+
+
+def _check_fields(path: Path, record: dict, fields: tuple, prefix: str = "") -> None:
+    for key, what, ok in fields:
+        if key not in record:
+            raise _damaged(path, f"'{prefix}{key}' is missing")
+        if not ok(record[key]):
+            raise _damaged(path, f"'{prefix}{key}' is {_shown(record[key])}, not {what}")
+
+
+def check_structure(path: Path, state: dict) -> None:
+    """Every field of a (version-checked) checkpoint has the type the trainer writes, and the trainable
+    parameters are finite (the trainer never saves NaN / inf, so such a file was damaged later)."""
+    if state["version"] == 1:  # before resume existed: the task and its trainable state only
+        _check_fields(path, state, _V1_FIELDS)
+    else:
+        _check_fields(path, state, _FIELDS)
+        _check_fields(path, state["position"], _POSITION, "position.")
+        _check_fields(path, state["scenario"], _SCENARIO, "scenario.")
+        if state["position"]["stage"] == "train":
+            _check_fields(path, state, _MID_TASK)
+    for name, value in state["method"].items():
+        if not bool(torch.isfinite(value).all()):
+            raise _damaged(path, f"parameter '{name}' holds NaN or infinite values")
 
 
 def position_key(state: dict) -> tuple[int, int, int]:
@@ -115,7 +208,7 @@ def find_resume_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
         if path is None or not path.exists():
             continue
         state = load_checkpoint(path)
-        if state.get("version") != CHECKPOINT_VERSION or "position" not in state:
+        if state["version"] != CHECKPOINT_VERSION:  # no position: it cannot say where to continue
             raise CheckpointError(
                 f"checkpoint {path} was written by an older pgpcl and cannot be resumed; start a new run"
             )
@@ -124,6 +217,76 @@ def find_resume_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
         return None
     _, path, state = max(found, key=lambda f: f[0])
     return path, state
+
+
+# ----------------------------------------------------------------------------------------------------
+# Does a checkpoint belong to the run? One check for ``pgpcl train --resume`` and ``pgpcl eval``
+
+
+def scenario_record(scenario) -> dict:
+    """What a checkpoint records of the scenario (and what a resume or eval compares it with)."""
+    d = scenario.describe()
+    return {k: d[k] for k in SCENARIO_KEYS}
+
+
+def weights_sha(method) -> str | None:
+    """The sha256 of the method's backbone file; None for a backbone without one."""
+    return getattr(getattr(method, "weights_info", None), "sha256", None)
+
+
+def check_matches_run(path: Path, state: dict, *, config: dict, scenario: dict, weights_sha256: str | None,
+                      pgp_enabled: bool, run_dir: Path) -> None:
+    """CheckpointError unless ``state`` (from ``path``) was written by the run that ``config`` (the run's
+    ``Config.to_dict()``), ``scenario`` (:func:`scenario_record`) and ``weights_sha256`` rebuild.
+
+    Shapes alone would let a checkpoint of another seed, learning rate or class order through.
+    Version 1 files recorded no config, scenario or weights: only the method and task count are checked.
+    """
+    if state["version"] != 1:
+        _check_config(path, state, config, run_dir)
+        _check_scenario(path, state["scenario"], scenario)
+        _check_weights(state["weights_sha256"], weights_sha256, config)
+    if (state.get("pgp") is None) == pgp_enabled:
+        raise CheckpointError(f"checkpoint {path} does not match pgp.enabled; give the run folder it came from")
+    num_tasks = len(scenario["task_classes"])
+    if state["task"] >= num_tasks:
+        raise CheckpointError(f"checkpoint {path} is after task {state['task'] + 1} but the run has {num_tasks} "
+                              "tasks; it belongs to another run: give the run folder it came from")
+
+
+def _check_config(path: Path, state: dict, config: dict, run_dir: Path) -> None:
+    from pgpcl.config import with_defaults
+    from pgpcl.engine.trainer import config_difference  # here: trainer imports this module
+
+    then = from_json(state["config"], "config", path)
+    if not isinstance(then, dict):
+        raise _damaged(path, "its config record is not a mapping")
+    # with_defaults: a key added to pgpcl since the checkpoint was written reads as its default
+    diff = config_difference(with_defaults(then), config)
+    if diff is not None:
+        key, was, now = diff
+        raise CheckpointError(
+            f"checkpoint {path} was written with {key}={was!r} but the run's config.yaml now says "
+            f"{now!r}; restore {Path(run_dir) / 'config.yaml'} or start a new run"
+        )
+
+
+def _check_scenario(path: Path, then: dict, now: dict) -> None:
+    for key, label in (("class_order", "class order"), ("task_classes", "task split"),
+                       ("train_sizes", "training images per task"), ("test_sizes", "test images per task")):
+        if list(then[key]) != list(now[key]):
+            raise CheckpointError(
+                f"the dataset no longer matches checkpoint {path}: the {label} differs "
+                f"({then[key]} then, {now[key]} now); restore the data the run started with"
+            )
+
+
+def _check_weights(then: str | None, now: str | None, config: dict) -> None:
+    if then != now:
+        raise CheckpointError(
+            f"the backbone weights differ from those the run started with (sha256 {str(then)[:12]} "
+            f"then, {str(now)[:12]} now); restore backbone.weights={config['backbone']['weights']}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------

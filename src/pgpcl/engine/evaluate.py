@@ -13,6 +13,8 @@ def load_run_config_raw(run_dir: Path) -> dict:
     """The plain dict in ``run_dir/config.yaml``; PgpclError if the folder is not a run folder."""
     run_dir = Path(run_dir)
     path = run_dir / "config.yaml"
+    if run_dir.is_file():
+        raise PgpclError(f"{run_dir} is a file, not a run folder; give the folder 'pgpcl train' wrote (RUN_DIR)")
     if not run_dir.is_dir():
         raise PgpclError(f"{run_dir} does not exist; give the folder 'pgpcl train' wrote (RUN_DIR)")
     if not path.exists():
@@ -36,20 +38,22 @@ def load_run_config(run_dir: Path):
 def evaluate_run(run_dir: Path) -> list[str]:
     """Returns printable lines: accuracy per seen task in CIL and TIL after the last checkpointed task."""
     from pgpcl.data import build_scenario
-    from pgpcl.engine.checkpoint import latest_checkpoint, load_checkpoint
+    from pgpcl.engine import checkpoint as ckpt
     from pgpcl.engine.seed import resolve_device, seed_everything
     from pgpcl.engine.trainer import build_method, evaluate_method
 
     cfg = load_run_config(run_dir)
-    ckpt_path = latest_checkpoint(run_dir)
+    ckpt_path = ckpt.latest_checkpoint(run_dir)
     if ckpt_path is None:
         raise PgpclError(f"{run_dir} has no end-of-task checkpoint yet; train at least one task first")
     seed_everything(cfg.seed, cfg.train.deterministic)
     device = resolve_device(cfg.train.device)
     scenario = build_scenario(cfg.data, cfg.seed)
     method = build_method(cfg, scenario).to(device)
-    state = load_checkpoint(ckpt_path)
-    task = int(state["task"])
+    state = ckpt.load_checkpoint(ckpt_path)
+    ckpt.check_matches_run(ckpt_path, state, config=cfg.to_dict(), scenario=ckpt.scenario_record(scenario),
+                           weights_sha256=ckpt.weights_sha(method), pgp_enabled=cfg.pgp.enabled, run_dir=run_dir)
+    task = state["task"]
     method.begin_task(task)  # first, so that whatever it initialises is overwritten by the checkpoint
     method.load_trainable_state_dict(state["method"])
     extra = state.get("method_extra") or {}

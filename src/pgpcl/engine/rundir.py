@@ -7,7 +7,9 @@ written; ``prepare_run_dir`` clears an old run only once the new one is ready to
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -25,9 +27,52 @@ def run_status(run_dir: Path) -> str | None:
         return "unreadable"
 
 
+LOCK_FILE = ".pgpcl.lock"
+_held: dict[Path, int] = {}  # run folder -> fd of its lock file, for the locks this process holds
+
+
+def real_path(run_dir: Path) -> Path:
+    """The folder ``run_dir`` will be once created: ``new/../old`` is ``old``, which may hold a run."""
+    return Path(os.path.realpath(run_dir))
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """Hold ``run_dir`` for this process until :func:`unlock_run_dir` (or the process ends).
+
+    Two processes writing one run folder would interleave checkpoints and results; the second is
+    refused. The folder must exist. Taking a lock this process already holds is a no-op.
+    """
+    run_dir = real_path(run_dir)
+    if run_dir in _held:
+        return
+    path = run_dir / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise PgpclError(f"cannot write {run_dir} ({e.strerror}); choose a writable folder") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise PgpclError(
+            f"{run_dir} is in use by another pgpcl process (pid {owner}); wait for it to end, or choose "
+            "another folder with --run-dir or name=..."
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held[run_dir] = fd
+
+
+def unlock_run_dir(run_dir: Path) -> None:
+    fd = _held.pop(real_path(run_dir), None)
+    if fd is not None:
+        os.close(fd)  # closing releases the flock
+
+
 def check_run_dir(run_dir: Path, *, overwrite: bool) -> str | None:
     """Refuse a folder that holds a run unless ``overwrite``; writes nothing. Returns its status."""
-    run_dir = Path(run_dir)
+    run_dir = real_path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise PgpclError(f"{run_dir} is a file, not a folder; choose another --run-dir")
     status = run_status(run_dir)
@@ -44,12 +89,19 @@ def check_run_dir(run_dir: Path, *, overwrite: bool) -> str | None:
 
 
 def prepare_run_dir(run_dir: Path, *, overwrite: bool) -> Path:
-    """Check, then clear an old run's files (with ``overwrite``) and create the folder."""
-    run_dir = Path(run_dir)
-    status = check_run_dir(run_dir, overwrite=overwrite)
+    """Create and lock the folder, check it, then clear an old run's files (with ``overwrite``)."""
+    run_dir = real_path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise PgpclError(f"{run_dir} is a file, not a folder; choose another --run-dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock_run_dir(run_dir)  # before the check: another process may be starting a run here right now
+    try:
+        status = check_run_dir(run_dir, overwrite=overwrite)
+    except PgpclError:
+        unlock_run_dir(run_dir)
+        raise
     if status is not None:
         for sub in ("checkpoints", "tensorboard"):
             shutil.rmtree(run_dir / sub, ignore_errors=True)
         (run_dir / "results.json").unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pgpcl.config import RESULT_NEUTRAL_KEYS, Config, dump_yaml, with_defaults
+from pgpcl.config import RESULT_NEUTRAL_KEYS, Config, dump_yaml
 from pgpcl.engine import checkpoint as ckpt
 from pgpcl.engine.distributed import (
     DistContext,
@@ -45,7 +45,7 @@ from pgpcl.engine.distributed import (
     sharded_loader,
 )
 from pgpcl.engine.results import Results, now_iso, write_results
-from pgpcl.engine.rundir import check_run_dir, prepare_run_dir
+from pgpcl.engine.rundir import check_run_dir, lock_run_dir, prepare_run_dir, unlock_run_dir
 from pgpcl.engine.seed import bf16_cpu_warning, seed_everything
 from pgpcl.errors import CheckpointError, ConfigError, DataError, PgpclError
 from pgpcl.io import atomic_write_text
@@ -262,6 +262,7 @@ class Trainer:
                         prepare_run_dir(self.run_dir, overwrite=overwrite)
                         atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
                     self.run_dir.mkdir(parents=True, exist_ok=True)
+                    lock_run_dir(self.run_dir)  # a resumed run too: one process per run folder
                     self._write()
                     self.tb = self._tensorboard()
             except PgpclError as e:
@@ -282,7 +283,7 @@ class Trainer:
         return str(self.device)
 
     def _weights_sha(self) -> str | None:
-        return getattr(getattr(self.method, "weights_info", None), "sha256", None)
+        return ckpt.weights_sha(self.method)
 
     def _new_results(self):
         from pgpcl.engine.results import new_results
@@ -321,8 +322,7 @@ class Trainer:
         return SummaryWriter(str(self.run_dir / "tensorboard"))
 
     def _scenario_record(self) -> dict:
-        d = self.scenario.describe()
-        return {k: d[k] for k in ("class_order", "task_classes", "train_sizes", "test_sizes")}
+        return ckpt.scenario_record(self.scenario)
 
     # -- resume ------------------------------------------------------------------------------------
     def _resume(self) -> None:
@@ -337,7 +337,9 @@ class Trainer:
         if found is None:  # nothing saved yet: start from the beginning in the same folder
             return
         path, state = found
-        self._check_resume_state(path, state)
+        ckpt.check_matches_run(path, state, config=self.cfg.to_dict(), scenario=self._scenario_record(),
+                               weights_sha256=self._weights_sha(), pgp_enabled=self.pgp is not None,
+                               run_dir=self.run_dir)
         self.results = Results.from_dict(ckpt.from_json(state["results"], "results", path))
         self.results.mark("running")
         self.results.device = self._device_label()
@@ -366,33 +368,6 @@ class Trainer:
         self._start_task = task
         self._last_ckpt = (path, ckpt.describe(state, self.scenario.num_tasks))
         ckpt.restore_rng(state["rng"])  # last: building the model above drew from the generators
-
-    def _check_resume_state(self, path: Path, state: dict) -> None:
-        # with_defaults: a key added to pgpcl since the checkpoint was written reads as its default
-        then = with_defaults(ckpt.from_json(state["config"], "config", path))
-        diff = config_difference(then, self.cfg.to_dict())
-        if diff is not None:
-            key, was, now = diff
-            raise CheckpointError(
-                f"checkpoint {path} was written with {key}={was!r} but the run's config.yaml now says "
-                f"{now!r}; restore {self.run_dir / 'config.yaml'} or start a new run"
-            )
-        now_sc = self._scenario_record()
-        for key, label in (("class_order", "class order"), ("task_classes", "task split"),
-                           ("train_sizes", "training images per task"), ("test_sizes", "test images per task")):
-            if list(state["scenario"][key]) != list(now_sc[key]):
-                raise CheckpointError(
-                    f"the dataset no longer matches checkpoint {path}: the {label} differs "
-                    f"({state['scenario'][key]} then, {now_sc[key]} now); restore the data the run started with"
-                )
-        then_sha, now_sha = state.get("weights_sha256"), self._weights_sha()
-        if then_sha != now_sha:
-            raise CheckpointError(
-                f"the backbone weights differ from those the run started with (sha256 {str(then_sha)[:12]} "
-                f"then, {str(now_sha)[:12]} now); restore backbone.weights={self.cfg.backbone.weights}"
-            )
-        if (state.get("pgp") is None) != (self.pgp is None):
-            raise CheckpointError(f"checkpoint {path} does not match pgp.enabled; resume with the run's config")
 
     def _method_extra(self) -> dict:
         params = {n for n, _ in self.method.named_parameters()}
@@ -439,6 +414,8 @@ class Trainer:
             raise
         finally:
             self._signals.restore()
+            if self.is_main:
+                unlock_run_dir(self.run_dir)
             if self.tb is not None:
                 self.tb.close()
         return self.results
