@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="tables (mean +- std over seeds) and plots from run folders")
     p.add_argument("runs", nargs="+", help="run folders or results.json files")
-    p.add_argument("--out", help="folder for plots and summary.json")
+    p.add_argument("--out", help="folder for plots and summary.json (replaces the files of a previous report there)")
     p.add_argument("--format", choices=["text", "markdown"], default="text")
     p.add_argument("--no-plots", action="store_true")
     p.set_defaults(func=_cmd_report)
