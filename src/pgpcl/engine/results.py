@@ -13,11 +13,12 @@ import json
 import math
 import platform
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from pgpcl.engine.metrics import summarize, tasks_done, validate_matrix
 from pgpcl.errors import PgpclError
@@ -256,7 +257,7 @@ def validate_results(d: Any) -> str | None:
         return "missing key schema_version"
     if type(version) is not int or version != SCHEMA_VERSION:
         return f"schema_version {version!r} is not {SCHEMA_VERSION}, the version this pgpcl reads"
-    return _check_keys(d) or _check_values(d) or _check_acc(d)
+    return _check_keys(d) or _check_values(d) or _check_acc(d) or _check_fields_of(d)
 
 
 def _check_keys(d: dict[str, Any]) -> str | None:
@@ -311,6 +312,94 @@ def _check_sizes(d: dict[str, Any], sizes: dict[str, int]) -> str | None:
             if m is not None and tasks_done(m) != T:
                 return f"status is complete but acc.{s} has {tasks_done(m)} of {T} tasks filled"
     return None
+
+
+# Fields of the list entries and sections a report reads (docs/results-schema.md): checked here, on every
+# read and write, so a damaged file is one line naming the field, not a traceback or a silent "?".
+Check = tuple[str, Callable[[Any], bool]]
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+_INT: Check = ("an integer", lambda v: type(v) is int)
+_NUMBER: Check = ("a number", _is_number)
+_NUMBER_OR_NULL: Check = ("a number or null", lambda v: v is None or _is_number(v))
+_STRING: Check = ("a string", lambda v: isinstance(v, str))
+_ENTRIES: dict[str, dict[str, Check]] = {
+    "projection": {"task": _INT, "group": _STRING, "rank": _INT, "dim": _INT, "leak": _NUMBER_OR_NULL},
+    "timings": {"task": _INT, "train_s": _NUMBER, "eval_s": _NUMBER, "basis_s": _NUMBER, "setup_s": _NUMBER,
+                "checkpoint_s": _NUMBER, "steps": _INT, "train_images_per_s": _NUMBER_OR_NULL},
+    "basis": {"task": _INT, "group": _STRING, "rank_after": _INT, "dim": _INT},
+}
+_MAY_LACK = frozenset({"setup_s", "checkpoint_s"})  # timing fields added later: older files lack them
+_METRICS: dict[str, Check] = {"final_acc": _NUMBER_OR_NULL, "avg_inc_acc": _NUMBER_OR_NULL,
+                              "forgetting": _NUMBER_OR_NULL, "bwt": _NUMBER_OR_NULL, "num_tasks_done": _INT}
+_CONFIG_SECTIONS = ("data", "backbone", "train", "pgp", "method")
+
+
+def _check_fields_of(d: dict[str, Any]) -> str | None:
+    return _check_setting(d) or _check_config(d["config"]) or _check_metrics(d["metrics"]) or _check_entries(d)
+
+
+def _check_setting(d: dict[str, Any]) -> str | None:
+    from pgpcl.config import Setting
+
+    settings = get_args(Setting)
+    setting = d.get("setting")
+    return None if setting in settings else f"setting {_show(setting)} is not one of {', '.join(settings)}"
+
+
+def _check_config(config: dict[str, Any]) -> str | None:
+    if "data" not in config:
+        return "config lacks 'data'"
+    for key in _CONFIG_SECTIONS:
+        if key in config and not isinstance(config[key], dict):
+            return f"config.{key} is {_show(config[key])}, expected an object"
+    return _check_fields(config["data"], {"dataset": _STRING}, "config.data")
+
+
+def _check_metrics(metrics: dict[str, Any]) -> str | None:
+    for setting, m in metrics.items():
+        if setting not in EVAL_SETTINGS:
+            return f"metrics has unknown setting '{setting}' (expected {', '.join(EVAL_SETTINGS)})"
+        if m is not None:
+            problem = _check_fields(m, _METRICS, f"metrics.{setting}")
+            if problem:
+                return problem
+    return None
+
+
+def _check_entries(d: dict[str, Any]) -> str | None:
+    basis = d.get("basis", [])
+    if not isinstance(basis, list):
+        return f"basis is {_show(basis)}, expected a list"
+    for key, entries in (("projection", d["projection"]), ("timings", d["timings"]), ("basis", basis)):
+        for i, entry in enumerate(entries):
+            problem = _check_fields(entry, _ENTRIES[key], f"{key}[{i}]")
+            if problem:
+                return problem
+    return None
+
+
+def _check_fields(obj: Any, fields: dict[str, Check], where: str) -> str | None:
+    if not isinstance(obj, dict):
+        return f"{where} is {_show(obj)}, expected an object"
+    for name, (expected, ok) in fields.items():
+        if name not in obj:
+            if name in _MAY_LACK:
+                continue
+            return f"{where} lacks '{name}'"
+        if not ok(obj[name]):
+            return f"{where}.{name} is {_show(obj[name])}, expected {expected}"
+    return None
+
+
+def _show(value: Any, limit: int = 40) -> str:
+    # JSON spelling (null, "x"), as in the file; one short line even for a whole list where a number belongs.
+    text = json.dumps(value, default=repr)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ----------------------------------------------------------------------------------------------------
