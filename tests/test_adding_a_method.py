@@ -107,3 +107,42 @@ def test_guide_preset_rejects_unknown_keys_and_modules(guide, tmp_path):
         load_config(str(path), ["imports=[no_such_module_xyz]"])
     with pytest.raises(ConfigError, match=r"unknown method 'no_such_method'.*list its module under imports"):
         load_config(str(path), ["method.name=no_such_method", "method.length=2"])
+
+
+def test_registering_a_method_whose_params_cannot_be_rebuilt_fails_at_import():
+    from dataclasses import dataclass
+
+    from pgpcl.methods import Method
+
+    class NoParams(Method):
+        pass
+
+    @dataclass
+    class Bare:
+        length: int  # resume, eval and reports rebuild the config over Params(): it needs a default
+
+    class NoDefault(Method):
+        Params = Bare
+
+    with pytest.raises(TypeError, match="NoParams.Params must be a dataclass"):
+        METHODS.register("no_params_here")(NoParams)
+    with pytest.raises(TypeError, match="NoDefault.Params.length has no default; give every field one"):
+        METHODS.register("no_default_here")(NoDefault)
+    assert "no_params_here" not in METHODS and "no_default_here" not in METHODS
+
+
+def test_a_kind_without_eps_is_a_config_error_not_a_key_error():
+    from types import SimpleNamespace
+
+    import torch
+
+    from pgpcl.config import PGPConfig
+    from pgpcl.engine.pgp_hooks import PGPHooks
+    from pgpcl.projection import ProtectedGroup
+
+    prompt = torch.nn.Parameter(torch.zeros(3, 4))
+    method = SimpleNamespace(default_eps={}, protected_groups=lambda eps: [
+        ProtectedGroup("prompt", "prompt", prompt, eps=eps["prompt"])])  # a method reading its own eps
+    with pytest.raises(ConfigError) as e:
+        PGPHooks(method, PGPConfig(enabled=True), torch.device("cpu"))
+    assert str(e.value) == "no eps for protected group kind 'prompt'; set pgp.eps.prompt=<value in (0, 1]>"

@@ -146,3 +146,56 @@ def test_prefix_pgp_with_per_head_blocks_under_two_processes_matches_one(tmp_pat
     assert all(p["leak"] < 1e-4 for name, p in task2.items() if name.startswith("key"))
     s1, s2 = (load_checkpoint(tmp_path / d / "checkpoints" / "task001.pt") for d in ("one", "two"))
     assert torch.allclose(s1["method"]["prefix"], s2["method"]["prefix"], atol=1e-5, rtol=0)
+
+
+RANK_1_EXTRA = """
+import os, sys
+from pgpcl.cli import entry
+if os.environ["RANK"] == "1":
+    sys.argv += sys.argv.pop(1).split()  # rank 1 alone gets the extra overrides
+else:
+    sys.argv.pop(1)
+entry()
+"""
+
+
+def _torchrun_with_rank_1_extra(tmp_path, extra: str, *args: str) -> subprocess.CompletedProcess:
+    script = tmp_path / "rank1_extra.py"
+    script.write_text(RANK_1_EXTRA)
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           extra, "train", "tiny_l2p", "train.progress=false", "data.train_per_class=4", "data.test_per_class=4",
+           *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("extra, phrase", [("seed=3", "this process has seed=3 but rank 0 has 0"),
+                                           ("train.lr=0.5", "this process has train.lr=0.5 but rank 0 has")])
+def test_a_rank_started_with_another_config_stops_the_run(tmp_path, extra, phrase):
+    proc = _torchrun_with_rank_1_extra(tmp_path, extra, "--run-dir", str(tmp_path / "run"))
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("pgpcl: error:")]
+    assert len(lines) == 1 and lines[0].startswith("pgpcl: error: [rank 1] ") and phrase in lines[0], proc.stderr
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_rank_0_records_the_message_of_a_failure_met_by_rank_1_only(tmp_path):
+    from PIL import Image
+
+    for split, n in (("train", 4), ("test", 6)):
+        for k, c in enumerate("abcd"):
+            (tmp_path / "imgs" / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (12, 10), (60 * k, 40 * i, 100)).save(tmp_path / "imgs" / split / c / f"{i}.png")
+    # task 1's last test image: in rank 1's half of its eval batches, and past the 16 test images the
+    # set-up forward of every rank reads
+    bad = tmp_path / "imgs" / "test" / "d" / "5.png"
+    bad.write_bytes(b"not an image")
+    run = tmp_path / "run"
+    proc = _torchrun_with_rank_1_extra(tmp_path, "", "data.dataset=image_folder", f"data.root={tmp_path / 'imgs'}",
+                                       "train.eval_batch_size=2", "--run-dir", str(run))
+    assert proc.returncode != 0
+    assert f"pgpcl: error: [rank 1] cannot read image {bad}" in proc.stderr, proc.stderr
+    results = json.loads((run / "results.json").read_text())
+    assert results["status"] == "failed"
+    assert results["error"].startswith(f"rank 1 failed: cannot read image {bad}"), results["error"]

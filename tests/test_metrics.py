@@ -102,7 +102,25 @@ def test_validate_matrix_rejects(A, needle):
     assert needle in str(e.value)
 
 
+@pytest.mark.parametrize("A", [[[90.0, math.nan], [None, 80.0]], [[90.0, 1.0, 2.0], [None, 80.0, 3.0]],
+                               [[90.0, 1.0], [5.0, 80.0]], [[90.0], [None, 80.0]]])
+def test_summarize_refuses_what_is_not_an_accuracy_matrix(A):
+    # NaN metrics, a dropped column, an ignored entry or an IndexError before this
+    with pytest.raises(ValueError):
+        summarize(A)
+
+
+def test_numpy_scalars_are_accuracies():
+    import numpy as np
+
+    assert summarize([[np.float32(50.0), np.int64(40)], [None, np.float64(80.0)]])["final_acc"] == pytest.approx(60.0)
+
+
 def test_counts():
+    with pytest.raises(ValueError, match="not a count of correct predictions"):
+        accuracy_from_counts(5, 3)
+    with pytest.raises(ValueError, match="not a count of correct predictions"):
+        accuracy_from_counts(-1, 3)
     assert accuracy_from_counts(3, 4) == pytest.approx(75.0)
     assert accuracy_row_from_counts([1, 2], [2, 8]) == pytest.approx([50.0, 25.0])
     with pytest.raises(ValueError):

@@ -328,24 +328,40 @@ def _several_groups_on_one_parameter(param, overlap: bool = False) -> tuple[list
     return groups, memory
 
 
-@pytest.mark.parametrize("overlap", [False, True])
-def test_update_target_with_several_groups_on_one_parameter(overlap):
+def test_update_target_with_several_groups_on_one_parameter():
     """Disjoint groups on one parameter share one snapshot per step (the engine's fast path): the same
-    parameters, bit for bit, as one snapshot per group; overlapping ones keep the per-group path."""
+    parameters, bit for bit, as one snapshot per group."""
     finals = []
     for measure in (True, False):
         torch.manual_seed(0)
         param = nn.Parameter(torch.randn(2, 5, 8))  # (key / value, L, D)
-        groups, memory = _several_groups_on_one_parameter(param, overlap)
+        groups, memory = _several_groups_on_one_parameter(param)
         projector = Projector(groups, memory, target="update", measure_step_leak=measure)
-        assert projector._per_param == (not measure and not overlap)
+        assert projector._per_param == (not measure)
         delta = _adam_steps(param, projector)
         assert torch.equal(delta[1], torch.zeros_like(delta[1]))  # the transposed view's basis is full
-        for g in groups[:2] if not overlap else groups[3:]:  # (undoing "o" can re-enter h0's span)
+        for g in groups[:2]:
             u = memory.basis(g.name).float()
             assert float((g.select(delta) @ u).norm()) < 1e-6 * float(g.select(delta).norm())
         finals.append(param.detach().clone())
     assert torch.equal(finals[0], finals[1])
+
+
+@pytest.mark.parametrize("blocks", [False, True])
+def test_overlapping_groups_are_refused(blocks):
+    # Undoing one group's in-span part can move the shared elements back into the other's span, so
+    # neither would be protected (groups on all of a (4, 8) parameter and on its first two rows, SGD: 0.077
+    # of the first group's change stayed inside its span).
+    param = nn.Parameter(torch.randn(2, 5, 8))
+    if blocks:
+        wide = lambda t: t[0]  # noqa: E731
+        groups = [ProtectedGroup(n, "k", param, lambda t, c=c: t[0][..., c], block=Block("l0", wide, c))
+                  for n, c in (("h0", slice(0, 5)), ("h1", slice(4, 8)))]
+    else:
+        groups, _ = _several_groups_on_one_parameter(param, overlap=True)
+    with pytest.raises(ValueError) as e:
+        Projector(groups, SubspaceMemory(), target="update")
+    assert "overlap on the same parameter" in str(e.value) and "'h0'" in str(e.value)
 
 
 def _head_groups(param, blocks: bool) -> tuple[list[ProtectedGroup], SubspaceMemory]:
@@ -683,3 +699,56 @@ def test_cuda_collect_update_and_project():
         opt.step()
         pgp.after_step()
     assert pgp.end_task()["p"]["leak"] < 1e-5
+
+
+def test_a_slice_of_a_parameter_is_refused_as_param():
+    lin = nn.Linear(4, 3)
+    with pytest.raises(ValueError, match="must be the parameter itself"):
+        ProtectedGroup("w", "w", lin.weight[:2])  # its .grad stays None: nothing would be projected
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_representations_are_one_line_errors(bad):
+    from pgpcl.errors import PgpclError
+
+    rows = torch.randn(10, 6, dtype=torch.float64)
+    rows[3, 2] = bad
+    for extra in (None, torch.randn(4, 6)):
+        with pytest.raises(PgpclError, match="representations of protected group 'w' hold NaN or infinite"):
+            feature_update(SubspaceMemory(), "w", rows, 0.9, extra=extra)
+
+
+def test_a_tiny_eps_still_asks_for_the_first_direction():
+    rows = rows_with_spectrum(ENERGIES, orthonormal(6, 4, seed=0))
+    for eps in (1e-12, 1e-9, 1e-6):
+        memory = SubspaceMemory()
+        feature_update(memory, "w", rows, eps)
+        assert memory.rank("w") == 1, eps
+
+
+def _pgp_with(param, name: str = "w") -> PGP:
+    return PGP([ProtectedGroup(name, "w", param, eps=0.9)], PGPConfig(enabled=True))
+
+
+@pytest.mark.parametrize(
+    "edit, phrase",
+    [
+        (lambda st: {**st, "bases": {"v": st["bases"]["w"]}}, "basis for group 'v', which this method does not declare"),
+        (lambda st: {**st, "bases": {"w": torch.zeros(12, 2, dtype=torch.float64)}}, "is 12-D, the group is 8-D"),
+        (lambda st: {**st, "bases": {"w": torch.ones(8, 2, dtype=torch.float64)}}, "is not orthonormal"),
+        (lambda st: {**st, "bases": {"w": torch.full((8, 2), float("nan"), dtype=torch.float64)}}, "not finite"),
+        (lambda st: {"format": st["format"], "mode": st["mode"]}, "not a mapping with 'bases'"),
+        (lambda st: {**st, "bases": {"w": [[1.0, 0.0]]}}, "has shape list"),
+    ],
+)
+def test_loading_a_pgp_state_checks_it_against_the_groups(edit, phrase):
+    param = nn.Parameter(torch.randn(5, 8))
+    source = _pgp_with(param)
+    source.memory = basis_with_rank(8, 2)
+    state = source.memory.state_dict()
+    fresh = _pgp_with(nn.Parameter(torch.randn(5, 8)))
+    fresh.load_state_dict(state)  # the untouched state loads
+    assert fresh.ranks() == {"w": 2}
+    with pytest.raises(CheckpointError) as e:
+        _pgp_with(nn.Parameter(torch.randn(5, 8))).load_state_dict(edit(state))
+    assert phrase in str(e.value)

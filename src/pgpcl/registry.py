@@ -12,14 +12,18 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, check: Callable[[str, T], None] | None = None):
+        """``check(name, obj)`` raises when ``obj`` cannot serve as a registered item (at import time)."""
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._check = check
 
     def register(self, name: str) -> Callable[[T], T]:
         def deco(obj: T) -> T:
             if name in self._items:
                 raise ValueError(f"{self.kind} '{name}' registered twice")
+            if self._check is not None:
+                self._check(name, obj)
             self._items[name] = obj
             return obj
 

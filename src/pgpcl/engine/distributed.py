@@ -51,6 +51,11 @@ from torch.utils.data import DataLoader, Dataset
 from pgpcl.errors import ConfigError
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 class PeerFailed(Exception):
     """Another rank hit an error (it prints the message); this rank stops quietly."""
 
@@ -90,12 +95,16 @@ class DistContext:
 
     def broadcast_object(self, obj):
         """Rank 0's picklable ``obj`` on every rank (only used for small engine-made values)."""
+        return self.broadcast_object_from(0, obj)
+
+    def broadcast_object_from(self, src: int, obj):
+        """Rank ``src``'s picklable ``obj`` on every rank (small engine-made values only)."""
         if not self.enabled:
             return obj
         import torch.distributed as dist
 
-        box = [obj if self.is_main else None]
-        dist.broadcast_object_list(box, src=0, device=self._comm_device())
+        box = [obj if self.rank == src else None]
+        dist.broadcast_object_list(box, src=src, device=self._comm_device())
         return box[0]
 
     def agree(self, error: BaseException | None = None, stop: bool = False) -> bool:
@@ -116,10 +125,12 @@ class DistContext:
         flags = self.all_reduce_sum(flags)
         failed = [r for r in range(self.world_size) if flags[r] > 0]
         if failed:
+            # every rank learns the first failure's message, so rank 0 can record it in results.json
+            message = self.broadcast_object_from(failed[0], _first_line(error) if self.rank == failed[0] else None)
             if error is not None and (self.is_main or 0 not in failed):
                 _mark_agreed(error)
                 raise error
-            raise PeerFailed(f"rank {failed[0]} failed")
+            raise PeerFailed(f"rank {failed[0]} failed: {message}")
         return bool(flags[-1] > 0)
 
     def close(self) -> None:

@@ -19,6 +19,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 Matrix = Sequence[Sequence[float | None]]
 
 
@@ -41,7 +43,7 @@ def _check_entry(a: Any, i: int, t: int) -> None:
         return
     if i > t:
         raise ValueError(f"[{i}][{t}] must be null: task {i} is not trained after task {t}")
-    if isinstance(a, bool) or not isinstance(a, (int, float)):
+    if isinstance(a, (bool, np.bool_)) or not isinstance(a, (int, float, np.integer, np.floating)):
         raise ValueError(f"[{i}][{t}] must be a number or null, got {a!r}")
     if not math.isfinite(a) or not 0.0 <= a <= 100.0:
         raise ValueError(f"[{i}][{t}] = {a!r} is not an accuracy in [0, 100]")
@@ -109,7 +111,12 @@ def backward_transfer(A: Matrix) -> float | None:
 
 
 def summarize(A: Matrix) -> dict[str, Any]:
-    """All scalar metrics on the complete columns of ``A`` (values None when not defined yet)."""
+    """All scalar metrics on the complete columns of ``A`` (values None when not defined yet).
+
+    Raises ValueError for a matrix that is not one (:func:`validate_matrix`): a NaN, a value below the
+    diagonal or a ragged row would otherwise give NaN metrics or silently drop entries.
+    """
+    validate_matrix(A)
     return {
         "final_acc": final_accuracy(A),
         "avg_inc_acc": incremental_accuracy(A),
@@ -123,6 +130,8 @@ def accuracy_from_counts(correct: int, total: int) -> float:
     """Top-1 accuracy in percent."""
     if total <= 0:
         raise ValueError(f"cannot compute an accuracy over {total} samples")
+    if not 0 <= correct <= total:
+        raise ValueError(f"{correct} correct out of {total} samples is not a count of correct predictions")
     return 100.0 * float(correct) / float(total)
 
 

@@ -7,8 +7,15 @@ from collections.abc import Callable
 import torch
 
 from pgpcl.config import PGPConfig
-from pgpcl.errors import PgpclError
+from pgpcl.errors import ConfigError, PgpclError
 from pgpcl.projection import PGP
+
+
+class _EpsTable(dict):
+    """eps per kind, as a method reads it in ``protected_groups``: a kind nobody set is a config error."""
+
+    def __missing__(self, kind: str) -> float:
+        raise ConfigError(f"no eps for protected group kind '{kind}'; set pgp.eps.{kind}=<value in (0, 1]>")
 
 
 class BasisInterrupted(Exception):
@@ -25,7 +32,7 @@ class PGPHooks:
     def __init__(self, method, cfg: PGPConfig, device: torch.device):
         self.method = method
         self.device = device
-        eps = {**method.default_eps, **cfg.eps}
+        eps = _EpsTable({**method.default_eps, **cfg.eps})
         # measure_step_leak=False: the task-level leak (end_task) is measured anyway, at no step cost.
         self.pgp = PGP(method.protected_groups(eps), cfg, method.default_eps, measure_step_leak=False)
         self.basis_log: list[dict] = []

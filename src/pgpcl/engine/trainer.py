@@ -254,6 +254,7 @@ class Trainer:
                 raise
             error = e
         self.dist.agree(error)
+        self.dist.agree(self._differs_from_rank_0())
         error = None
         if self.is_main:
             try:
@@ -270,6 +271,23 @@ class Trainer:
         self.dist.agree(error)
 
     # -- set-up ------------------------------------------------------------------------------------
+    def _differs_from_rank_0(self) -> PgpclError | None:
+        """Under torchrun, every process must train the same run: a rank started with another seed or
+        learning rate (or other data) would train silently on its own, and rank 0 records only its own."""
+        if self.dist.world_size == 1:
+            return None
+        mine = (self.cfg.to_dict(), ckpt.scenario_record(self.scenario))
+        config0, scenario0 = self.dist.broadcast_object(mine)
+        diff = config_difference(config0, mine[0])
+        if diff is not None:
+            key, was, now = diff
+            return PgpclError(f"this process has {key}={now!r} but rank 0 has {was!r}; start every process "
+                              "with the same command")
+        if scenario0 != mine[1]:
+            return PgpclError("this process read other data than rank 0 (class order, task split or image "
+                              "counts differ); give every process the same dataset")
+        return None
+
     def _build_pgp(self):
         if not self.cfg.pgp.enabled:
             return None

@@ -69,6 +69,12 @@ class ProtectedGroup:
             raise TypeError(f"group '{self.name}': param must be a tensor, got {type(self.param).__name__}")
         if not self.param.requires_grad:
             raise ValueError(f"group '{self.name}': param does not require grad; nothing to protect")
+        if not self.param.is_leaf:
+            # a slice such as lin.weight[:2] never receives a .grad: gradient projection would do nothing
+            raise ValueError(
+                f"group '{self.name}': param must be the parameter itself (a leaf tensor); "
+                "to protect part of it, pass the parameter and a view="
+            )
         if self.eps is not None and not 0.0 < self.eps <= 1.0:
             raise ValueError(f"group '{self.name}': eps must be in (0, 1], got {self.eps}")
         if self.components is not None and self.components < 1:

@@ -48,10 +48,11 @@ def directions_to_reach(explained: float, added: Tensor, total: float, eps: floa
 
     added: (n,) energies of candidate directions, largest first, all non-null. Returns at most n.
     """
-    if explained / total >= eps - REACH_TOL or added.numel() == 0:
+    target = eps * (1.0 - REACH_TOL)  # relative: a tiny eps still asks for the first direction
+    if explained / total >= target or added.numel() == 0:
         return 0
     captured = (explained + torch.cumsum(added, 0)) / total
-    below = int((captured < eps - REACH_TOL).sum())
+    below = int((captured < target).sum())
     return min(below + 1, added.numel())
 
 

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from pgpcl.errors import CheckpointError
+from pgpcl.errors import CheckpointError, PgpclError
 from pgpcl.projection import dist
 from pgpcl.projection.collect import GramCollector, RepresentationCollector, SampleCollector
 from pgpcl.projection.groups import ProtectedGroup
@@ -92,9 +92,9 @@ class SubspaceMemory:
         collector.synchronize()
         old = self._bases.get(name)
         if isinstance(collector, GramCollector):
-            new, before, after = self._update_feature(old, collector, eps)
+            new, before, after = self._update_feature(old, collector, eps, name)
         elif isinstance(collector, SampleCollector):
-            new, before, after = self._update_reference(old, collector, eps)
+            new, before, after = self._update_reference(old, collector, eps, name)
         else:
             raise TypeError(f"unknown collector type {type(collector).__name__}")
         new = dist.broadcast_matrix(new.contiguous())
@@ -106,17 +106,19 @@ class SubspaceMemory:
         )
 
     @staticmethod
-    def _update_feature(old: Tensor | None, col: GramCollector, eps: float) -> tuple[Tensor, float, float]:
+    def _update_feature(
+        old: Tensor | None, col: GramCollector, eps: float, name: str
+    ) -> tuple[Tensor, float, float]:
         basis = torch.zeros(col.dim, 0, dtype=torch.float64) if old is None else old
-        return grow_basis(basis, col.gram(), eps)
+        return grow_basis(basis, _finite(col.gram(), name), eps)
 
     @staticmethod
     def _update_reference(
-        old: Tensor | None, col: SampleCollector, eps: float
+        old: Tensor | None, col: SampleCollector, eps: float, name: str
     ) -> tuple[Tensor, float, float]:
         samples = col.samples()
         check_sample_count(int(samples.shape[0]), col.dim)
-        return reference_update(col.matrix(), old, eps)
+        return reference_update(_finite(col.matrix(), name), old, eps)
 
     def _set(self, name: str, basis: Tensor) -> None:
         self._bases[name] = basis.to("cpu", torch.float64)
@@ -134,6 +136,8 @@ class SubspaceMemory:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or not isinstance(state.get("bases"), dict):
+            raise CheckpointError("PGP memory state is not a mapping with 'bases'; it is damaged or not a PGP state")
         if state.get("format") != _FORMAT:
             raise CheckpointError(
                 f"PGP memory format {state.get('format')!r} is not supported (expected {_FORMAT})"
@@ -144,11 +148,30 @@ class SubspaceMemory:
                 f"this run uses pgp.mode={self.mode}; the bases are not interchangeable"
             )
         for name, basis in state["bases"].items():
-            if basis.dim() != 2 or basis.shape[1] > basis.shape[0]:
-                raise CheckpointError(
-                    f"PGP basis '{name}' has shape {tuple(basis.shape)}, expected (D, k<=D)"
-                )
+            _check_loaded_basis(name, basis)
         self._bases.clear()
         for name, basis in state["bases"].items():
             self._set(name, basis)
         self._updates = {k: int(v) for k, v in state.get("updates", {}).items()}
+
+
+def _finite(matrix: Tensor, name: str) -> Tensor:
+    """``matrix``, or a one-line error: NaN rows would give a NaN basis or none, and the group no protection."""
+    if not bool(torch.isfinite(matrix).all()):
+        raise PgpclError(
+            f"the representations of protected group '{name}' hold NaN or infinite values (the model's "
+            "features diverged, or the data holds NaN); lower train.lr or check the data"
+        )
+    return matrix
+
+
+def _check_loaded_basis(name: str, basis: Any) -> None:
+    """A basis from a checkpoint: (D, k <= D), finite and orthonormal, as the memory only ever holds."""
+    if not isinstance(basis, Tensor) or basis.dim() != 2 or basis.shape[1] > basis.shape[0]:
+        shape = tuple(basis.shape) if isinstance(basis, Tensor) else type(basis).__name__
+        raise CheckpointError(f"PGP basis '{name}' has shape {shape}, expected (D, k<=D)")
+    u = basis.to(torch.float64)
+    if not bool(torch.isfinite(u).all()) or not torch.allclose(
+        u.T @ u, torch.eye(u.shape[1], dtype=torch.float64), atol=1e-6
+    ):
+        raise CheckpointError(f"PGP basis '{name}' is not orthonormal (or not finite); the checkpoint is damaged")

@@ -10,7 +10,7 @@ from typing import Any
 from torch import Tensor
 
 from pgpcl.config import PGPConfig
-from pgpcl.errors import ConfigError
+from pgpcl.errors import CheckpointError, ConfigError
 from pgpcl.projection.collect import GramCollector, RepresentationCollector, SampleCollector, Weighting
 from pgpcl.projection.groups import ProtectedGroup, check_unique
 from pgpcl.projection.memory import SubspaceMemory, UpdateInfo
@@ -158,4 +158,18 @@ class PGP:
         return self.memory.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load the memory, refusing bases for groups this PGP does not have or of another width."""
+        dims = {g.name: g.dim for g in self.groups}
+        bases = state.get("bases") if isinstance(state, dict) else None
+        for name, basis in (bases or {}).items():
+            if name not in dims:
+                raise CheckpointError(
+                    f"the PGP state holds a basis for group '{name}', which this method does not declare "
+                    f"(its groups: {', '.join(dims)}); load the state of the same method"
+                )
+            if isinstance(basis, Tensor) and basis.dim() == 2 and basis.shape[0] != dims[name]:
+                raise CheckpointError(
+                    f"the PGP basis of group '{name}' is {basis.shape[0]}-D, the group is {dims[name]}-D; "
+                    "load the state of the same method and backbone"
+                )
         self.memory.load_state_dict(state)

@@ -102,13 +102,24 @@ def _units(groups: Sequence[ProtectedGroup]) -> list[ProtectedGroup | list[Prote
     return units
 
 
-def _disjoint(groups: Sequence[ProtectedGroup]) -> bool:
-    """Whether no element of any parameter lies in two groups' views (checked once, on a count tensor)."""
-    counts: dict[int, Tensor] = {}
-    for g in groups:
-        c = counts.setdefault(id(g.param), torch.zeros(g.param.shape, dtype=torch.int32))
-        g.select(c).add_(1)
-    return all(int(c.max()) <= 1 for c in counts.values())
+def check_disjoint(groups: Sequence[ProtectedGroup]) -> None:
+    """ValueError when an element of a parameter lies in two groups' views (checked once, on an owner map).
+
+    Projecting one group out of the complement of its span can move the shared elements back into the
+    other's span, so neither would be protected: overlapping parts need one group (one basis) instead.
+    """
+    owners: dict[int, Tensor] = {}
+    for i, g in enumerate(groups):
+        owner = owners.setdefault(id(g.param), torch.full(g.param.shape, -1, dtype=torch.int64))
+        part = g.select(owner)
+        taken = part[part >= 0]
+        if taken.numel():
+            other = groups[int(taken[0])].name
+            raise ValueError(
+                f"protected groups '{other}' and '{g.name}' overlap on the same parameter; the projection "
+                "cannot protect both: give the shared part to one group"
+            )
+        part.fill_(i)
 
 
 def _ratio(num: Tensor, den: Tensor) -> Tensor:
@@ -129,6 +140,7 @@ class Projector:
         if target not in ("gradient", "update"):
             raise ValueError(f"target must be 'gradient' or 'update', got {target!r}")
         check_unique(list(groups))
+        check_disjoint(list(groups))
         self.groups = list(groups)
         self.memory = memory
         self.target: Target = target
@@ -138,9 +150,9 @@ class Projector:
         self._units = _units(self.groups)
         self._step_before: dict[str, Tensor] = {}
         self._param_before: dict[int, Tensor] = {}
-        # target=update without the step leak snapshots each protected parameter once, not each group,
-        # when the groups on it do not overlap (several groups per parameter: per-head key bases, ...).
-        self._per_param = target == "update" and not measure_step_leak and _disjoint(self.groups)
+        # target=update without the step leak snapshots each protected parameter once, not each group
+        # (several groups per parameter: per-head key bases, ...; they never overlap).
+        self._per_param = target == "update" and not measure_step_leak
         self._step_leak: dict[str, tuple[Tensor, Tensor]] = {}
         self._task_start: dict[str, Tensor] = {}
 
