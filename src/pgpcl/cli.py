@@ -132,7 +132,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pgpcl",
-        description="Continual learning with Prompt Gradient Projection (L2P, DualPrompt, CLIP; with and without PGP).",
+        description="Continual learning with Prompt Gradient Projection: L2P, DualPrompt, CODA-Prompt, LoRA, adapters and "
+        "prefix-tuning on a ViT, and a CLIP prompt learner (with adapters, LoRA or prefixes), each with and without PGP.",
     )
     parser.add_argument("--version", action="version", version=f"pgpcl {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")

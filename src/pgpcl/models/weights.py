@@ -310,7 +310,7 @@ def check_state_dict(sd: Mapping[str, Any], model: nn.Module, where: str) -> dic
     for k, v in expected.items():
         if k not in given:
             n = sum(1 for x in expected if x not in given)
-            raise CheckpointError(f"weights {where} lack '{k}' ({n} keys missing); {fix}")
+            raise CheckpointError(f"weights {where} are missing '{k}' ({n} keys missing); {fix}")
         found = getattr(given[k], "shape", None)
         if not isinstance(given[k], torch.Tensor) or found != v.shape:
             found_txt = tuple(found) if found is not None else type(given[k]).__name__
