@@ -99,3 +99,10 @@ def test_pretrain_writes_checked_weights_and_its_record(tmp_path, data_write_idx
     assert weights.read_bytes() == before
     assert main(["pretrain", "--out", str(out), "--name", "toy", "--data-root", str(root), "--epochs", "1"]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_an_eps_kind_one_learner_lacks_is_refused_before_any_run(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "pgp.eps.prompt=0.9", "pgp.eps.prefix=0.9"]) == 2
+    assert "pgp.eps.prefix does not apply to l2p (its kinds: key, prompt)" in capsys.readouterr().err
+    assert not out.exists()

@@ -38,7 +38,25 @@ def demo_configs(
         raise ConfigError(f"the demo has no learner '{unknown[0]}'; choose from {', '.join(METHODS)} (or all)")
     presets = [p for m in methods for p in (f"demo_{m}", f"demo_{m}_pgp")]
     overrides = [f"output_dir={out_dir}", *(QUICK if quick else []), *extra]
-    return [load_config(p, [f"seed={s}", *overrides]) for s in seeds for p in presets]
+    configs = [load_config(p, [f"seed={s}", *overrides]) for s in seeds for p in presets]
+    _check_eps_kinds(configs)
+    return configs
+
+
+def _check_eps_kinds(configs: list[Config]) -> None:
+    """Every override reaches every run: refuse an eps kind one learner lacks before any run trains
+    (the demo's learners are built in, and their default_eps names all their kinds)."""
+    from pgpcl.errors import ConfigError
+    from pgpcl.methods import METHODS as REGISTRY
+
+    for cfg in configs:
+        known = set(REGISTRY.get(cfg.method.name).default_eps)
+        unknown = sorted(set(cfg.pgp.eps) - known) if cfg.pgp.enabled else []
+        if unknown:
+            raise ConfigError(
+                f"pgp.eps.{unknown[0]} does not apply to {cfg.method.name} (its kinds: {', '.join(sorted(known))}), "
+                "and demo overrides reach every run; demo one learner at a time with --methods"
+            )
 
 
 @torch.no_grad()
