@@ -122,7 +122,9 @@ def _is(*types: type) -> Callable[[Any], bool]:
 
 
 _NONE = type(None)
-SCENARIO_KEYS = ("class_order", "task_classes", "train_sizes", "test_sizes")
+_SCENARIO_LABELS = {"class_order": "class order", "task_classes": "task split",
+                    "train_sizes": "training images per task", "test_sizes": "test images per task"}
+SCENARIO_KEYS = tuple(_SCENARIO_LABELS)
 # (key, what it must be, check): what Trainer._state writes
 _V1_FIELDS = (("task", "a task number", _is_count), ("method", "a dict of parameter tensors", _is_tensors))
 _FIELDS = (
@@ -272,8 +274,7 @@ def _check_config(path: Path, state: dict, config: dict, run_dir: Path) -> None:
 
 
 def _check_scenario(path: Path, then: dict, now: dict) -> None:
-    for key, label in (("class_order", "class order"), ("task_classes", "task split"),
-                       ("train_sizes", "training images per task"), ("test_sizes", "test images per task")):
+    for key, label in _SCENARIO_LABELS.items():
         if list(then[key]) != list(now[key]):
             raise CheckpointError(
                 f"the dataset no longer matches checkpoint {path}: the {label} differs "

@@ -51,11 +51,6 @@ from torch.utils.data import DataLoader, Dataset
 from pgpcl.errors import ConfigError
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 class PeerFailed(Exception):
     """Another rank hit an error (it prints the message); this rank stops quietly."""
 
@@ -126,7 +121,8 @@ class DistContext:
         failed = [r for r in range(self.world_size) if flags[r] > 0]
         if failed:
             # every rank learns the first failure's message, so rank 0 can record it in results.json
-            message = self.broadcast_object_from(failed[0], _first_line(error) if self.rank == failed[0] else None)
+            mine = (one_line(error) or type(error).__name__) if self.rank == failed[0] else None
+            message = self.broadcast_object_from(failed[0], mine)
             if error is not None and (self.is_main or 0 not in failed):
                 _mark_agreed(error)
                 raise error

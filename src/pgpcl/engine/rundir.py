@@ -70,11 +70,15 @@ def unlock_run_dir(run_dir: Path) -> None:
         os.close(fd)  # closing releases the flock
 
 
+def _refuse_a_file(run_dir: Path) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise PgpclError(f"{run_dir} is a file, not a folder; choose another --run-dir")
+
+
 def check_run_dir(run_dir: Path, *, overwrite: bool) -> str | None:
     """Refuse a folder that holds a run unless ``overwrite``; writes nothing. Returns its status."""
     run_dir = real_path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise PgpclError(f"{run_dir} is a file, not a folder; choose another --run-dir")
+    _refuse_a_file(run_dir)
     status = run_status(run_dir)
     if status is None and any((run_dir / "checkpoints").glob("*.pt")):
         status = "no results.json, but checkpoints"
@@ -91,8 +95,7 @@ def check_run_dir(run_dir: Path, *, overwrite: bool) -> str | None:
 def prepare_run_dir(run_dir: Path, *, overwrite: bool) -> Path:
     """Create and lock the folder, check it, then clear an old run's files (with ``overwrite``)."""
     run_dir = real_path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise PgpclError(f"{run_dir} is a file, not a folder; choose another --run-dir")
+    _refuse_a_file(run_dir)  # before mkdir, which would fail on it with a less helpful error
     run_dir.mkdir(parents=True, exist_ok=True)
     lock_run_dir(run_dir)  # before the check: another process may be starting a run here right now
     try:
