@@ -106,3 +106,28 @@ def test_an_eps_kind_one_learner_lacks_is_refused_before_any_run(tmp_path, capsy
     assert main(["demo", "--quick", "--out", str(out), "pgp.eps.prompt=0.9", "pgp.eps.prefix=0.9"]) == 2
     assert "pgp.eps.prefix does not apply to l2p (its kinds: key, prompt)" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_an_override_after_seeds_is_an_override(tmp_path, capsys):
+    # argparse gives every value after --seeds to it; the override must still reach the runs
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--seeds", "0", "1", "pgp.eps.prefix=0.9"]) == 2
+    assert "pgp.eps.prefix does not apply to l2p" in capsys.readouterr().err
+    assert main(["demo", "--quick", "--out", str(out), "--seeds", "0", "one"]) == 2
+    assert "--seeds takes integers, got 'one'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--seeds", "0", "0"], "--seeds names 0 twice"),
+    (["--methods", "l2p,l2p"], "--methods names l2p twice"),
+    (["seed=3"], "seed= is refused: choose seeds with --seeds"),
+    (["name=x"], "name= is refused: each run is named after its preset"),
+    (["output_dir=elsewhere"], "output_dir= is refused: choose the folder with --out"),
+])
+def test_demo_refuses_what_would_put_two_runs_in_one_folder(tmp_path, capsys, args, message):
+    # each would send several demo runs to one run folder, where the later ones reuse the first's result
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()

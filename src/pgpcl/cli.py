@@ -110,11 +110,26 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from pgpcl.demo import DEFAULT_SEEDS, METHODS, run_demo
 
-    seeds = args.seeds if args.seeds else ([0] if args.quick else list(DEFAULT_SEEDS))
+    seeds, overrides = _split_seeds(args.seeds or [], args.overrides)
+    seeds = seeds or ([0] if args.quick else list(DEFAULT_SEEDS))
     methods = METHODS if args.methods == "all" else tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    print(run_demo(Path(args.out), seeds=seeds, quick=args.quick, overwrite=args.overwrite, extra=args.overrides,
+    print(run_demo(Path(args.out), seeds=seeds, quick=args.quick, overwrite=args.overwrite, extra=overrides,
                    methods=methods))
     return 0
+
+
+def _split_seeds(given: list[str], overrides: list[str]) -> tuple[list[int], list[str]]:
+    """``--seeds 0 1 pgp.eps=0.9``: argparse hands the override to --seeds, which takes any number of
+    values; an argument with '=' is an override wherever it stands."""
+    seeds = []
+    for value in given:
+        if "=" in value:
+            overrides = [*overrides, value]
+        elif value.lstrip("-").isdigit():
+            seeds.append(int(value))
+        else:
+            raise PgpclError(f"--seeds takes integers, got {value!r}; e.g. --seeds 0 1 2")
+    return seeds, overrides
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
@@ -170,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "each +-PGP, several seeds, on MNIST digits")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides applied to every demo run")
     p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
-    p.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 0 1 2; --quick: 0)")
+    p.add_argument("--seeds", nargs="+", metavar="SEED", help="seeds (default: 0 1 2; --quick: 0)")
     p.add_argument("--quick", action="store_true", help="fewer images and one seed: under a minute")
     p.add_argument("--overwrite", action="store_true", help="retrain runs that already finished")
     p.add_argument("--methods", default="l2p,dualprompt", metavar="A,B",

@@ -36,6 +36,15 @@ def demo_configs(
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"the demo has no learner '{unknown[0]}'; choose from {', '.join(METHODS)} (or all)")
+    fixed = {"seed": "choose seeds with --seeds", "name": "each run is named after its preset",
+             "output_dir": "choose the folder with --out"}
+    key = next((k for o in extra if (k := o.split("=", 1)[0].strip()) in fixed), None)
+    if key is not None:  # it would reach every run: one seed, one name or one folder for all of them
+        raise ConfigError(f"the demo sets {key} for each run, so {key}= is refused: {fixed[key]}")
+    for what, values in (("--seeds", list(seeds)), ("--methods", list(methods))):
+        twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+        if twice is not None:  # one run folder per seed and learner: the second would only reuse the first
+            raise ConfigError(f"{what} names {twice} twice; give each once")
     presets = [p for m in methods for p in (f"demo_{m}", f"demo_{m}_pgp")]
     overrides = [f"output_dir={out_dir}", *(QUICK if quick else []), *extra]
     configs = [load_config(p, [f"seed={s}", *overrides]) for s in seeds for p in presets]
