@@ -1,0 +1,84 @@
+"""Every ``pgpcl train`` and ``pgpcl demo`` command the docs show names a real preset and valid keys.
+
+The commands are read from the README and docs/*.md (code blocks and inline code), resolved as the CLI
+would resolve them, and not run: a renamed preset or key breaks this test, not a user's first try.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from pgpcl.config import load_config
+from pgpcl.demo import demo_configs
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# Placeholders the docs use for values a user picks.
+PLACEHOLDERS = {"S": "0", "DIR": "/tmp/docs_runs", "NAME": "n", "EPS": "0.9", "TARGET": "update", "LR": "0.05"}
+
+
+def _commands(text: str) -> list[str]:
+    """``pgpcl train ...`` / ``pgpcl demo ...`` lines of code blocks, and inline code spans."""
+    found = []
+    for block in re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S):
+        found += [line for line in block.splitlines() if re.match(r"\s*(\.venv/bin/)?pgpcl (train|demo)\b", line)]
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    spans = re.findall(r"`((?:\.venv/bin/)?pgpcl (?:train|demo)\b[^`]*)`", prose)
+    found += [" ".join(span.split()) for span in spans]  # a span may wrap onto the next line
+    return found
+
+
+def _words(command: str) -> list[str]:
+    command = re.sub(r"\s\[[^\]]*\]", " ", command.split("&&")[-1])  # [optional parts]
+    words = shlex.split(command, comments=True)
+    return [_fill(w) for w in words[2:]]
+
+
+def _fill(word: str) -> str:
+    key, sep, value = word.partition("=")
+    if sep and value in PLACEHOLDERS:
+        return f"{key}={PLACEHOLDERS[value]}"
+    return PLACEHOLDERS.get(word, word)
+
+
+COMMANDS = sorted({(doc.name, c.strip()) for doc in DOCS for c in _commands(doc.read_text())})
+
+
+def test_the_docs_show_commands():
+    assert sum(1 for _, c in COMMANDS if " train " in c) >= 20 and any(" demo" in c for _, c in COMMANDS)
+
+
+@pytest.mark.parametrize(("doc", "command"), COMMANDS)
+def test_a_documented_command_resolves(doc, command):
+    words = _words(command)
+    if command.split("&&")[-1].split()[1] == "demo":
+        seeds, methods, overrides, rest = [0], "l2p,dualprompt", [], iter(words)
+        for w in rest:
+            if w == "--seeds":
+                continue
+            if w == "--methods":
+                methods = next(rest)
+            elif w in ("--out",):
+                next(rest)
+            elif w.startswith("--"):
+                continue
+            elif "=" in w:
+                overrides.append(w)
+        names = ("l2p", "dualprompt", "coda_prompt", "lora", "adapter", "prefix")
+        chosen = names if methods == "all" else tuple(methods.split(","))
+        assert demo_configs(Path("/tmp/docs_demo"), seeds, False, overrides, chosen)
+        return
+    if words[0] == "--resume":
+        return  # a run folder, not a config
+    positional, rest = [], iter(words)
+    for w in rest:
+        if w == "--run-dir":
+            next(rest)
+        elif not w.startswith("--"):
+            positional.append(w)
+    preset, overrides = positional[0], positional[1:]
+    assert load_config(preset, overrides).name
