@@ -1,0 +1,92 @@
+"""What PGP buys on the offline demo for each eps and target: the table of docs/pgp.md section 6.
+
+Runs one ``pgpcl demo --methods LEARNER`` per learner and setting (each with its own baselines, so
+every difference is paired by seed within one demo), then reads each demo's ``report/summary.json``.
+An accuracy sweep, not a timing: the numbers do not depend on the machine's load.
+
+    python benchmarks/eps_sweep.py                      # the five settings of the table, 3 seeds (~13 min)
+    python benchmarks/eps_sweep.py --settings 0.5:update --seeds 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+# The eps each learner's protected prompts take (L2P's key eps stays at its preset's 0.97).
+EPS_KEY = {"l2p": "prompt", "dualprompt": "prefix"}
+DEFAULT_SETTINGS = "0.5:gradient,0.5:update,0.9:gradient,0.99:gradient,0.99:update"
+COLUMNS = [("cil_forgetting", "CIL forgetting"), ("cil_final", "CIL final"), ("til_final", "TIL final")]
+
+
+def demo_command(learner: str, eps: str, target: str, out: Path, seeds: list[str]) -> list[str]:
+    return [sys.executable, "-m", "pgpcl", "demo", "--methods", learner, "--out", str(out),
+            f"pgp.eps.{EPS_KEY[learner]}={eps}", f"pgp.target={target}", "train.progress=false", "--seeds", *seeds]
+
+
+def run_demo(cmd: list[str]) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[2:])} failed:\n{proc.stderr[-2000:]}")
+    return json.loads((Path(cmd[cmd.index("--out") + 1]) / "report" / "summary.json").read_text())
+
+
+def read_summary(summary: dict, learner: str) -> dict:
+    """Paired PGP - baseline metrics, and the first protected group's final rank and mean task leak."""
+    paired = summary["paired"][0]["metrics"]
+    pgp_group = next(g for g in summary["groups"] if g["pgp"])
+    first = pgp_group["pgp_subspaces"][0]
+    row = {k: {"mean": paired[k]["mean"], "std": paired[k]["std"]} for k, _ in COLUMNS}
+    row.update(group=first["group"], dim=first["dim"], rank=first["rank_after"][-1]["mean"],
+               leak=first["leak"]["mean"], learner=learner)
+    return row
+
+
+def cell(m: dict) -> str:
+    return f"{m['mean']:+.2f}" + ("" if m["std"] is None else f" +- {m['std']:.2f}")
+
+
+def table(rows: list[dict]) -> str:
+    head = ["eps", "target"] + [f"{lr} {label}" for lr in EPS_KEY for _, label in COLUMNS] + ["L2P rank", "L2P leak"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (eps, target) in dict.fromkeys((r["eps"], r["target"]) for r in rows):
+        by = {r["learner"]: r for r in rows if (r["eps"], r["target"]) == (eps, target)}
+        cells = [eps, target] + [cell(by[lr][k]) if lr in by else "-" for lr in EPS_KEY for k, _ in COLUMNS]
+        l2p = by.get("l2p")
+        cells += [f"{l2p['rank']:.3g} of {l2p['dim']}", f"{l2p['leak']:.2g}"] if l2p else ["-", "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--settings", default=DEFAULT_SETTINGS, help="comma-separated EPS:TARGET pairs")
+    p.add_argument("--learners", default="l2p,dualprompt", help=f"from {', '.join(EPS_KEY)}")
+    p.add_argument("--seeds", nargs="+", default=["0", "1", "2"])
+    p.add_argument("--out", default=str(HERE / "results" / "eps_sweep.json"), help="JSON path")
+    args = p.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for setting in args.settings.split(","):
+            eps, target = setting.split(":")
+            for learner in args.learners.split(","):
+                cmd = demo_command(learner, eps, target, Path(tmp) / f"{learner}_{eps}_{target}", args.seeds)
+                print(" ".join(["pgpcl", *cmd[3:]]).replace(tmp, "TMPDIR"), flush=True)
+                rows.append({"eps": eps, "target": target, **read_summary(run_demo(cmd), learner)})
+    text = table(rows)
+    print(text)
+    Path(args.out).write_text(json.dumps({"seeds": args.seeds, "rows": rows, "table": text}, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
