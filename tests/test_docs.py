@@ -82,3 +82,16 @@ def test_a_documented_command_resolves(doc, command):
             positional.append(w)
     preset, overrides = positional[0], positional[1:]
     assert load_config(preset, overrides).name
+
+
+def _python_blocks(path: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
+
+
+def test_the_readme_python_example_runs(tmp_path, monkeypatch, capsys):
+    (block,) = _python_blocks(ROOT / "README.md")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "tiny_l2p_pgp" in out and "l2p-PGP" in out  # each run's line, then the report's table
+    assert (tmp_path / "runs/api/tiny_l2p_pgp/seed0/results.json").is_file()
