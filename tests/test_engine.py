@@ -96,9 +96,17 @@ def test_unknown_key_exits_2_with_one_line(capsys):
 
 
 def test_configs_lists_presets(capsys):
-    assert main(["configs"]) == 0
-    names = capsys.readouterr().out.split()
+    assert main(["configs", "--names"]) == 0
+    names = capsys.readouterr().out.split("\n")
     assert "cifar100_10_l2p_pgp" in names and "tiny_dualprompt" in names
+    assert main(["configs"]) == 0
+    head, *rows = capsys.readouterr().out.splitlines()
+    assert head.split() == ["preset", "method", "PGP", "dataset", "tasks", "epochs", "backbone", "weights"]
+    assert len(rows) == len(names) - 1  # one row per preset (names ends with a newline)
+    row = {r.split()[0]: r.split() for r in rows}
+    assert row["cifar100_10_l2p_pgp"][1:7] == ["l2p", "yes", "cifar100", "10", "5", "vit_base_patch16_224"]
+    # the builtin weights bring their own architecture, not the preset's arch name
+    assert " ".join(row["demo_l2p"][2:]) == "- mnist5k 5 2 vit_tiny_patch16_224 (D=96, 6 blocks) builtin:vit_fmnist_d96"
 
 
 @pytest.mark.parametrize("preset", ["tiny_l2p_pgp", "tiny_dualprompt_pgp"])

@@ -94,9 +94,44 @@ def _cmd_configs(args: argparse.Namespace) -> int:
     if args.name:
         print(dump_yaml(load_config(args.name)), end="")
         return 0
-    for name in list_presets():
-        print(name)
+    if args.names:
+        print("\n".join(list_presets()))
+        return 0
+    print(_preset_table([load_config(name) for name in list_presets()]))
     return 0
+
+
+def _preset_table(configs) -> str:
+    """One line per preset: what it trains, on what, for how long."""
+    head = ("preset", "method", "PGP", "dataset", "tasks", "epochs", "backbone", "weights")
+    rows = [head] + [
+        (c.name, c.method.name, "yes" if c.pgp.enabled else "-", c.data.dataset, str(c.data.num_tasks),
+         str(c.train.epochs), _backbone_label(c.backbone), _weights_label(c.backbone))
+        for c in configs
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _backbone_label(backbone) -> str:
+    """The architecture as built: a builtin file brings its own, size overrides change the arch's."""
+    arch, sizes = backbone.arch, {k: getattr(backbone, k) for k in ("embed_dim", "depth")}
+    if str(backbone.weights).startswith("builtin:"):
+        from pgpcl.models.weights import resolve_builtin
+
+        arch, kwargs, _ = resolve_builtin(backbone.weights.removeprefix("builtin:"))
+        sizes = {k: kwargs.get(k) for k in sizes}
+    if sizes["embed_dim"] is None and sizes["depth"] is None:
+        return arch
+    return f"{arch} (D={sizes['embed_dim'] or '?'}, {sizes['depth'] or '?'} blocks)"
+
+
+def _weights_label(backbone) -> str:
+    if backbone.weights is None:
+        return "random"
+    if backbone.weights == "hub":
+        return f"hub ({backbone.pretrained_tag})" if backbone.pretrained_tag else "hub"
+    return backbone.weights
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -177,8 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("configs", help="list presets, or print one resolved preset")
+    p = sub.add_parser("configs", help="list presets (method, data, backbone), or print one resolved preset")
     p.add_argument("name", nargs="?")
+    p.add_argument("--names", action="store_true", help="preset names only, one per line")
     p.set_defaults(func=_cmd_configs)
 
     p = sub.add_parser("demo", help="offline demo: L2P, DualPrompt (--methods: also CODA-Prompt, LoRA, adapters, prefix), "
