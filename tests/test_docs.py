@@ -28,7 +28,7 @@ def _commands(text: str) -> list[str]:
         found += [line for line in block.splitlines() if re.match(r"\s*(\.venv/bin/)?pgpcl (train|demo)\b", line)]
     prose = re.sub(r"```.*?```", "", text, flags=re.S)
     spans = re.findall(r"`((?:\.venv/bin/)?pgpcl (?:train|demo)\b[^`]*)`", prose)
-    found += [" ".join(span.split()) for span in spans]  # a span may wrap onto the next line
+    found += [" ".join(span.split()) for span in spans if len(span.split()) > 2]  # may wrap; a bare name is prose
     return found
 
 
