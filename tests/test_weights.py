@@ -245,6 +245,7 @@ def test_non_finite_weights_are_named(tmp_path):
     assert "'blocks.1.mlp.fc2.weight' holds NaN or infinite values" in one_line_error(e)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # making the TorchScript file is the point
 def test_torchscript_and_pickled_npz_are_refused_with_their_fix(tmp_path):
     script = tmp_path / "model.pt"
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(script))
