@@ -120,13 +120,17 @@ def test_an_override_after_seeds_is_an_override(tmp_path, capsys):
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--seeds", "0", "0"], "--seeds names 0 twice"),
+    (["--seeds", "0", "1", "--seeds", "1"], "--seeds names 1 twice"),  # repeated --seeds add up
+    (["--methods", ""], "--methods names no learner"),
+    (["--methods", "all,l2p"], "--methods all stands alone"),
+    (["--out", " "], "--out is empty"),
     (["--methods", "l2p,l2p"], "--methods names l2p twice"),
     (["seed=3"], "seed= is refused: choose seeds with --seeds"),
     (["name=x"], "name= is refused: each run is named after its preset"),
     (["output_dir=elsewhere"], "output_dir= is refused: choose the folder with --out"),
 ])
-def test_demo_refuses_what_would_put_two_runs_in_one_folder(tmp_path, capsys, args, message):
-    # each would send several demo runs to one run folder, where the later ones reuse the first's result
+def test_demo_refuses_bad_arguments_before_any_run(tmp_path, capsys, args, message):
+    # a repeat or a fixed key would send several runs to one folder, where the later reuse the first one's result
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out), *args]) == 2
     assert message in capsys.readouterr().err

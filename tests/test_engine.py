@@ -106,7 +106,9 @@ def test_configs_lists_presets(capsys):
     row = {r.split()[0]: r.split() for r in rows}
     assert row["cifar100_10_l2p_pgp"][1:7] == ["l2p", "yes", "cifar100", "10", "5", "vit_base_patch16_224"]
     # the builtin weights bring their own architecture, not the preset's arch name
-    assert " ".join(row["demo_l2p"][2:]) == "- mnist5k 5 2 vit_tiny_patch16_224 (D=96, 6 blocks) builtin:vit_fmnist_d96"
+    assert " ".join(row["demo_l2p"][2:]) == "- mnist5k 5 2 ViT (28 px, patch 7, D=96, 6 blocks) builtin:vit_fmnist_d96"
+    assert main(["configs", "--names", "tiny_l2p"]) == 2
+    assert "--names lists every preset; drop it to print tiny_l2p" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("preset", ["tiny_l2p_pgp", "tiny_dualprompt_pgp"])
@@ -289,3 +291,22 @@ def test_bars_off_build_no_tqdm():
     on = _progress(3, "x", True)
     assert isinstance(on, tqdm)
     on.close()
+
+
+def test_eval_of_a_dil_run_shows_cil_only(tmp_path, capsys, data_write_image):
+    # DIL records no task-restricted accuracy, so eval must not print one either
+    for domain in ("photo", "sketch"):
+        for split, n in (("train", 4), ("test", 2)):
+            for c, color in (("cat", (200, 0, 0)), ("dog", (0, 0, 200))):
+                for i in range(n):
+                    data_write_image(tmp_path / "data" / domain / split / c / f"{i}.png", color=color)
+    run = tmp_path / "run"
+    argv = ["tiny_l2p_pgp", "data.setting=dil", "data.dataset=image_folder", f"data.root={tmp_path / 'data'}",
+            "data.num_tasks=2", "train.progress=false", "--run-dir", str(run)]
+    assert main(["train", *argv]) == 0
+    assert read_results(run / "results.json").acc["til"] is None
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("CIL per task") for line in lines)
+    assert not any(line.startswith("TIL") for line in lines)

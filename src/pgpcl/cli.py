@@ -91,6 +91,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_configs(args: argparse.Namespace) -> int:
     from pgpcl.config import dump_yaml, list_presets, load_config
 
+    if args.name and args.names:
+        raise PgpclError(f"--names lists every preset; drop it to print {args.name}")
     if args.name:
         print(dump_yaml(load_config(args.name)), end="")
         return 0
@@ -115,15 +117,18 @@ def _preset_table(configs) -> str:
 
 def _backbone_label(backbone) -> str:
     """The architecture as built: a builtin file brings its own, size overrides change the arch's."""
-    arch, sizes = backbone.arch, {k: getattr(backbone, k) for k in ("embed_dim", "depth")}
+    keys = {"img_size": "{} px", "patch_size": "patch {}", "embed_dim": "D={}", "depth": "{} blocks"}
+    arch, sizes = backbone.arch, {k: getattr(backbone, k) for k in keys}
     if str(backbone.weights).startswith("builtin:"):
         from pgpcl.models.weights import resolve_builtin
 
         arch, kwargs, _ = resolve_builtin(backbone.weights.removeprefix("builtin:"))
-        sizes = {k: kwargs.get(k) for k in sizes}
-    if sizes["embed_dim"] is None and sizes["depth"] is None:
+        sizes = {k: kwargs.get(k) for k in keys}
+    given = [keys[k].format(v) for k, v in sizes.items() if v is not None]
+    if not given:
         return arch
-    return f"{arch} (D={sizes['embed_dim'] or '?'}, {sizes['depth'] or '?'} blocks)"
+    # the timm name's patch and image size no longer hold: name what was set, on the arch's other defaults
+    return f"ViT ({', '.join(given)})" if len(given) == len(keys) else f"{arch} ({', '.join(given)})"
 
 
 def _weights_label(backbone) -> str:
@@ -145,6 +150,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from pgpcl.demo import DEFAULT_SEEDS, METHODS, run_demo
 
+    if not args.out.strip():
+        raise PgpclError("--out is empty; give a folder, or leave it out for runs/demo")
     seeds, overrides = _split_seeds(args.seeds or [], args.overrides)
     seeds = seeds or ([0] if args.quick else list(DEFAULT_SEEDS))
     methods = METHODS if args.methods == "all" else tuple(m.strip() for m in args.methods.split(",") if m.strip())
@@ -221,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "each +-PGP, several seeds, on MNIST digits")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides applied to every demo run")
     p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
-    p.add_argument("--seeds", nargs="+", metavar="SEED", help="seeds (default: 0 1 2; --quick: 0)")
+    p.add_argument("--seeds", nargs="+", action="extend", metavar="SEED", help="seeds (default: 0 1 2; --quick: 0)")
     p.add_argument("--quick", action="store_true", help="fewer images and one seed: under a minute")
     p.add_argument("--overwrite", action="store_true", help="retrain runs that already finished")
     p.add_argument("--methods", default="l2p,dualprompt", metavar="A,B",

@@ -33,6 +33,10 @@ def demo_configs(
 ) -> list[Config]:
     from pgpcl.errors import ConfigError
 
+    if not methods:
+        raise ConfigError(f"--methods names no learner; choose from {', '.join(METHODS)} (or all)")
+    if "all" in methods and len(methods) > 1:
+        raise ConfigError("--methods all stands alone (it trains every learner); drop the other names")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"the demo has no learner '{unknown[0]}'; choose from {', '.join(METHODS)} (or all)")
