@@ -255,3 +255,16 @@ def test_describe_is_json(mnist_root):
     assert d["setting"] == "cil" and d["num_tasks"] == 5 and d["class_order"] == sc.class_order
     assert d["task_classes"][0] == [0, 1] and len(d["class_names"]) == 10
     assert d["train_sizes"] == [2 * TRAIN_PER_CLASS] * 5
+
+
+def test_dil_domains_entries_are_one_domain_each(mnist_root, tmp_path, data_write_image):
+    # a folder with domains of its own would make one task of two domains; an entry twice, two equal tasks
+    for domain in ("plain", "inverted"):
+        for role in ("train", "test"):
+            for cls in range(10):
+                data_write_image(tmp_path / "nested" / domain / role / str(cls) / "a.png")
+    nested = [f"mnist={mnist_root}", f"image_folder={tmp_path / 'nested'}"]
+    with pytest.raises(DataError, match="holds 2 domains of its own; list one folder per domain"):
+        build_scenario(_cfg(None, setting="dil", num_tasks=2, domains=nested), seed=0)
+    with pytest.raises(ConfigError, match=f"lists 'mnist={mnist_root}' twice"):
+        build_scenario(_cfg(None, setting="dil", num_tasks=2, domains=[f"mnist={mnist_root}"] * 2), seed=0)

@@ -114,6 +114,11 @@ def _parse_domain(entry: str, root: str | None) -> tuple[str, str | None]:
     return name.strip(), ((path.strip() or None) if sep else root)
 
 
+def _domain_count(data: DatasetSplits) -> int:
+    domains = [split.domains for split in (data.train, data.test) if split.domains is not None]
+    return max((len(np.unique(d)) for d in domains), default=1)
+
+
 def _load_sources(cfg: Any) -> list[DatasetSplits]:
     if cfg.domains and cfg.setting != "dil":
         raise ConfigError("data.domains only applies to data.setting=dil; remove it or set data.setting=dil")
@@ -123,7 +128,18 @@ def _load_sources(cfg: Any) -> list[DatasetSplits]:
         raise ConfigError(
             f"data.domains lists {len(cfg.domains)} datasets but data.num_tasks={cfg.num_tasks}; make them equal"
         )
-    sources = [read_dataset(*_parse_domain(d, cfg.root), cfg.download) for d in cfg.domains]
+    entries = [_parse_domain(d, cfg.root) for d in cfg.domains]
+    twice = next((d for i, d in enumerate(cfg.domains) if entries[i] in entries[:i]), None)
+    if twice is not None:  # the same files twice: two identical tasks under one name
+        raise ConfigError(f"data.domains lists {twice!r} twice; give each domain once")
+    sources = [read_dataset(name, root, cfg.download) for name, root in entries]
+    for entry, src in zip(cfg.domains, sources):
+        found = _domain_count(src)
+        if found > 1:  # one task would mix them, and a[i][t] would no longer be one domain's accuracy
+            raise DataError(
+                f"data.domains entry {entry!r} holds {found} domains of its own; list one folder per domain, "
+                "or give the dataset alone (without data.domains) for one task per domain"
+            )
     counts = {entry: s.num_classes for entry, s in zip(cfg.domains, sources)}
     if len(set(counts.values())) > 1:
         raise DataError(
