@@ -19,6 +19,7 @@ import json
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -387,16 +388,18 @@ def test_real_open_clip_names_and_tags_resolve_offline():
         C._pretrained_cfg("ViT-B-16", "opnai")
 
 
-def test_config_errors():
+def test_config_errors(tmp_path, data_write_idx):
     from pgpcl.data import build_scenario
     from pgpcl.methods import METHODS
 
+    labels = np.tile(np.arange(10), 4)
+    mnist = data_write_idx(tmp_path / "mnist", labels, labels)
     for overrides, match in [
         (["data.channels=1"], "data.channels=3"),
         (["data.img_size=24"], "backbone.img_size=24"),
         (["backbone.in_chans=1"], "in_chans"),
         (["backbone.weights=builtin:x"], "builtin"),
-        (["data.setting=dil", "data.domains=[mnist5k, mnist5k]"], "disjoint classes"),
+        (["data.setting=dil", f"data.domains=[mnist5k, mnist={mnist}]"], "disjoint classes"),
     ]:
         with pytest.raises(ConfigError, match=match):  # from the config's checks or from the CLIP builder's
             cfg = load_config("tiny_clip", overrides)
