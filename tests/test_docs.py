@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from pgpcl.cli import build_parser, demo_methods, split_seeds
 from pgpcl.config import load_config
 from pgpcl.demo import demo_configs
 
@@ -35,7 +36,7 @@ def _commands(text: str) -> list[str]:
 def _words(command: str) -> list[str]:
     command = re.sub(r"\s\[[^\]]*\]", " ", command.split("&&")[-1])  # [optional parts]
     words = shlex.split(command, comments=True)
-    return [_fill(w) for w in words[2:]]
+    return [_fill(w) for w in words[1:]]  # after 'pgpcl'
 
 
 def _fill(word: str) -> str:
@@ -54,34 +55,12 @@ def test_the_docs_show_commands():
 
 @pytest.mark.parametrize(("doc", "command"), COMMANDS)
 def test_a_documented_command_resolves(doc, command):
-    words = _words(command)
-    if command.split("&&")[-1].split()[1] == "demo":
-        seeds, methods, overrides, rest = [0], "l2p,dualprompt", [], iter(words)
-        for w in rest:
-            if w == "--seeds":
-                continue
-            if w == "--methods":
-                methods = next(rest)
-            elif w in ("--out",):
-                next(rest)
-            elif w.startswith("--"):
-                continue
-            elif "=" in w:
-                overrides.append(w)
-        names = ("l2p", "dualprompt", "coda_prompt", "lora", "adapter", "prefix")
-        chosen = names if methods == "all" else tuple(methods.split(","))
-        assert demo_configs(Path("/tmp/docs_demo"), seeds, False, overrides, chosen)
-        return
-    if words[0] == "--resume":
-        return  # a run folder, not a config
-    positional, rest = [], iter(words)
-    for w in rest:
-        if w == "--run-dir":
-            next(rest)
-        elif not w.startswith("--"):
-            positional.append(w)
-    preset, overrides = positional[0], positional[1:]
-    assert load_config(preset, overrides).name
+    args = build_parser().parse_args(_words(command))  # the CLI's own parser, as the user's shell gives it
+    if args.command == "demo":
+        seeds, overrides = split_seeds(args.seeds or [], args.overrides)
+        assert demo_configs(Path(args.out), seeds or [0], args.quick, overrides, demo_methods(args.methods))
+    elif args.resume is None:  # a resumed run names a run folder, not a config
+        assert load_config(args.config, args.overrides).name
 
 
 def _python_blocks(path: Path) -> list[str]:

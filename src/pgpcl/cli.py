@@ -6,6 +6,7 @@ User errors print one line ``pgpcl: error: ...`` and exit with status 2; ``--deb
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import sys
@@ -120,15 +121,21 @@ def _backbone_label(backbone) -> str:
     keys = {"img_size": "{} px", "patch_size": "patch {}", "embed_dim": "D={}", "depth": "{} blocks"}
     arch, sizes = backbone.arch, {k: getattr(backbone, k) for k in keys}
     if str(backbone.weights).startswith("builtin:"):
-        from pgpcl.models.weights import resolve_builtin
-
-        arch, kwargs, _ = resolve_builtin(backbone.weights.removeprefix("builtin:"))
+        arch, kwargs = _builtin_arch(backbone.weights.removeprefix("builtin:"))
         sizes = {k: kwargs.get(k) for k in keys}
     given = [keys[k].format(v) for k, v in sizes.items() if v is not None]
     if not given:
         return arch
     # the timm name's patch and image size no longer hold: name what was set, on the arch's other defaults
     return f"ViT ({', '.join(given)})" if len(given) == len(keys) else f"{arch} ({', '.join(given)})"
+
+
+@functools.cache
+def _builtin_arch(name: str) -> tuple[str, dict]:
+    """Once per name: resolving checks the file's sha256, and a dozen presets share one builtin file."""
+    from pgpcl.models.weights import resolve_builtin
+
+    return resolve_builtin(name)[:2]
 
 
 def _weights_label(backbone) -> str:
@@ -148,19 +155,26 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from pgpcl.demo import DEFAULT_SEEDS, METHODS, run_demo
+    from pgpcl.demo import DEFAULT_SEEDS, run_demo
 
     if not args.out.strip():
         raise PgpclError("--out is empty; give a folder, or leave it out for runs/demo")
-    seeds, overrides = _split_seeds(args.seeds or [], args.overrides)
+    seeds, overrides = split_seeds(args.seeds or [], args.overrides)
     seeds = seeds or ([0] if args.quick else list(DEFAULT_SEEDS))
-    methods = METHODS if args.methods == "all" else tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    methods = demo_methods(args.methods)
     print(run_demo(Path(args.out), seeds=seeds, quick=args.quick, overwrite=args.overwrite, extra=overrides,
                    methods=methods))
     return 0
 
 
-def _split_seeds(given: list[str], overrides: list[str]) -> tuple[list[int], list[str]]:
+def demo_methods(text: str) -> tuple[str, ...]:
+    """``--methods``: 'all', or comma-separated learner names."""
+    from pgpcl.demo import METHODS
+
+    return METHODS if text == "all" else tuple(m.strip() for m in text.split(",") if m.strip())
+
+
+def split_seeds(given: list[str], overrides: list[str]) -> tuple[list[int], list[str]]:
     """``--seeds 0 1 pgp.eps=0.9``: argparse hands the override to --seeds, which takes any number of
     values; an argument with '=' is an override wherever it stands."""
     seeds = []

@@ -170,6 +170,9 @@ class Scenario:
         self.cfg = cfg
         self.setting: str = cfg.setting
         self.online: bool = cfg.setting == "online"
+        # TIL (logits restricted to a task's classes) needs tasks of disjoint classes; in dil every task
+        # holds all classes, so runs record no TIL accuracy
+        self.has_til: bool = cfg.setting != "dil"
         self.num_tasks: int = len(tasks)
         self.class_order = class_order
         self.num_classes: int = len(class_order)

@@ -63,7 +63,7 @@ def evaluate_run(run_dir: Path) -> list[str]:
     ev = evaluate_method(method, scenario, task, cfg, device, progress=cfg.train.progress,
                          desc=f"eval after task {task + 1}/{scenario.num_tasks}")
     lines = [f"{run_dir}: after task {task + 1}/{scenario.num_tasks}"]
-    shown = [("CIL", ev.cil)] + ([("TIL", ev.til)] if scenario.setting != "dil" else [])  # as the run records
+    shown = [("CIL", ev.cil)] + ([("TIL", ev.til)] if scenario.has_til else [])  # what the run records
     for setting, row in shown:
         accs = "  ".join(f"{a:6.2f}" for a in row)
         lines.append(f"{setting} per task: {accs}   mean {sum(row) / len(row):.2f}")

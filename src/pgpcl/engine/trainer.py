@@ -316,7 +316,7 @@ class Trainer:
             class_names=sc.class_names,
             weights={"source": getattr(info, "source", None), "sha256": getattr(info, "sha256", None)},
             device=self._device_label(),
-            eval_til=self.cfg.data.setting != "dil",
+            eval_til=sc.has_til,
         )
         self._note_world(r)
         return r
