@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pgpcl.errors import ConfigError
-from pgpcl.models.lora import LoRAAttention, LoRALinear, add_clip_lora
+from pgpcl.models.lora import CLIPSelfAttention, LoRAAttention, LoRALinear, add_clip_lora
 from test_clip import small_clip
 from test_clip_adapter import _trainer, old_image_features_change, paired_cli_runs
 from test_resume import assert_killed_mid_task_resumes_exactly
@@ -41,14 +41,54 @@ def test_wrapped_attention_is_open_clips_until_its_factors_move():
         attn(h, h.clone(), h)
 
 
+def test_lora_on_the_output_projection_is_not_bypassed():
+    """torch's attention function reads out_proj.weight itself; CLIPSelfAttention calls it as a module,
+    so the factors count, alone and beside a qkv LoRA added later."""
+    model, _ = small_clip()
+    visual = model.visual
+    blocks = visual.transformer.resblocks
+    x = torch.rand(3, 3, 8, 8)
+    with torch.no_grad():
+        before = visual(x)
+        proj = add_clip_lora(blocks, [0], ["proj"], rank=2, alpha=2.0)["b0.proj"]
+        assert type(blocks[0].attn) is CLIPSelfAttention and blocks[0].attn.attn.out_proj is proj
+        torch.testing.assert_close(visual(x), before, atol=1e-6, rtol=1e-5)  # B = 0
+        proj.lora_b.normal_()
+        h = torch.randn(3, 5, 32)
+        a = blocks[0].attn.attn
+        q, k, v = (h @ a.in_proj_weight.T + a.in_proj_bias).reshape(3, 5, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        o = torch.softmax(q @ k.transpose(-2, -1) / 4.0, -1).matmul(v).transpose(1, 2).reshape(3, 5, 32)
+        expected = o @ (proj.base.weight + proj.scale * proj.lora_b @ proj.lora_a).T + proj.base.bias
+        torch.testing.assert_close(blocks[0].attn(h, h, h)[0], expected, atol=1e-5, rtol=1e-4)
+        moved = visual(x)
+        assert (moved - before).abs().max() > 1e-4
+        add_clip_lora(blocks, [0], ["qkv"], rank=2, alpha=2.0)
+        assert isinstance(blocks[0].attn, LoRAAttention) and blocks[0].attn.attn.out_proj is proj
+        torch.testing.assert_close(visual(x), moved, atol=1e-6, rtol=1e-5)  # its B = 0: proj still counts
+    assert proj.lora_a.requires_grad and proj.lora_b.requires_grad, "adding qkv later froze the proj factors"
+    assert not a.in_proj_weight.requires_grad and not proj.base.weight.requires_grad
+    with pytest.raises(ValueError, match="block 0 proj has LoRA already"):
+        add_clip_lora(blocks, [0], ["proj"], 2, 2.0)
+    with pytest.raises(ValueError, match="unknown CLIP LoRA target 'out'"):
+        add_clip_lora(blocks, [0], ["out"], 2, 2.0)
+
+
 def test_only_the_factors_and_the_current_context_train_and_bad_settings_are_rejected(tmp_path):
     method = _trainer(tmp_path, ["method.targets=[qkv, fc1]", "method.blocks=[1]"], "tiny_clip_lora").method
     assert sorted(method.tuned) == ["b1.fc1", "b1.qkv"]
     names = {n.rsplit(".", 2)[-2] + "." + n.rsplit(".", 1)[-1] for n in method.image_parameters()}
     assert names == {"attn.lora_a", "attn.lora_b", "c_fc.lora_a", "c_fc.lora_b"}
+    method = _trainer(tmp_path / "p", ["method.targets=[fc2, proj]"], "tiny_clip_lora").method
+    assert list(method.tuned) == ["b0.proj", "b0.fc2", "b1.proj", "b1.fc2"]
+    method.begin_task(0)
+    method.train()
+    with torch.enable_grad():
+        method(torch.rand(2, 3, 16, 16)).logits.sum().backward()
+    proj = method.tuned["b1.proj"]
+    assert proj.lora_b.grad is not None and proj.lora_b.grad.norm() > 0, "the proj LoRA is bypassed"
     assert method.trainable_parameters()[-1] is method.text_ctx[0]
-    with pytest.raises(ConfigError, match="method.targets must be distinct names from qkv, fc1, fc2"):
-        _trainer(tmp_path / "b", ["method.targets=[proj]"], "tiny_clip_lora")
+    with pytest.raises(ConfigError, match="method.targets must be distinct names from qkv, proj, fc1, fc2"):
+        _trainer(tmp_path / "b", ["method.targets=[qkv, out]"], "tiny_clip_lora")
     with pytest.raises(ConfigError, match="block 2 does not exist in a 2-block ViT"):
         _trainer(tmp_path / "c", ["method.blocks=[2]"], "tiny_clip_lora")
 
@@ -59,6 +99,15 @@ def test_pgp_keeps_old_images_features_and_the_frozen_weights(tmp_path):
     assert same_on and same_off
     assert rel_on < 1e-5 and moved_on > 1e-3, "the factors still learn, outside the old inputs' span"
     assert rel_off > 1e3 * rel_on
+
+
+def test_pgp_keeps_old_images_features_with_lora_on_the_output_projection_too(tmp_path):
+    """The attention's outputs span all 64 dims here, so at eps 1 PGP freezes the proj factors; qkv
+    (inputs after a LayerNorm: one direction left) still learns."""
+    targets = ["method.targets=[qkv, proj]"]
+    rel_on, moved_on, _ = old_image_features_change(tmp_path / "on", True, "tiny_clip_lora_pgp", KINDS, targets)
+    rel_off, _, _ = old_image_features_change(tmp_path / "off", False, "tiny_clip_lora", KINDS, targets)
+    assert rel_on < 1e-5 and moved_on > 1e-3 and rel_off > 1e3 * rel_on
 
 
 def test_killed_mid_task_resumes_exactly(tmp_path):

@@ -2,8 +2,8 @@
 
 The CLIP prompt learner's text side (one CoOp context per task; :mod:`pgpcl.methods.clip_prompt`) with
 LoRA instead of an image prompt on the image side: rank-r factors on ``targets`` of ``blocks`` of the
-image tower (``qkv``: the attention's packed q/k/v projection, by default; ``fc1`` / ``fc2``: the MLP's
-c_fc / c_proj; ``models/lora.py``), shared by all tasks and trained on each in turn. Without PGP this is
+image tower (``qkv``: the attention's packed q/k/v projection, by default; ``proj``: its output
+projection; ``fc1`` / ``fc2``: the MLP's c_fc / c_proj; ``models/lora.py``), shared by all tasks and trained on each in turn. Without PGP this is
 sequential LoRA tuning of the image tower: the baseline.
 
 PGP protects both factors of every wrapped layer as on the ViT (``methods/lora.py``): A orthogonal to

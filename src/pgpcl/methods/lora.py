@@ -35,7 +35,7 @@ class LoRAParams:
     blocks: list[int] | None = None
     """Blocks that get LoRA; None = all."""
     targets: list[str] = field(default_factory=lambda: ["qkv"])
-    """Layers of each block: on the ViT any of qkv, proj (attention), fc1, fc2 (MLP); on CLIP qkv, fc1, fc2."""
+    """Layers of each block, on the ViT and on CLIP: any of qkv, proj (attention), fc1, fc2 (MLP)."""
 
     def validate(self) -> None:
         from pgpcl.models.lora import TARGETS
