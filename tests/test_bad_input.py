@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -352,6 +353,12 @@ DAMAGED_CASES = {
                     ["damaged ('position.stage' is 'bogus', not one of start, train)"]),
     "no scenario record": (lambda s: s["scenario"].pop("task_classes"), ["'scenario.task_classes' is missing"]),
     "NaN parameter": (_nan_parameter, ["damaged (parameter 'pool.prompts' holds NaN or infinite values)"]),
+    "integer parameter": (lambda s: s["method"].update({"pool.prompts": s["method"]["pool.prompts"].long()}),
+                          ["does not fit the method the run's config builds (parameter 'pool.prompts' is torch.int64"]),
+    "missing parameter": (lambda s: s["method"].pop("pool.prompts"),
+                          ["does not fit the method the run's config builds (missing parameter 'pool.prompts')"]),
+    "foreign method state": (lambda s: s["method_extra"].update(bogus=torch.zeros(2)),
+                             ["holds method state 'bogus' that does not fit"]),
     "newer version": (lambda s: s.update(version=99), [
         "written by a newer pgpcl (version 99; this pgpcl reads version 2)", "upgrade pgpcl"]),
 }
@@ -369,6 +376,28 @@ def test_checkpoint_with_damaged_fields(case, area, tmp_path, capsys):
         if "newer" not in case:
             assert "delete it to fall back to the previous checkpoint" in line
     assert snapshot(run) == before
+
+
+def flip_a_tensor_bit(path: Path) -> None:
+    """One low mantissa bit of the largest tensor in the torch zip file at ``path``: still finite."""
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    h = info.header_offset  # local header: 30 bytes, then the name and extra field it gives the lengths of
+    start = h + 30 + int.from_bytes(data[h + 26:h + 28], "little") + int.from_bytes(data[h + 28:h + 30], "little")
+    data[start + 8] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_checkpoint_with_flipped_bytes_is_refused_not_evaluated(area, tmp_path, capsys):
+    """torch.load does not check the zip's checksums: flipped bytes inside a tensor loaded as wrong numbers."""
+    for stage, command, name in (("done", ["eval"], "task001.pt"), ("partial", ["train", "--resume"], "task000.pt")):
+        run = copy_run(area, stage, tmp_path / stage)
+        flip_a_tensor_bit(run / "checkpoints" / name)
+        before = snapshot(run)
+        fails(capsys, [*command, str(run)], f"{name} cannot be read (damaged file: entry", "fails its checksum",
+              "delete it to fall back")
+        assert snapshot(run) == before
 
 
 @pytest.fixture(scope="module")

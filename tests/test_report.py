@@ -448,3 +448,22 @@ def test_a_report_replaces_the_previous_report_in_its_folder(runs, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["mine.png", "notes.txt", "summary.json", "table.md"]
     assert (tmp_path / "outside.png").exists()
     assert json.loads((out / "summary.json").read_text())["files"] == ["table.md", "summary.json"]
+
+
+@pytest.mark.parametrize("name", ["table.txt", "summary.json", "accuracy_curves.png"])
+def test_a_report_refuses_to_replace_a_file_no_report_wrote(name, runs, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / name).write_text('{"mine": 1}')
+    before = snapshot(out)
+    fails(capsys, ["report", *map(str, runs), "--out", str(out)],
+          f"{out / name} exists and no pgpcl report wrote it; move it away or choose another folder with --out")
+    assert snapshot(out) == before
+    # a report there that did not list it (a table of the other format, written by hand) does not own it
+    if name == "table.txt":
+        (out / name).unlink()
+        report_runs(runs, out_dir=out, plots=False, fmt="markdown")
+        (out / name).write_text("mine")
+        with pytest.raises(PgpclError, match="table.txt exists and no pgpcl report wrote it"):
+            report_runs(runs, out_dir=out, plots=False)
+        assert (out / name).read_text() == "mine"

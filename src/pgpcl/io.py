@@ -88,10 +88,29 @@ def is_torchscript(path: str | os.PathLike) -> bool:
 
 def safe_torch_load(path: str | os.PathLike) -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU: tensors and plain containers only, so no
-    pickled code in the file ever runs. Errors are torch's; :func:`torch_load_reason` shortens them."""
+    pickled code in the file ever runs. Errors are torch's; :func:`torch_load_reason` shortens them.
+
+    A zip-format file's checksums are checked first (ValueError naming the entry): torch.load does not
+    check them, so flipped bytes inside a tensor would load as wrong numbers.
+    """
     import torch
 
+    check_zip_checksums(path)
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def check_zip_checksums(path: str | os.PathLike) -> None:
+    """ValueError if ``path`` is a zip file (torch's format since 1.6) with an entry whose CRC-32 does not
+    match its bytes; nothing for other files (torch.load judges those)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError):
+        return  # not a (whole) zip file: torch.load gives its own reason
+    if bad is not None:
+        raise ValueError(f"damaged file: entry '{bad}' fails its checksum")
 
 
 def torch_load_reason(e: BaseException, limit: int = 160) -> str:

@@ -91,6 +91,28 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
+def load_method_state(method: torch.nn.Module, state: dict, path: Path) -> None:
+    """The checkpoint's trained parameters (``method``) and the method's other state (``method_extra``)
+    into ``method``; CheckpointError naming the file if they do not fit the method the run's config
+    builds."""
+    fix = "delete it to fall back to the previous checkpoint, or give the run folder it came from"
+    try:
+        method.load_trainable_state_dict(state["method"])
+    except CheckpointError as e:
+        raise CheckpointError(f"checkpoint {path} does not fit the method the run's config builds ({e}); {fix}") from None
+    extra = state.get("method_extra") or {}
+    params = {n for n, _ in method.named_parameters()}
+    own = {k: v for k, v in method.state_dict().items() if k not in params}
+    for k, v in extra.items():
+        ok = k in own and (not isinstance(own[k], torch.Tensor) or
+                           (isinstance(v, torch.Tensor) and v.shape == own[k].shape))
+        if not ok:
+            raise CheckpointError(f"checkpoint {path} holds method state '{k}' that does not fit the method the "
+                                  f"run's config builds; {fix}")
+    if extra:
+        method.load_state_dict(extra, strict=False)
+
+
 def check_version(path: Path, state: Any) -> None:
     version = state.get("version") if isinstance(state, dict) else None
     if _is_count(version) and version > CHECKPOINT_VERSION:
@@ -269,7 +291,8 @@ def _check_config(path: Path, state: dict, config: dict, run_dir: Path) -> None:
         key, was, now = diff
         raise CheckpointError(
             f"checkpoint {path} was written with {key}={was!r} but the run's config.yaml now says "
-            f"{now!r}; restore {Path(run_dir) / 'config.yaml'} or start a new run"
+            f"{now!r}; restore {Path(run_dir) / 'config.yaml'} (or, if the checkpoint was copied from another "
+            "run, this run's own checkpoint) or start a new run"
         )
 
 

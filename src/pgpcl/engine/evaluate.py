@@ -55,10 +55,7 @@ def evaluate_run(run_dir: Path) -> list[str]:
                            weights_sha256=ckpt.weights_sha(method), pgp_enabled=cfg.pgp.enabled, run_dir=run_dir)
     task = state["task"]
     method.begin_task(task)  # first, so that whatever it initialises is overwritten by the checkpoint
-    method.load_trainable_state_dict(state["method"])
-    extra = state.get("method_extra") or {}
-    if extra:
-        method.load_state_dict(extra, strict=False)
+    ckpt.load_method_state(method, state, ckpt_path)
     method.eval()
     ev = evaluate_method(method, scenario, task, cfg, device, progress=cfg.train.progress,
                          desc=f"eval after task {task + 1}/{scenario.num_tasks}")

@@ -47,7 +47,7 @@ from pgpcl.engine.distributed import (
 from pgpcl.engine.results import Results, now_iso, write_results
 from pgpcl.engine.rundir import check_run_dir, lock_run_dir, prepare_run_dir, unlock_run_dir
 from pgpcl.engine.seed import bf16_cpu_warning, seed_everything
-from pgpcl.errors import CheckpointError, ConfigError, DataError, PgpclError
+from pgpcl.errors import ConfigError, DataError, PgpclError
 from pgpcl.io import atomic_write_text
 
 TEST_HOOK_ENV = "PGPCL_TEST_HOOK"
@@ -372,7 +372,7 @@ class Trainer:
         task = int(pos["task"])
         if pos["stage"] == "train":
             self.method.begin_task(task)  # re-enter the task, then overwrite whatever it initialised
-        self._load_method_state(state)
+        ckpt.load_method_state(self.method, state, path)
         if pos["stage"] == "train":
             if self.pgp is not None:
                 self.pgp.load_task_start_state(task, state["pgp_task_start"])
@@ -391,18 +391,6 @@ class Trainer:
         params = {n for n, _ in self.method.named_parameters()}
         return {k: (v.detach().clone() if isinstance(v, Tensor) else v)
                 for k, v in self.method.state_dict().items() if k not in params}
-
-    def _load_method_state(self, state: dict) -> None:
-        self.method.load_trainable_state_dict(state["method"])
-        extra = state.get("method_extra") or {}
-        if extra:
-            own = set(self._method_extra())
-            unexpected = sorted(set(extra) - own)
-            if unexpected:
-                raise CheckpointError(
-                    f"checkpoint holds '{unexpected[0]}' unknown to this method; resume with the run's config"
-                )
-            self.method.load_state_dict(extra, strict=False)
 
     # -- the loop ----------------------------------------------------------------------------------
     def run(self) -> Results:

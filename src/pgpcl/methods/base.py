@@ -103,27 +103,7 @@ class Method(nn.Module):
         return {k: v.detach().clone() for k, v in self.state_dict().items() if k in names}
 
     def load_trainable_state_dict(self, state: dict[str, Tensor]) -> None:
-        own = {n: p for n, p in self.named_parameters() if p.requires_grad}
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        if missing or unexpected:
-            from pgpcl.errors import CheckpointError
-
-            bad = (missing or unexpected)[0]
-            raise CheckpointError(
-                f"checkpoint does not match this method: {'missing' if missing else 'unexpected'} "
-                f"parameter '{bad}'; resume with the config the run was started with"
-            )
-        with torch.no_grad():
-            for n, p in own.items():
-                if p.shape != state[n].shape:
-                    from pgpcl.errors import CheckpointError
-
-                    raise CheckpointError(
-                        f"checkpoint parameter '{n}' has shape {tuple(state[n].shape)}, model expects "
-                        f"{tuple(p.shape)}; resume with the config the run was started with"
-                    )
-                p.copy_(state[n])
+        copy_trainable_state({n: p for n, p in self.named_parameters() if p.requires_grad}, state)
 
     # -- PGP hooks ----------------------------------------------------------------------------------
     def protected_groups(self, eps: dict[str, float]) -> list[ProtectedGroup]:
@@ -139,3 +119,23 @@ class Method(nn.Module):
     def extra_representations(self) -> dict[str, Tensor]:
         """Per group, rows added once per task (e.g. the prompt pool, for the sum space): (m, D)."""
         return {}
+
+
+def copy_trainable_state(own: dict[str, Tensor], state: dict[str, Tensor]) -> None:
+    """Copy ``state`` into the parameters ``own`` (same names); CheckpointError for a missing or extra
+    name, another shape, or a tensor that is not floating point (copy_ would convert it silently)."""
+    from pgpcl.errors import CheckpointError
+
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        kind, name = ("missing", missing[0]) if missing else ("unexpected", unexpected[0])
+        raise CheckpointError(f"{kind} parameter '{name}'")
+    for n, p in own.items():
+        if p.shape != state[n].shape:
+            raise CheckpointError(f"parameter '{n}' has shape {tuple(state[n].shape)}, the model's is {tuple(p.shape)}")
+        if not state[n].is_floating_point():
+            raise CheckpointError(f"parameter '{n}' is {state[n].dtype}, not floating point")
+    with torch.no_grad():
+        for n, p in own.items():
+            p.copy_(state[n])

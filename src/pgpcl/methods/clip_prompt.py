@@ -258,26 +258,10 @@ class CLIPTextLearner(Method):
         return {n: own[n].detach().clone() for n in self._learned_names()}
 
     def load_trainable_state_dict(self, state: dict[str, Tensor]) -> None:
-        from pgpcl.errors import CheckpointError
+        from pgpcl.methods.base import copy_trainable_state
 
-        names = self._learned_names()
-        missing = [n for n in names if n not in state]
-        unexpected = [n for n in state if n not in names]
-        if missing or unexpected:
-            bad = (missing or unexpected)[0]
-            raise CheckpointError(
-                f"checkpoint does not match this method: {'missing' if missing else 'unexpected'} "
-                f"parameter '{bad}'; resume with the config the run was started with"
-            )
         own = dict(self.named_parameters())
-        with torch.no_grad():
-            for n in names:
-                if own[n].shape != state[n].shape:
-                    raise CheckpointError(
-                        f"checkpoint parameter '{n}' has shape {tuple(state[n].shape)}, model expects "
-                        f"{tuple(own[n].shape)}; resume with the config the run was started with"
-                    )
-                own[n].copy_(state[n])
+        copy_trainable_state({n: own[n] for n in self._learned_names()}, state)
         self._text_cache.clear()
 
     def train(self, mode: bool = True) -> CLIPTextLearner:

@@ -5,7 +5,7 @@ so moving them in is a rename) and only moved in once every one of them exists; 
 full, no permission, a file where the folder should be) leaves the folder as it was. The files the
 previous report there listed in its ``summary.json`` and this one does not write (plots of groups no
 longer reported, the other format's table) are then deleted, so the folder never mixes two reports;
-files that no report listed are never touched.
+files that no report listed are never touched: one the new report would replace is refused.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ def write_report_folder(out_dir: Path, write: Callable[[Path], list[str]]) -> li
         out_dir.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=".pgpcl-report-", dir=out_dir))
         names = write(stage)
-        stale = previous_files(out_dir) - set(names)
+        owned = previous_files(out_dir)
+        stale = owned - set(names)
+        _refuse_foreign(out_dir, names, owned)
         _move_in(stage, out_dir, names)
         for name in stale:
             (out_dir / name).unlink(missing_ok=True)
@@ -65,13 +67,22 @@ def previous_files(out_dir: Path) -> set[str]:
     return {name for name in _listed(d) if _is_report_file(name)}
 
 
+def _refuse_foreign(out_dir: Path, names: list[str], owned: set[str]) -> None:
+    """PgpclError if a file the new report would replace was not written by the report there."""
+    for name in names:
+        if name not in owned and (out_dir / name).is_file():
+            raise PgpclError(f"{out_dir / name} exists and no pgpcl report wrote it; move it away or choose "
+                             "another folder with --out")
+
+
 def _listed(d: dict[str, Any]) -> Iterable[Any]:
     if isinstance(d.get("files"), list):
         return d["files"]
-    # Summaries written before "files" existed name their plots only.
+    # Summaries written before "files" existed name their plots only; the tables and the summary are
+    # the fixed names every report wrote.
     groups = d.get("groups") if isinstance(d.get("groups"), list) else []
     plots = [g.get("plots") for g in groups if isinstance(g, dict) and isinstance(g.get("plots"), list)]
-    return [name for names in plots for name in names] + [d.get("curves_plot")]
+    return [name for names in plots for name in names] + [d.get("curves_plot"), SUMMARY, *TABLES]
 
 
 def _is_report_file(name: Any) -> bool:
