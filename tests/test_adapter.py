@@ -40,7 +40,7 @@ def test_adapters_sit_in_the_chosen_blocks_and_bad_ones_are_rejected(tmp_path):
         "head.weight", "head.bias"}
     with pytest.raises(ValueError, match="has an adapter already"):
         add_adapters(vit.blocks, [0], vit.embed_dim, 4, 0.1)
-    with pytest.raises(ConfigError, match="block 4 does not exist in a 4-block ViT"):
+    with pytest.raises(ConfigError, match="method.blocks: block 4 does not exist in a 4-block backbone"):
         _trainer(tmp_path / "b", ["method.blocks=[4]"], "tiny_adapter")
 
 

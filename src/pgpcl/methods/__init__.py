@@ -1,7 +1,9 @@
 """Continual-learning methods, registered by name.
 
 Adding a method means one new file here (a :class:`Method` subclass decorated with
-``@METHODS.register("name")``) and one preset in ``configs/``.
+``@METHODS.register("name")``), its name in the imports below, and its presets in ``configs/`` (a
+baseline beside each ``*_pgp``); a method outside pgpcl needs only its file and a preset that lists it
+under ``imports`` (docs/adding-a-method.md).
 """
 
 import dataclasses

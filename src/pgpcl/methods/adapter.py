@@ -36,6 +36,9 @@ class AdapterParams:
     """Blocks that get an adapter; None = all."""
 
     def validate(self) -> None:
+        from pgpcl.methods.base import check_block_list
+
+        check_block_list(self.blocks, "blocks")
         if self.hidden < 1:
             raise ConfigError(f"method.hidden must be >= 1, got {self.hidden}")
         if self.scale <= 0:

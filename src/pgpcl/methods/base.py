@@ -139,3 +139,15 @@ def copy_trainable_state(own: dict[str, Tensor], state: dict[str, Tensor]) -> No
     with torch.no_grad():
         for n, p in own.items():
             p.copy_(state[n])
+
+
+def check_block_list(value: list[int] | None, key: str, *, empty_ok: bool = False) -> None:
+    """ConfigError unless ``value`` (``method.<key>``) is None (all blocks) or distinct block indices,
+    at least one unless ``empty_ok``. An empty list would leave the method nothing to train there."""
+    from pgpcl.errors import ConfigError
+
+    if value is None:
+        return
+    if (not value and not empty_ok) or len(set(value)) != len(value):
+        what = "distinct block indices" + ("" if empty_ok else ", at least one, or null for all")
+        raise ConfigError(f"method.{key} must be {what}, got {value}")

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from pgpcl.errors import ConfigError
 from pgpcl.methods import METHODS
+from pgpcl.methods.base import check_block_list
 from pgpcl.methods.clip_prompt import CLIPTextLearner, TextParams, TunedImageTower
 from pgpcl.methods.vit_common import KeyPrefixBases, init_prompt_
 
@@ -40,13 +41,14 @@ class CLIPPrefix(TunedImageTower, CLIPTextLearner):
         def validate(self) -> None:
             if self.length < 1:
                 raise ConfigError(f"method.length must be >= 1, got {self.length}")
+            check_block_list(self.layers, "layers")
             TextParams.validate(self)
 
     default_eps = {"prefix": 0.97, "prefix_value": 0.97}
 
     def init_image_side(self, backbone: nn.Module) -> None:
         tower = backbone.clip.visual.transformer
-        self.attach_tuned(tower.resblocks, backbone.embed_dim, self.params.layers)
+        self.attach_tuned(tower.resblocks, backbone.embed_dim, self.params.layers, "layers")
         entries = [(f"key.{name}", m.prefix, _key_view, int(name[1:])) for name, m in self.tuned.items()]
         heads = next(iter(self.tuned.values())).attn.num_heads
         self.key_bases = KeyPrefixBases(entries, self.params.key_basis == "head", heads, backbone.embed_dim)

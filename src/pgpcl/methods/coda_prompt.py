@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from pgpcl.errors import ConfigError
 from pgpcl.methods import METHODS
-from pgpcl.methods.base import Method, MethodOutput
+from pgpcl.methods.base import Method, MethodOutput, check_block_list
 from pgpcl.methods.vit_common import KeyPrefixBases, PromptedViTMethod, init_head, pool_key_prefix_view
 
 
@@ -50,8 +50,7 @@ class CodaPrompt(PromptedViTMethod, Method):
         def validate(self) -> None:
             if min(self.pool_size, self.length) < 1:
                 raise ConfigError("method.pool_size and method.length must be >= 1")
-            if not self.layers or len(set(self.layers)) != len(self.layers):
-                raise ConfigError(f"method.layers must be distinct layer indices, got {self.layers}")
+            check_block_list(self.layers, "layers")
             if self.ortho_mu < 0:
                 raise ConfigError(f"method.ortho_mu must be >= 0, got {self.ortho_mu}")
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from pgpcl.errors import ConfigError
 from pgpcl.methods import METHODS
-from pgpcl.methods.base import Method, MethodOutput
+from pgpcl.methods.base import Method, MethodOutput, check_block_list
 from pgpcl.methods.vit_common import (
     KeyPrefixBases,
     PromptedViTMethod,
@@ -55,6 +55,8 @@ class DualPrompt(PromptedViTMethod, Method):
         attention head, which keeps each head's logits rather than their sum (docs/pgp.md, section 14)."""
 
         def validate(self) -> None:
+            check_block_list(self.g_layers, "g_layers", empty_ok=True)
+            check_block_list(self.e_layers, "e_layers")
             if set(self.g_layers) & set(self.e_layers):
                 raise ConfigError("method.g_layers and method.e_layers overlap; give each layer one prompt")
             if self.top_k != 1:

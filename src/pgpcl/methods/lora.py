@@ -43,8 +43,13 @@ class LoRAParams:
         self.check_targets(TARGETS)
 
     def check_targets(self, allowed) -> None:
+        from pgpcl.methods.base import check_block_list
+
         if self.rank < 1:
             raise ConfigError(f"method.rank must be >= 1, got {self.rank}")
+        if self.alpha is not None and self.alpha <= 0:
+            raise ConfigError(f"method.alpha must be > 0 (the update's scale is alpha / rank), got {self.alpha}")
+        check_block_list(self.blocks, "blocks")
         bad = [t for t in self.targets if t not in allowed]
         if bad or not self.targets or len(set(self.targets)) != len(self.targets):
             raise ConfigError(f"method.targets must be distinct names from {', '.join(allowed)}, got {self.targets}")

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from pgpcl.errors import ConfigError
 from pgpcl.methods import METHODS
-from pgpcl.methods.base import Method, MethodOutput
+from pgpcl.methods.base import Method, MethodOutput, check_block_list
 from pgpcl.methods.vit_common import KeyPrefixBases, ViTBackboneMethod, init_head, init_prompt_
 
 
@@ -55,8 +55,7 @@ class Prefix(ViTBackboneMethod, Method):
         def validate(self) -> None:
             if self.length < 1:
                 raise ConfigError(f"method.length must be >= 1, got {self.length}")
-            if self.layers is not None and (not self.layers or len(set(self.layers)) != len(self.layers)):
-                raise ConfigError(f"method.layers must be distinct block indices, got {self.layers}")
+            check_block_list(self.layers, "layers")
 
     default_eps = {"prefix": 0.97, "prefix_value": 0.97}
     basis_timing = "task_end"

@@ -70,15 +70,15 @@ class TunedModulesPGP:
         {name: module}. A ValueError (e.g. a block that does not exist) becomes a ConfigError."""
         raise NotImplementedError
 
-    def attach_tuned(self, blocks, width: int, chosen: list[int] | None) -> None:
-        """``add_modules`` on ``chosen`` of ``blocks`` (None = all) into ``tuned``."""
+    def attach_tuned(self, blocks, width: int, chosen: list[int] | None, key: str = "blocks") -> None:
+        """``add_modules`` on ``chosen`` (``method.<key>``) of ``blocks`` (None = all) into ``tuned``."""
         from pgpcl.errors import ConfigError
 
         indices = list(range(len(blocks))) if chosen is None else list(chosen)
         try:
             self.tuned = self.add_modules(blocks, indices, width)
         except ValueError as e:
-            raise ConfigError(f"method: {e}") from None
+            raise ConfigError(f"method.{key}: {e}") from None
 
     def captured_rows(self, name: str, module: nn.Module) -> dict[str, Tensor]:
         """PGP group name -> rows (B, T, D_group) from what ``module`` captured in the last forward."""
@@ -181,10 +181,16 @@ def init_head(head: nn.Linear) -> nn.Linear:
 
 
 def init_prompt_(t, kind: str) -> None:
-    """Initialise a prompt tensor in place: 'uniform' in [-1, 1] (as released), 'normal' or 'zero'."""
+    """Initialise a prompt tensor in place: 'uniform' in [-1, 1] (as released), 'normal' or 'zero';
+    ConfigError for another name (a method whose Params types the choice as a plain str gets no
+    check from the config)."""
     if kind == "uniform":
         nn.init.uniform_(t, -1.0, 1.0)
     elif kind == "normal":
         nn.init.normal_(t, std=0.02)
-    else:
+    elif kind == "zero":
         nn.init.zeros_(t)
+    else:
+        from pgpcl.errors import ConfigError
+
+        raise ConfigError(f"unknown prompt init '{kind}'; choose from uniform, normal, zero")

@@ -14,7 +14,7 @@ def chosen_blocks(blocks: Sequence[nn.Module], indices: Iterable[int]) -> list[t
     out = []
     for i in indices:
         if not 0 <= i < depth:
-            raise ValueError(f"block {i} does not exist in a {depth}-block ViT; use 0..{depth - 1}")
+            raise ValueError(f"block {i} does not exist in a {depth}-block backbone; use 0..{depth - 1}")
         out.append((i, blocks[i]))
     return out
 

@@ -110,6 +110,17 @@ class PGP:
         for name, rows in reps.items():
             self._collector(name).add(rows)
 
+    def check_extra_rows(self, name: str, count: int) -> None:
+        """ConfigError if reference mode cannot reduce group ``name``'s ``count`` extra rows to its PCA
+        width (the released arithmetic needs at least ``components`` of them)."""
+        c = self._by_name[name].components
+        if self.cfg.mode == "reference" and c is not None and count < c:
+            raise ConfigError(
+                f"pgp.mode=reference reduces group '{name}''s extra rows (its prompt tokens) to {c} PCA "
+                f"components, but it has {count}; give the method at least {c} (e.g. method.length={c}) or "
+                "use pgp.mode=feature"
+            )
+
     def collect_extra(self, name: str, rows: Tensor) -> None:
         """Set the group's extra matrix (m, D) for this task (e.g. the prompt pool: sum space)."""
         self._collector(name).add_extra(rows)

@@ -154,7 +154,7 @@ class Projector:
         # (several groups per parameter: per-head key bases, ...; they never overlap).
         self._per_param = target == "update" and not measure_step_leak
         self._step_leak: dict[str, tuple[Tensor, Tensor]] = {}
-        self._task_start: dict[str, Tensor] = {}
+        self._task_start: dict[str, Tensor] | None = None  # None: outside a task
 
     # ------------------------------------------------------------------ operators
 
@@ -339,7 +339,7 @@ class Projector:
 
     def task_start(self) -> dict[str, Tensor]:
         """The snapshot taken by :meth:`begin_task` (group name -> protected part); empty outside a task."""
-        return dict(self._task_start)
+        return dict(self._task_start or {})
 
     def set_task_start(self, snapshots: dict[str, Tensor]) -> None:
         """Re-enter a task mid-way (resume) with the snapshots its :meth:`begin_task` took."""
@@ -352,7 +352,7 @@ class Projector:
         leak = ||dtheta U U^T|| / ||dtheta||, dtheta = (param now - param at begin_task) through the
         view; 0 when the basis is empty or nothing changed. ``change`` = ||dtheta||.
         """
-        if not self._task_start:
+        if self._task_start is None:
             raise RuntimeError("Projector.end_task() called without begin_task()")
         report = {}
         for group in self.groups:
@@ -369,5 +369,5 @@ class Projector:
                 "leak": leak,
                 "change": change,
             }
-        self._task_start = {}
+        self._task_start = None
         return report
