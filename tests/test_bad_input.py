@@ -498,3 +498,14 @@ def test_pgp_on_a_method_that_protects_nothing_is_refused_before_training():
     with pytest.raises(ConfigError, match=r"pgp.enabled=true but the method \(NothingProtected\) protects no "
                                           r"parameters .*; set pgp.enabled=false"):
         PGPHooks(NothingProtected(None, 2, [[0], [1]]), PGPConfig(enabled=True), torch.device("cpu"))
+
+
+def test_a_damaged_run_config_yaml_names_the_file(area, tmp_path, capsys):
+    run = copy_run(area, "done", tmp_path / "run")
+    cfg = run / "config.yaml"
+    text = cfg.read_text()
+    cfg.write_text(text.replace("train:\n", "train:\n  foo: 1\n", 1))
+    for command in (["eval"], ["train", "--resume"]):
+        fails(capsys, [*command, str(run)], f"{cfg}: unknown config key 'train.foo'", "restore the file")
+    cfg.write_text(text + "seed: 3\n")  # a key given twice: yaml.safe_load kept the last one silently
+    fails(capsys, ["eval", str(run)], f"{cfg} cannot be read", "'seed'")

@@ -6,7 +6,7 @@ import statistics
 import pytest
 from PIL import Image
 
-from pgpcl.config import Config
+from pgpcl.config import Config, load_config
 from pgpcl.engine.results import new_results, read_results, write_results
 from pgpcl.errors import PgpclError
 from pgpcl.report import Stat, paired_difference, report_runs
@@ -25,8 +25,13 @@ def til_of(A):
     return [[None if a is None else a + 5.0 for a in row] for row in A]
 
 
-def write_run(root, pgp, seed, A, status="complete", name=None, eps=None, dataset="cifar100", weights=None):
-    cfg = Config(name=name or f"{'pgp' if pgp else 'base'}-s{seed}", seed=seed, output_dir=str(root))
+def write_run(root, pgp, seed, A, status="complete", name=None, eps=None, dataset="cifar100", weights=None,
+              train=None, preset=None, data=None):
+    cfg = Config() if preset is None else load_config(preset)
+    cfg.name, cfg.seed, cfg.output_dir = name or f"{'pgp' if pgp else 'base'}-s{seed}", seed, str(root)
+    for section, values in (("train", train), ("data", data)):
+        for k, v in (values or {}).items():
+            setattr(getattr(cfg, section), k, v)
     cfg.backbone.weights = weights
     if weights == "hub":
         cfg.backbone.pretrained_tag = "augreg_in21k"  # the released presets' ImageNet-21k weights
@@ -232,6 +237,37 @@ def test_grouping_variants_and_duplicates(tmp_path):
     assert len(imr) == 1 and imr[0].startswith("l2p ") and " 1 " in imr[0]
 
 
+def test_variants_tell_every_group_apart_and_a_pgp_group_shows_its_baselines(tmp_path):
+    """Three baselines that differ in four keys, the first three of which did not tell two of them
+    apart (both printed 'batch_size=16, epochs=1, lr=0.01'), and a PGP group beside one of them."""
+    root = tmp_path / "runs"
+    settings = {"a": dict(lr=0.01, epochs=1, batch_size=16), "b": dict(lr=0.05, epochs=2, batch_size=32),
+                "c": dict(lr=0.01, epochs=1, batch_size=16, weight_decay=0.1)}
+    for name, train in settings.items():
+        write_run(root, False, 0, CIL[(False, 0)], name=name, train=train)
+    write_run(root, True, 0, CIL[(True, 0)], name="a-pgp", train=settings["a"])
+    table = report_runs([root], plots=False).split("PGP - baseline")
+    labels = [line.split("  ")[0] for line in table[0].splitlines() if line.startswith("l2p")]
+    assert labels == ["l2p [train.batch_size=16, train.weight_decay=0.0]",
+                      "l2p [train.batch_size=16, train.weight_decay=0.1]",
+                      "l2p [train.batch_size=32, train.weight_decay=0.0]",
+                      "l2p-PGP [train.batch_size=16, train.weight_decay=0.0]"]  # the variant of its baseline
+    assert "l2p-PGP [train.batch_size=16, train.weight_decay=0.0]" in table[1]
+
+
+def test_online_runs_that_differ_in_epochs_only_are_one_group_and_dil_names_its_domains(tmp_path):
+    """Online trains one pass whatever train.epochs says; a DIL run's data.dataset is not what it read."""
+    root = tmp_path / "runs"
+    for s, epochs in ((0, 1), (1, 3)):
+        write_run(root, False, s, CIL[(False, s)], name=f"online-{s}", train={"epochs": epochs},
+                  data={"setting": "online"})
+    write_run(root, False, 0, CIL[(False, 0)], name="dil", data={"setting": "dil", "domains": ["mnist5k", "/d/fmnist/"]})
+    text = report_runs([root], plots=False)
+    online = [line for line in text.splitlines() if " online " in line]
+    assert len(online) == 1 and " 2 " in online[0] and "epochs" not in online[0]
+    assert any(line.split()[1:3] == ["mnist5k+fmnist", "dil"] for line in text.splitlines())
+
+
 def test_variant_label_of_a_default_eps_against_a_set_one(tmp_path):
     """pgp.eps={} (the method's defaults) against pgp.eps.prompt=0.9: one key differs, shown as such."""
     root = tmp_path / "runs"
@@ -253,8 +289,8 @@ def test_published_numbers_beside_runs_of_the_published_experiment(tmp_path):
     ten = [[None] * i + [80.0 - i] + [70.0] * (9 - i) for i in range(10)]  # final 70.1, forgetting 6.0
     root = tmp_path / "runs"
     for s in (0, 1):
-        write_run(root, True, s, ten, name=f"vitb-{s}", weights="hub")
-        write_run(root, True, s, ten, name=f"random-{s}")
+        write_run(root, True, s, ten, name=f"vitb-{s}", weights="hub", preset="cifar100_10_l2p_pgp")
+        write_run(root, True, s, ten, name=f"random-{s}", preset="cifar100_10_l2p_pgp")
     out = tmp_path / "rep"
     text = report_runs([root], out_dir=out, plots=False)
     section = text.split("Published numbers (Qiao et al., ICLR 2024 (PGP): CIL, ViT-B/16 ImageNet-21k)")[1]
@@ -269,6 +305,18 @@ def test_published_numbers_beside_runs_of_the_published_experiment(tmp_path):
     assert published_for(r) is None
     r.config["backbone"].update(pretrained_tag="augreg_in21k", embed_dim=384)  # another model
     assert published_for(r) is None
+    # the released protocol, changed: a pre-flight run, fewer epochs, a local weights file (the same)
+    r.config["backbone"].pop("embed_dim")
+    assert published_for(r) is not None
+    for section, key, value in (("train", "max_steps_per_task", 2), ("train", "epochs", 1),
+                                ("data", "train_per_class", 10), ("pgp", "num_samples", 64)):
+        changed = load_results_of(root / "vitb-0")
+        changed.config[section][key] = value
+        assert published_for(changed) is None, key
+    changed = load_results_of(root / "vitb-0")
+    changed.config["backbone"]["weights"] = "/data/vit_b16_in21k.npz"
+    changed.config["data"]["root"] = "/elsewhere"
+    assert published_for(changed).final_acc == 84.34
 
 
 def load_results_of(run_dir):
@@ -369,6 +417,11 @@ MALFORMED = {
     "method not a mapping": (lambda d: d["config"].update(method=[1]), "config.method is [1], expected an object"),
     "data missing": (lambda d: d["config"].pop("data"), "config lacks 'data'"),
     "dataset missing": (lambda d: d["config"]["data"].pop("dataset"), "config.data lacks 'dataset'"),
+    "method name a list": (lambda d: d["config"]["method"].update(name=["l2p"]),
+                           'config.method.name is ["l2p"], expected a string'),
+    # valid JSON, but no float holds it (math.isfinite raised OverflowError)
+    "huge accuracy": (lambda d: d["acc"]["cil"][0].__setitem__(0, 10**400), "acc.cil[0][0] is not a finite number"),
+    "huge leak": (lambda d: d["projection"][0].update(leak=10**400), "projection[0].leak is not a finite number"),
 }
 
 
@@ -467,3 +520,19 @@ def test_a_report_refuses_to_replace_a_file_no_report_wrote(name, runs, tmp_path
         with pytest.raises(PgpclError, match="table.txt exists and no pgpcl report wrote it"):
             report_runs(runs, out_dir=out, plots=False)
         assert (out / name).read_text() == "mine"
+
+
+def test_empty_paths_are_refused_and_a_closed_pipe_is_quiet(runs, tmp_path, capsys, monkeypatch):
+    import subprocess
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    fails(capsys, ["report", ""], "an empty path was given")
+    fails(capsys, ["report", *map(str, runs), "--out", " "], "--out is empty")
+    assert not (tmp_path / "report").exists()
+    # pgpcl report | head -1: the reader closes the pipe before the table is written
+    proc = subprocess.Popen([sys.executable, "-m", "pgpcl", "report", *map(str, runs), "--no-plots"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and "Traceback" not in err and "Exception ignored" not in err, err

@@ -83,6 +83,10 @@ def test_not_divisible_is_one_line_error(mnist_root):
     assert str(err.value) == (
         "data.first_task_classes=12 is outside 1..10 (the dataset has 10 classes); choose a value in that range"
     )
+    with pytest.raises(DataError, match="with data.num_tasks=1 leaves 6 of 10 classes in no task; with one task "
+                                        "set data.first_task_classes=10 or leave it out"):
+        split_classes(10, 1, 4)  # said 'cannot be split into 0 equal tasks'
+    assert split_classes(10, 1, 10) == [10]
 
 
 def test_random_order_recorded_reproducible_and_remapped(mnist_root):

@@ -149,6 +149,10 @@ def _weights_label(backbone) -> str:
 def _cmd_report(args: argparse.Namespace) -> int:
     from pgpcl.report import report_runs
 
+    if any(not p.strip() for p in args.runs):
+        raise PgpclError("an empty path was given; name run folders, results.json files or folders holding them")
+    if args.out is not None and not args.out.strip():
+        raise PgpclError("--out is empty; give a folder, or leave it out for the default")
     out = Path(args.out) if args.out else None
     print(report_runs(args.runs, out_dir=out, plots=not args.no_plots, fmt=args.format))
     return 0
@@ -284,12 +288,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, so that a closed pipe is met inside this try, not at exit
+        return code
     except PgpclError as e:
         if args.debug:
             raise
         print(f"pgpcl: error: {_rank_prefix()}{_one_line(e)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader of stdout went away (pgpcl report | head -1): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the flush at exit does not raise again
+        return 141  # 128 + SIGPIPE, as a shell reports a command stopped by a closed pipe
     except Exception as e:
         # Only raised once the engine is imported, so these imports cost nothing.
         from pgpcl.engine.distributed import PeerFailed

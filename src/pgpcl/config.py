@@ -207,7 +207,7 @@ def with_defaults(config: dict[str, Any]) -> dict[str, Any]:
     defaults = Config().to_dict()
     name = (config.get("method") or {}).get("name", defaults["method"]["name"])
     defaults["method"] = {"name": name}
-    if name in METHODS:
+    if isinstance(name, str) and name in METHODS:
         defaults["method"].update(dataclasses.asdict(METHODS.get(name).Params()))
     return _deep_merge(defaults, config)
 
@@ -578,3 +578,8 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config
 
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def unique_key_loader() -> type[yaml.SafeLoader]:
+    """The safe YAML loader that refuses a key given twice in one mapping (``read_yaml``'s)."""
+    return _UniqueKeyLoader

@@ -74,7 +74,12 @@ def split_classes(num_classes: int, num_tasks: int, first: int | None) -> list[i
             f"data.first_task_classes={first} is outside 1..{num_classes} (the dataset has {num_classes} "
             "classes); choose a value in that range"
         )
-    if (others == 0 and rest != 0) or (others > 0 and (rest < others or rest % others)):
+    if others == 0 and rest != 0:
+        raise DataError(
+            f"data.first_task_classes={first} with data.num_tasks=1 leaves {rest} of {num_classes} classes in no "
+            f"task; with one task set data.first_task_classes={num_classes} or leave it out"
+        )
+    if others > 0 and (rest < others or rest % others):
         raise DataError(
             f"data.first_task_classes={first} leaves {rest} of {num_classes} classes, which cannot be split into "
             f"{others} equal tasks; choose first_task_classes so the remaining classes divide evenly by {others}"

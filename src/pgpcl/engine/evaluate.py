@@ -19,8 +19,10 @@ def load_run_config_raw(run_dir: Path) -> dict:
         raise PgpclError(f"{run_dir} does not exist; give the folder 'pgpcl train' wrote (RUN_DIR)")
     if not path.exists():
         raise PgpclError(f"{run_dir} is not a pgpcl run folder (no config.yaml); give the folder 'pgpcl train' wrote")
+    from pgpcl.config import unique_key_loader
+
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=unique_key_loader())  # a key given twice is refused
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{path} cannot be read ({first}); restore it from the run's results.json 'config'") from None
@@ -30,9 +32,15 @@ def load_run_config_raw(run_dir: Path) -> dict:
 
 
 def load_run_config(run_dir: Path):
+    """The run's config from ``run_dir/config.yaml``; a ConfigError names that file."""
     from pgpcl.config import config_from_dict
 
-    return config_from_dict(load_run_config_raw(run_dir))
+    raw = load_run_config_raw(run_dir)
+    try:
+        return config_from_dict(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{Path(run_dir) / 'config.yaml'}: {e}; or restore the file from the run's results.json "
+                          "'config'") from None
 
 
 def evaluate_run(run_dir: Path) -> list[str]:

@@ -45,7 +45,7 @@ def _check_entry(a: Any, i: int, t: int) -> None:
         raise ValueError(f"[{i}][{t}] must be null: task {i} is not trained after task {t}")
     if isinstance(a, (bool, np.bool_)) or not isinstance(a, (int, float, np.integer, np.floating)):
         raise ValueError(f"[{i}][{t}] must be a number or null, got {a!r}")
-    if not math.isfinite(a) or not 0.0 <= a <= 100.0:
+    if not 0.0 <= a <= 100.0 or not math.isfinite(a):  # range first: an int too large for a float is out
         raise ValueError(f"[{i}][{t}] = {a!r} is not an accuracy in [0, 100]")
 
 

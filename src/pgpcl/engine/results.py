@@ -130,7 +130,12 @@ class Results:
 
     @property
     def dataset(self) -> str:
-        return str(self.config.get("data", {}).get("dataset", "?"))
+        """``data.dataset``; for a DIL run over ``data.domains``, those datasets joined by '+'."""
+        data = self.config.get("data", {})
+        domains = data.get("domains") if isinstance(data, dict) else None
+        if isinstance(domains, list) and domains:
+            return "+".join(str(d).rstrip("/").rsplit("/", 1)[-1] for d in domains)
+        return str(data.get("dataset", "?"))
 
     def set_acc(self, setting: str, i: int, t: int, value: float) -> None:
         """Record accuracy (%) on task ``i`` after training task ``t`` for ``cil`` or ``til``."""
@@ -236,8 +241,10 @@ def _plain(obj: Any) -> Any:
 
 
 def _nonfinite(obj: Any, where: str = "") -> str | None:
-    """Path of the first NaN/inf number in ``obj``, or None."""
+    """Path of the first NaN/inf number in ``obj`` (or an integer too large for a float), or None."""
     if isinstance(obj, float) and not math.isfinite(obj):
+        return where or "value"
+    if isinstance(obj, int) and abs(obj) > sys.float_info.max:  # JSON allows it; float(obj) overflows
         return where or "value"
     items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
     for k, v in items:
@@ -357,6 +364,9 @@ def _check_config(config: dict[str, Any]) -> str | None:
     for key in _CONFIG_SECTIONS:
         if key in config and not isinstance(config[key], dict):
             return f"config.{key} is {_show(config[key])}, expected an object"
+    method = config.get("method")
+    if isinstance(method, dict) and "name" in method and not isinstance(method["name"], str):
+        return f"config.method.name is {_show(method['name'])}, expected a string"
     return _check_fields(config["data"], {"dataset": _STRING}, "config.data")
 
 

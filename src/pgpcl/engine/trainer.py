@@ -175,10 +175,10 @@ def resume_config(run_dir: Path, overrides: list[str] | None = None) -> Config:
     """The config of the run in ``run_dir`` (its config.yaml), with overrides of the keys a resume may
     change (:data:`RESUME_MUTABLE`); any other override must equal the run's value."""
     from pgpcl.config import apply_overrides, config_from_dict
-    from pgpcl.engine.evaluate import load_run_config_raw
+    from pgpcl.engine.evaluate import load_run_config, load_run_config_raw
 
     raw = load_run_config_raw(run_dir)
-    stored = config_from_dict(raw)
+    stored = load_run_config(run_dir)
     if not overrides:
         return stored
     cfg = config_from_dict(apply_overrides(raw, list(overrides)))

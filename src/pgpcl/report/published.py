@@ -4,16 +4,21 @@ Qiao et al., ICLR 2024, as collected in the design note (section 6): class-incre
 accuracy and forgetting (%) with ViT-B/16 pretrained on ImageNet-21k. A group is matched only when its
 runs are that setting: the same dataset and number of tasks, method, PGP on or off, setting ``cil``,
 and the unmodified ``vit_base_patch16_224`` with pretrained weights (no size overrides; from the hub,
-only the ImageNet-21k tags); anything else would compare different experiments. The CLIP numbers are left out: the released code evaluated them
+only the ImageNet-21k tags), and every other result-changing key as the released preset has it
+(``cifar100_10_l2p_pgp`` etc.: epochs, learning rate, class order, ``train.max_steps_per_task``, ...;
+only where the data and weights are read from may differ); anything else would compare different
+experiments. The CLIP numbers are left out: the released code evaluated them
 with the true labels' task (docs/pgp.md, section 10), so they are not comparable to pgpcl's CIL.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 from pgpcl.config import with_defaults
 from pgpcl.engine.results import Results
+from pgpcl.report.runs import IGNORED_KEYS, flat_config, flatten_config
 
 SOURCE = "Qiao et al., ICLR 2024 (PGP): CIL, ViT-B/16 ImageNet-21k"
 
@@ -59,5 +64,39 @@ def published_for(r: Results) -> Published | None:
         return None
     if backbone["weights"] == "hub" and backbone.get("pretrained_tag") not in _IN21K_TAGS:
         return None  # other pretraining (e.g. fine-tuned on ImageNet-1k); a local file cannot be told apart
-    found = PUBLISHED.get((r.dataset, r.num_tasks, r.method, bool(r.pgp)))
-    return None if found is None else Published(*found)
+    key = (r.dataset, r.num_tasks, r.method, bool(r.pgp))
+    found = PUBLISHED.get(key)
+    if found is None or _first_change(r, _released_config(key)) is not None:
+        return None
+    return Published(*found)
+
+
+_SOURCES = frozenset({"backbone.weights", "backbone.pretrained_tag", "data.root"})
+"""Where the weights and the data are read from: checked above, or not part of the experiment."""
+
+
+@cache
+def _released_config(key: tuple[str, int, str, bool]) -> tuple[tuple[str, str], ...]:
+    """The flattened config of the built-in full-size preset of the published experiment ``key``."""
+    from pgpcl.config import list_presets, load_config
+
+    for name in list_presets():
+        if name.startswith(("tiny_", "demo_")):
+            continue
+        cfg = load_config(name)
+        if (cfg.data.dataset, cfg.data.num_tasks, cfg.method.name, cfg.pgp.enabled) == key:
+            return tuple(sorted(flatten_config(with_defaults(cfg.to_dict())).items()))
+    return ()
+
+
+def _first_change(r: Results, released: tuple[tuple[str, str], ...]) -> str | None:
+    """The first result-changing key in which run ``r`` differs from the released preset, or None."""
+    if not released:
+        return "no released preset"
+    run, preset = flat_config(r), dict(released)
+    for k in sorted(set(run) | set(preset)):
+        if k in IGNORED_KEYS or k in _SOURCES or (not r.pgp and k.startswith("pgp.")):
+            continue
+        if run.get(k) != preset.get(k):
+            return k
+    return None

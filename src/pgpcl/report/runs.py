@@ -191,10 +191,16 @@ def load_runs(paths: Sequence[str | Path], include_incomplete: bool = False) -> 
 # Grouping
 
 
+def flatten_config(config: dict[str, Any]) -> dict[str, str]:
+    """Dotted config keys -> JSON-encoded values of a config mapping."""
+    flat: dict[str, str] = {}
+    _flatten(config, "", flat)
+    return flat
+
+
 def flat_config(r: Results) -> dict[str, str]:
     """Dotted config keys -> JSON-encoded values, with the run's own method/pgp/setting fields."""
-    flat: dict[str, str] = {}
-    _flatten(with_defaults(r.config), "", flat)
+    flat = flatten_config(with_defaults(r.config))
     flat.update({"method.name": json.dumps(r.method), "pgp.enabled": json.dumps(r.pgp),
                  "data.setting": json.dumps(r.setting)})
     return flat
@@ -214,9 +220,10 @@ def group_key(r: Results, drop_pgp: bool = False) -> tuple:
     """Hashable identity of a run's configuration, without seed and inert keys."""
     flat = flat_config(r)
     pgp_inert = drop_pgp or not r.pgp
+    inert = IGNORED_KEYS | ({"train.epochs"} if r.setting == "online" else set())  # online: one pass
     items = {
         k: v for k, v in flat.items()
-        if k not in IGNORED_KEYS and not (pgp_inert and k.startswith("pgp."))
+        if k not in inert and not (pgp_inert and k.startswith("pgp."))
     }
     return tuple(sorted(items.items()))
 
@@ -254,18 +261,41 @@ def _sort_key(g: RunGroup) -> tuple:
 
 
 def _set_variants(groups: list[RunGroup]) -> None:
-    # Groups that would print the same label get the config keys that differ among them appended.
-    by_label: dict[str, list[RunGroup]] = {}
+    """Groups of one method, dataset and setting get the config keys that tell them apart as a variant.
+
+    Keys other than pgp.* come first and are shown on PGP and baseline groups alike, so a PGP group
+    carries the variant of the baseline it pairs with; pgp.* keys are added (on PGP groups) only where
+    those leave two PGP groups alike. Of each, only keys that separate groups not yet told apart.
+    """
+    by_base: dict[tuple, list[RunGroup]] = {}
     for g in groups:
-        by_label.setdefault(g.label, []).append(g)
-    for same in by_label.values():
+        by_base.setdefault((g.first.method, g.first.dataset, g.first.setting), []).append(g)
+    for same in by_base.values():
         if len(same) < 2:
             continue
         dicts = [dict(g.key) for g in same]
-        keys = sorted({k for d in dicts for k in d if len({d.get(k) for d in dicts}) > 1})
+        differ = sorted({k for d in dicts for k in d if len({e.get(k) for e in dicts}) > 1})
+        shared = _separating(dicts, [k for k in differ if not k.startswith("pgp.")])
+        pgp_dicts = [d for g, d in zip(same, dicts) if g.first.pgp]
+        pgp_keys = [k for k in differ if k.startswith("pgp.") and k != "pgp.enabled"]
+        own = [k for k in _separating(pgp_dicts, shared + pgp_keys) if k.startswith("pgp.")]
         for g, d in zip(same, dicts):
-            shown = ", ".join(f"{k}={_show(d.get(k))}" for k in keys[:3])
-            g.variant = shown + (", ..." if len(keys) > 3 else "")
+            g.variant = ", ".join(f"{k}={_show(d.get(k))}" for k in shared + (own if g.first.pgp else []))
+
+
+def _separating(dicts: list[dict[str, str]], keys: list[str]) -> list[str]:
+    """Of ``keys`` (in order), those that a greedy pass needs to tell apart every two of ``dicts`` that
+    differ in any of ``keys``."""
+    def classes(ks: list[str]) -> int:
+        return len({tuple(d.get(k) for k in ks) for d in dicts})
+
+    target, chosen = classes(keys), []
+    for k in keys:
+        if classes(chosen) == target:
+            break
+        if classes([*chosen, k]) > classes(chosen):
+            chosen.append(k)
+    return chosen
 
 
 def _show(encoded: str | None) -> str:
