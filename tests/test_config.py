@@ -163,3 +163,20 @@ def test_unreadable_yaml_names_file_line_and_fix(tmp_path, write, expected):
     with pytest.raises(ConfigError) as e:
         load_config(str(path))
     assert f"config '{path}' " in str(e.value) and expected in str(e.value) and "\n" not in str(e.value)
+
+
+def test_pgpcl_configs_names_the_preset_that_does_not_load(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import pgpcl.config as config
+    from pgpcl.cli import main
+
+    presets = tmp_path / "configs"
+    shutil.copytree(config.preset_dir(), presets)
+    (presets / "tiny_mine_pgp.yaml").write_text("_base_: _tiny\nname: tiny_mine_pgp\nmethod: {name: vpt_shallow}\n")
+    monkeypatch.setattr(config, "preset_dir", lambda: presets)
+    assert main(["configs"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pgpcl: error: preset tiny_mine_pgp does not load: unknown method 'vpt_shallow'"), err
+    with pytest.raises(ConfigError, match="method.text_init_std must be >= 0, got -1.0"):
+        load_config("tiny_clip", ["method.text_init_std=-1"])

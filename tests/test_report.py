@@ -213,6 +213,16 @@ def test_incomplete_runs_are_skipped(runs, tmp_path):
     assert "include incomplete" not in str(e.value) and "pgpcl train --resume RUN_DIR" in str(e.value)
 
 
+def test_include_incomplete_prefers_a_complete_run_and_says_when_tasks_differ(runs, tmp_path):
+    partial = [[90.0, None, None], [None, None, None], [None, None, None]]
+    write_run(tmp_path / "again", False, 0, partial, status="running")  # newer than seed 0's complete run
+    text = report_runs([*runs, tmp_path / "again"], plots=False, include_incomplete=True)
+    assert f"seed 0 repeats; used {runs[0] / 'results.json'}, ignored {tmp_path / 'again'}" in text
+    newer = write_run(tmp_path / "other", False, 7, partial, status="running")  # a seed of its own
+    text = report_runs([*runs, newer], plots=False, include_incomplete=True)
+    assert "its runs stopped after different tasks (1, 3 of 3); its final numbers mix them" in text
+
+
 def test_no_results_found(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(PgpclError) as e:

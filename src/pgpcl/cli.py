@@ -100,8 +100,17 @@ def _cmd_configs(args: argparse.Namespace) -> int:
     if args.names:
         print("\n".join(list_presets()))
         return 0
-    print(_preset_table([load_config(name) for name in list_presets()]))
+    print(_preset_table([_load_preset(name) for name in list_presets()]))
     return 0
+
+
+def _load_preset(name: str):
+    from pgpcl.config import load_config
+
+    try:
+        return load_config(name)
+    except PgpclError as e:  # a preset added to configs/ whose method is not imported, say
+        raise PgpclError(f"preset {name} does not load: {e}") from None
 
 
 def _preset_table(configs) -> str:

@@ -58,7 +58,9 @@ class TextParams:
 
     def validate(self) -> None:
         if self.text_length < 1:
-            raise ConfigError("method.text_length must be >= 1")
+            raise ConfigError(f"method.text_length must be >= 1, got {self.text_length}")
+        if not self.text_init_std >= 0:
+            raise ConfigError(f"method.text_init_std must be >= 0, got {self.text_init_std}")
         if self.first_task_lr is not None and self.first_task_lr <= 0:
             raise ConfigError(f"method.first_task_lr must be > 0, got {self.first_task_lr}")
         if self.first_task_weight_decay is not None and self.first_task_weight_decay < 0:
@@ -305,7 +307,7 @@ class CLIPPrompt(CLIPTextLearner):
 
         def validate(self) -> None:
             if self.length < 1:
-                raise ConfigError("method.length must be >= 1")
+                raise ConfigError(f"method.length must be >= 1, got {self.length}")
             super().validate()
 
     default_eps = {"prompt": 0.90}

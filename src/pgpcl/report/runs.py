@@ -237,7 +237,12 @@ def group_runs(runs: Sequence[Run]) -> tuple[list[RunGroup], list[str]]:
     for key, members in by_key.items():
         kept, dropped = _latest_per_seed(members)
         notes.extend(f"seed {d.seed} repeats; used {k.path}, ignored {d.path}" for d, k in dropped)
-        groups.append(RunGroup(key, kept))
+        group = RunGroup(key, kept)
+        done = sorted({tasks_done(r.results.acc["cil"]) for r in kept})
+        if len(done) > 1:  # only with include_incomplete: its final columns are of different tasks
+            notes.append(f"{group.label}: its runs stopped after different tasks ({', '.join(map(str, done))} of "
+                         f"{group.first.num_tasks}); its final numbers mix them")
+        groups.append(group)
     _set_variants(groups)
     groups.sort(key=_sort_key)
     return groups, notes
@@ -246,8 +251,10 @@ def group_runs(runs: Sequence[Run]) -> tuple[list[RunGroup], list[str]]:
 def _latest_per_seed(runs: Sequence[Run]) -> tuple[list[Run], list[tuple[Run, Run]]]:
     by_seed: dict[int, Run] = {}
     dropped = []
-    # Newest `updated` wins; equal stamps (second resolution) fall back to the later path, for determinism.
-    for run in sorted(runs, key=lambda r: (r.results.updated, str(r.path)), reverse=True):
+    # A complete run wins over an incomplete one, then the newest `updated`; equal stamps (second
+    # resolution) fall back to the later path, for determinism.
+    order = sorted(runs, key=lambda r: (r.results.status == "complete", r.results.updated, str(r.path)), reverse=True)
+    for run in order:
         if run.seed in by_seed:
             dropped.append((run, by_seed[run.seed]))
         else:
