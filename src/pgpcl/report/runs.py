@@ -237,14 +237,14 @@ def group_runs(runs: Sequence[Run]) -> tuple[list[RunGroup], list[str]]:
     for key, members in by_key.items():
         kept, dropped = _latest_per_seed(members)
         notes.extend(f"seed {d.seed} repeats; used {k.path}, ignored {d.path}" for d, k in dropped)
-        group = RunGroup(key, kept)
-        done = sorted({tasks_done(r.results.acc["cil"]) for r in kept})
-        if len(done) > 1:  # only with include_incomplete: its final columns are of different tasks
-            notes.append(f"{group.label}: its runs stopped after different tasks ({', '.join(map(str, done))} of "
-                         f"{group.first.num_tasks}); its final numbers mix them")
-        groups.append(group)
+        groups.append(RunGroup(key, kept))
     _set_variants(groups)
     groups.sort(key=_sort_key)
+    for g in groups:
+        done = sorted({tasks_done(r.results.acc["cil"]) for r in g.runs})
+        if len(done) > 1:  # only with include_incomplete: its final columns are of different tasks
+            notes.append(f"{g.label}: its runs stopped after different tasks ({', '.join(map(str, done))} of "
+                         f"{g.first.num_tasks}); its final numbers mix them")
     return groups, notes
 
 
