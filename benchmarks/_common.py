@@ -13,10 +13,12 @@ import contextlib
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -47,14 +49,63 @@ TASK_CLASSES = [list(range(10 * t, 10 * t + 10)) for t in range(10)]
 # Set-up and machine record
 
 
+class ChildFailed(Exception):
+    """A child process of a benchmark exited non-zero; the message is one line."""
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """argparse type: an integer >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = int_at_least(1)
+nonneg_int = int_at_least(0)
+
+
+def comma_list(choices: Iterable[str]) -> Callable[[str], list[str]]:
+    """argparse type: a comma list whose every item is one of ``choices``."""
+    allowed = list(choices)
+
+    def parse(text: str) -> list[str]:
+        items = [v.strip() for v in text.split(",")]
+        bad = next((v for v in items if v not in allowed), None)
+        if bad is not None:
+            raise argparse.ArgumentTypeError(f"unknown {bad!r}; choose from {', '.join(allowed)} (comma list)")
+        return items
+
+    return parse
+
+
+def positive_ints(text: str) -> list[int]:
+    """argparse type: a comma list of integers >= 1; '' = none given (the script's default)."""
+    return [positive_int(v) for v in text.split(",")] if text else []
+
+
+def device_arg(text: str) -> str:
+    """argparse type: cpu, cuda or cuda:N."""
+    if re.fullmatch(r"cpu|cuda(:\d+)?", text) is None:
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
 def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads",
-        type=int,
+        type=nonneg_int,
         default=0,
         help="torch CPU threads; 0 = cores not busy at start (cores - round(1-min load)), at least 1",
     )
-    p.add_argument("--device", default="cpu", help="cpu or cuda (CUDA timings synchronise the device)")
+    p.add_argument("--device", type=device_arg, default="cpu",
+                   help="cpu, cuda or cuda:N (CUDA timings synchronise the device)")
     p.add_argument(
         "--clock",
         choices=["wall", "cpu"],
@@ -63,7 +114,73 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
         "processes on a shared machine; meaningful with --threads 1 only (spinning threads count too)",
     )
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/NAME.json)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonneg_int, default=0)
+
+
+def add_child_args(p: argparse.ArgumentParser, *, seed: bool = True) -> None:
+    """Common options of scripts that time ``pgpcl`` child processes: each given one becomes an
+    override of every child, and a left-out one stays the child's own default (recorded as null)."""
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="train.num_threads for every pgpcl run (default: the run's own, torch's default)")
+    p.add_argument("--device", default=None, help="train.device for every pgpcl run (default: the preset's)")
+    if seed:
+        p.add_argument("--seed", type=nonneg_int, default=None, help="seed= for every pgpcl run (default: the preset's)")
+    p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/NAME.json)")
+
+
+def child_overrides(args: argparse.Namespace) -> list[str]:
+    """The overrides that apply ``add_child_args``' options; they go last, so they win."""
+    out = []
+    if args.threads is not None:
+        out.append(f"train.num_threads={args.threads}")
+    if args.device is not None:
+        out.append(f"train.device={args.device}")
+    if getattr(args, "seed", None) is not None:
+        out.append(f"seed={args.seed}")
+    return out
+
+
+OWNED_KEYS = {"train.num_threads": "--threads", "train.device": "--device", "seed": "--seed"}
+
+
+def refuse_owned(p: argparse.ArgumentParser, overrides: list[str], args: argparse.Namespace | None = None) -> None:
+    """Refuse an override of a key a common option sets, which would make the JSON's option a claim the
+    run did not follow. ``args``: only the options given there (not None) own their keys."""
+    for text in overrides:
+        option = OWNED_KEYS.get(text.split("=", 1)[0].strip())
+        if option is not None and (args is None or getattr(args, option[2:], None) is not None):
+            p.error(f"override {text!r} sets what {option} sets; give it once, with {option}")
+
+
+def setup_children(args: argparse.Namespace) -> dict[str, Any]:
+    """Machine record for scripts that time child processes (this process sets nothing)."""
+    mach = machine(os.getloadavg())
+    mach["torch_threads"] = args.threads  # what the children were told; None = their default
+    return mach
+
+
+def check_presets(names: Iterable[str], overrides: list[str], need_pgp: bool = False) -> None:
+    """Load every preset with the overrides before any work, so that a bad name or override fails in
+    one line at the start rather than after earlier presets have run."""
+    from pgpcl.config import load_config
+    from pgpcl.errors import ConfigError
+
+    for name in names:
+        cfg = load_config(name, overrides)
+        if need_pgp and not cfg.pgp.enabled:
+            raise ConfigError(f"preset {name!r} has no PGP (pgp.enabled is false); choose a *_pgp preset")
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """Run a script's main; a user error (pgpcl's own, or a failing child) prints one line as argparse
+    does (``NAME.py: error: ...``), exit 2. Anything else is a bug and keeps its traceback."""
+    from pgpcl.errors import PgpclError
+
+    try:
+        main()
+    except (PgpclError, ChildFailed) as err:
+        print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 def auto_threads() -> int:
@@ -79,7 +196,9 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     args.threads = threads
     if args.clock == "cpu" and torch.device(args.device).type == "cuda":
-        raise SystemExit("--clock cpu measures host CPU time; use --clock wall with --device cuda")
+        print(f"{Path(sys.argv[0]).name}: error: --clock cpu measures host CPU time; use --clock wall with "
+              "--device cuda", file=sys.stderr)
+        sys.exit(2)
     set_clock(args.clock)
     return machine(load_before)
 
@@ -139,7 +258,8 @@ def finish(name: str, args: argparse.Namespace, mach: dict[str, Any], results: A
         "notes": notes,
     }
     out.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    print(f"\nmachine: {mach['cpu']} ({mach['cores']} cores, torch threads {mach['torch_threads']}), "
+    threads = mach["torch_threads"] if mach["torch_threads"] is not None else "each child's default"
+    print(f"\nmachine: {mach['cpu']} ({mach['cores']} cores, torch threads {threads}), "
           f"load avg before {mach['load_avg_before']} after {mach['load_avg_after']}")
     for n in notes:
         print(f"note: {n}")
@@ -233,12 +353,29 @@ def run_case_subprocess(script: Path, argv: list[str], timeout: float = 900) -> 
     """Run ``python script argv`` in a fresh interpreter; it prints one JSON line last."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(
-        [sys.executable, str(script), *argv], capture_output=True, text=True, timeout=timeout, env=env
-    )
+    what = f"{script.name} {' '.join(argv)}"
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(script), *argv], capture_output=True, text=True, timeout=timeout, env=env
+        )
+    except subprocess.TimeoutExpired:
+        raise ChildFailed(f"{what} ran past {timeout:.0f} s; try smaller settings") from None
     if proc.returncode != 0:
-        raise RuntimeError(f"{script.name} {' '.join(argv)} failed:\n{proc.stderr[-3000:]}")
+        raise child_failure(what, proc)
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def child_failure(what: str, proc: subprocess.CompletedProcess) -> ChildFailed:
+    """One line for a failed child: its last stderr line, which for pgpcl's CLI is its own one-line
+    error. A longer stderr (a traceback: a bug) is kept in a file, named in the line."""
+    lines = [ln.strip() for ln in (proc.stderr or "").splitlines() if ln.strip()]
+    msg = f"{what} failed (exit {proc.returncode}): {lines[-1] if lines else 'nothing on stderr'}"
+    if len(lines) > 1:
+        fd, path = tempfile.mkstemp(prefix="pgpcl-benchmark-", suffix=".stderr")
+        with os.fdopen(fd, "w") as f:
+            f.write(proc.stderr)
+        msg += f" (its whole stderr: {path})"
+    return ChildFailed(msg)
 
 
 def mib(n: float) -> float:

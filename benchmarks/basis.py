@@ -26,13 +26,18 @@ import torch
 
 from _common import (
     MODEL_LABEL,
+    MODELS,
     NUM_CLASSES,
     add_common_args,
     build_vit,
     clock,
+    comma_list,
     finish,
     pgpcl_method,
+    positive_int,
+    positive_ints,
     random_loader,
+    run_main,
     setup,
     sync,
     table,
@@ -107,25 +112,26 @@ def algebra(dim: int, samples: int, tokens: int, batch: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
-    p.add_argument("--models", default="s,b")
-    p.add_argument("--methods", default="l2p,dualprompt")
-    p.add_argument("--samples", default="", help="comma list; default per model: s 16,32,64; b 32; ti 64,128")
-    p.add_argument("--sample-batch", type=int, default=64, help="pgpcl pgp.sample_batch_size (default 64)")
-    p.add_argument("--ref-batch", type=int, default=1, help="reference images per forward (1 = per sample)")
+    p.add_argument("--models", type=comma_list(MODELS), default="s,b", help="comma list of ti, s, b")
+    p.add_argument("--methods", type=comma_list(["l2p", "dualprompt"]), default="l2p,dualprompt")
+    p.add_argument("--samples", type=positive_ints, default="",
+                   help="comma list; default per model: s 16,32,64; b 32; ti 64,128")
+    p.add_argument("--sample-batch", type=positive_int, default=64, help="pgpcl pgp.sample_batch_size (default 64)")
+    p.add_argument("--ref-batch", type=positive_int, default=1, help="reference images per forward (1 = per sample)")
     p.add_argument("--algebra", choices=["on", "off"], default="on")
     args = p.parse_args()
     mach = setup(args)
     device = torch.device(args.device)
     default_samples = {"ti": [64, 128], "s": [16, 32, 64], "b": [32]}
     results, rows = [], []
-    for size in args.models.split(","):
+    for size in args.models:
         vit = build_vit(size, device)
-        for name in args.methods.split(","):
+        for name in args.methods:
             torch.manual_seed(args.seed)
             method = pgpcl_method(name, vit).to(device)
             ref = build_reference(name, copy.deepcopy(vit), NUM_CLASSES).to(device)
             copy_trainables(ref, method)
-            counts = [int(s) for s in args.samples.split(",")] if args.samples else default_samples[size]
+            counts = args.samples or default_samples[size]
             for n in counts:
                 loader = random_loader(n, args.sample_batch, device, seed=args.seed)
                 # Alternate the order between sample counts so load drift does not favour one path.
@@ -174,4 +180,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -4,7 +4,7 @@ Runs one ``pgpcl demo --methods LEARNER`` per learner and setting (each with its
 every difference is paired by seed within one demo), then reads each demo's ``report/summary.json``.
 An accuracy sweep, not a timing: the numbers do not depend on the machine's load.
 
-    python benchmarks/eps_sweep.py                      # the five settings of the table, 3 seeds (~13 min)
+    python benchmarks/eps_sweep.py                      # the five settings of the table, 3 seeds (~20 min)
     python benchmarks/eps_sweep.py --settings 0.5:update --seeds 0
 """
 
@@ -16,10 +16,11 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+from _common import HERE, ROOT, child_failure, comma_list, nonneg_int, run_main
+
 # The eps each learner's protected prompts take (L2P's key eps stays at its preset's 0.97).
 EPS_KEY = {"l2p": "prompt", "dualprompt": "prefix"}
 DEFAULT_SETTINGS = "0.5:gradient,0.5:update,0.9:gradient,0.99:gradient,0.99:update"
@@ -36,7 +37,7 @@ def run_demo(cmd: list[str]) -> dict:
     env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd[2:])} failed:\n{proc.stderr[-2000:]}")
+        raise child_failure(" ".join(cmd[2:6]), proc)
     return json.loads((Path(cmd[cmd.index("--out") + 1]) / "report" / "summary.json").read_text())
 
 
@@ -67,26 +68,62 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def settings(text: str) -> list[tuple[str, str]]:
+    """argparse type: 'EPS:TARGET,...' with EPS in (0, 1] and TARGET gradient or update."""
+    out = []
+    for part in text.split(","):
+        eps, _, target = part.strip().partition(":")
+        try:
+            ok = 0 < float(eps) <= 1 and target in ("gradient", "update")
+        except ValueError:
+            ok = False
+        if not ok:
+            raise argparse.ArgumentTypeError(f"{part!r} is not EPS:TARGET with EPS in (0, 1] and TARGET gradient "
+                                             "or update, e.g. 0.5:update")
+        out.append((eps, target))
+    return out
+
+
+def seed(text: str) -> str:
+    return str(nonneg_int(text))  # kept as text: it goes on pgpcl demo's command line
+
+
+def out_path(text: str) -> Path:
+    """argparse type: the JSON path, its folder made now, so that a bad path fails before the sweep."""
+    out = Path(text)
+    if out.is_dir():
+        raise argparse.ArgumentTypeError(f"{out} is a folder; give a file path such as {out / 'eps_sweep.json'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise argparse.ArgumentTypeError(f"cannot create {out.parent} ({err.strerror}); choose another path") from None
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--settings", default=DEFAULT_SETTINGS, help="comma-separated EPS:TARGET pairs")
-    p.add_argument("--learners", default="l2p,dualprompt", help=f"from {', '.join(EPS_KEY)}")
-    p.add_argument("--seeds", nargs="+", default=["0", "1", "2"])
-    p.add_argument("--out", default=str(HERE / "results" / "eps_sweep.json"), help="JSON path")
+    p.add_argument("--settings", type=settings, default=DEFAULT_SETTINGS, help="comma-separated EPS:TARGET pairs")
+    p.add_argument("--learners", type=comma_list(EPS_KEY), default="l2p,dualprompt", help=f"from {', '.join(EPS_KEY)}")
+    p.add_argument("--seeds", type=seed, nargs="+", default=["0", "1", "2"])
+    default_out = HERE / "results" / "eps_sweep.json"
+    p.add_argument("--out", type=out_path, default=str(default_out),
+                   help=f"JSON path (default: {default_out.relative_to(ROOT)})")
     args = p.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for setting in args.settings.split(","):
-            eps, target = setting.split(":")
-            for learner in args.learners.split(","):
+        for eps, target in args.settings:
+            for learner in args.learners:
                 cmd = demo_command(learner, eps, target, Path(tmp) / f"{learner}_{eps}_{target}", args.seeds)
                 print(" ".join(["pgpcl", *cmd[3:]]).replace(tmp, "TMPDIR"), flush=True)
                 rows.append({"eps": eps, "target": target, **read_summary(run_demo(cmd), learner)})
     text = table(rows)
     print(text)
-    Path(args.out).write_text(json.dumps({"seeds": args.seeds, "rows": rows, "table": text}, indent=1) + "\n")
+    record = {"seeds": args.seeds, "rows": rows, "table": text,
+              "command": " ".join(["python benchmarks/eps_sweep.py", *sys.argv[1:]]),
+              "date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime())}
+    args.out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

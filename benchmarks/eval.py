@@ -24,13 +24,18 @@ import torch
 
 from _common import (
     MODEL_LABEL,
+    MODELS,
     NUM_CLASSES,
     add_common_args,
     build_vit,
+    comma_list,
     finish,
     interleaved,
     med,
+    nonneg_int,
     pgpcl_method,
+    positive_int,
+    run_main,
     setup,
     table,
 )
@@ -43,7 +48,8 @@ def run_one(name: str, size: str, vit, x, args, device) -> dict:
     torch.manual_seed(args.seed)
     method = pgpcl_method(name, vit).to(device).eval()
     ref = build_reference(name, copy.deepcopy(vit), NUM_CLASSES).to(device).eval()
-    diff = check_equivalence(ref, method, x[:2], torch.zeros(2, dtype=torch.long, device=device))
+    few = x[:2]  # the batch may be a single image
+    diff = check_equivalence(ref, method, few, torch.zeros(len(few), dtype=torch.long, device=device))
     ref.eval()
     method.eval()
 
@@ -91,21 +97,21 @@ def run_one(name: str, size: str, vit, x, args, device) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
-    p.add_argument("--models", default="ti,s,b")
-    p.add_argument("--methods", default="l2p,dualprompt")
-    p.add_argument("--batch", type=int, default=0, help=f"0 = per model {DEFAULT_BATCH}")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--models", type=comma_list(MODELS), default="ti,s,b", help="comma list of ti, s, b")
+    p.add_argument("--methods", type=comma_list(["l2p", "dualprompt"]), default="l2p,dualprompt")
+    p.add_argument("--batch", type=nonneg_int, default=0, help=f"0 = per model {DEFAULT_BATCH}")
+    p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--amp", choices=["none", "bf16"], default="none",
                    help="bf16: also time pgpcl and the reference under bf16 autocast")
     args = p.parse_args()
     mach = setup(args)
     device = torch.device(args.device)
     results, rows, bf16_rows = [], [], []
-    for size in args.models.split(","):
+    for size in args.models:
         b = args.batch or DEFAULT_BATCH[size]
         x = torch.rand(b, 3, 224, 224, generator=torch.Generator().manual_seed(args.seed)).to(device)
         vit = build_vit(size, device)
-        for name in args.methods.split(","):
+        for name in args.methods:
             r = run_one(name, size, vit, x, args, device)
             results.append(r)
             ips = r["images_per_s"]
@@ -127,4 +133,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

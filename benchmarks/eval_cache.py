@@ -15,7 +15,22 @@ from __future__ import annotations
 import argparse
 import tempfile
 
-from _common import add_common_args, finish, interleaved, med, setup, table
+from _common import (
+    add_common_args,
+    check_presets,
+    finish,
+    interleaved,
+    med,
+    positive_int,
+    run_main,
+    setup,
+    table,
+)
+
+
+def overrides(args: argparse.Namespace) -> list[str]:
+    # The Trainer seeds itself from the config, so --seed must reach it as seed=.
+    return ["train.progress=false", f"train.device={args.device}", f"seed={args.seed}"]
 
 
 def measure(preset: str, args: argparse.Namespace) -> dict:
@@ -23,7 +38,7 @@ def measure(preset: str, args: argparse.Namespace) -> dict:
     from pgpcl.engine.trainer import Trainer, evaluate_method
 
     with tempfile.TemporaryDirectory() as tmp:
-        tr = Trainer(load_config(preset, ["train.progress=false", f"train.device={args.device}"]), tmp)
+        tr = Trainer(load_config(preset, overrides(args)), tmp)
     method, sc, cfg, device = tr.method.eval(), tr.scenario, tr.cfg, tr.device
     last, cache = sc.num_tasks - 1, {}
 
@@ -50,11 +65,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
     p.add_argument("--presets", default="demo_l2p_pgp,demo_dualprompt_pgp")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=positive_int, default=5)
     args = p.parse_args()
+    presets = args.presets.split(",")
+    check_presets(presets, overrides(args))
     mach = setup(args)
     results, rows = [], []
-    for preset in args.presets.split(","):
+    for preset in presets:
         r = measure(preset, args)
         results.append(r)
         q = r["task_sets_queried_per_run"]
@@ -69,4 +86,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -42,14 +42,18 @@ import time
 import torch
 
 from _common import (
+    MODELS,
     add_common_args,
     build_vit,
     class_mask,
     clock,
+    comma_list,
     finish,
     interleaved,
     med,
     pgpcl_method,
+    positive_int,
+    run_main,
     setup,
     sync,
     table,
@@ -286,7 +290,8 @@ def _count_passes(name: str, rows: list) -> dict:
     vit.requires_grad_(False).eval()
     method = pgpcl_method(name, vit)
     counts = {"query": 0, "prompted": 0, "blocks": 0}
-    orig_q = method.backbone.query
+    # Every un-prompted pass goes through _query: query() and L2P's patch_tokens_and_query() alike.
+    orig_q = method.backbone._query
     orig_pff = method.backbone.forward_features
 
     def count_query(*a, **k):
@@ -300,7 +305,7 @@ def _count_passes(name: str, rows: list) -> dict:
     def count_block(*_):
         counts["blocks"] += 1
 
-    method.backbone.query = count_query
+    method.backbone._query = count_query
     method.backbone.forward_features = count_prompted
     for blk in vit.blocks:
         blk.norm1.register_forward_hook(count_block)
@@ -415,24 +420,25 @@ def loader(args, device) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
-    p.add_argument("--sections", default=",".join(SECTIONS))
-    p.add_argument("--model", default="s", help="ti, s or b (default s)")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--query-repeats", type=int, default=9)
-    p.add_argument("--bf16-batch", type=int, default=2)
-    p.add_argument("--bf16-repeats", type=int, default=2)
+    p.add_argument("--sections", type=comma_list(SECTIONS), default=",".join(SECTIONS),
+                   help=f"comma list of {', '.join(SECTIONS)} (default all)")
+    p.add_argument("--model", choices=list(MODELS), default="s", help="ti, s or b (default s)")
+    p.add_argument("--batch", type=positive_int, default=8)
+    p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--query-repeats", type=positive_int, default=9)
+    p.add_argument("--bf16-batch", type=positive_int, default=2)
+    p.add_argument("--bf16-repeats", type=positive_int, default=2)
     p.add_argument("--compile-cache", action="store_true",
                    help="let torch.compile reuse its on-disk cache (default: cold compile, caches disabled)")
-    p.add_argument("--loader-batch", type=int, default=16)
-    p.add_argument("--loader-images", type=int, default=480)
+    p.add_argument("--loader-batch", type=positive_int, default=16)
+    p.add_argument("--loader-images", type=positive_int, default=480)
     args = p.parse_args()
     mach = setup(args)
     device = torch.device(args.device)
     fns = {"profile": profile, "attention": attention, "attention_kernel": attention_kernel, "clip_bf16": clip_bf16, "bf16": bf16, "query": query, "query_cls": query_cls, "compile": compile_,
            "loader": loader}
     results = {}
-    for s in args.sections.split(","):
+    for s in args.sections:
         print(f"\n== {s} ==", flush=True)
         start = clock()
         results[s] = fns[s](args, device)
@@ -446,4 +452,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

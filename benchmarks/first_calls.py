@@ -14,6 +14,9 @@ times; the table gives medians over those processes.
   column-by-column loop, medians of many calls.
 
     python benchmarks/first_calls.py --threads 1
+
+Every part is timed with ``--clock`` (wall by default), in the fresh processes too. First calls here are
+CPU ones (LAPACK, page faults), so ``--device`` takes cpu only.
 """
 
 from __future__ import annotations
@@ -22,13 +25,28 @@ import argparse
 import json
 import resource
 import tempfile
-import time
 from pathlib import Path
 
-from _common import add_common_args, finish, med, run_case_subprocess, setup, table
+from _common import (
+    add_common_args,
+    check_presets,
+    clock,
+    finish,
+    med,
+    positive_int,
+    run_case_subprocess,
+    run_main,
+    setup,
+    table,
+)
 
 
-def case_basis(preset: str) -> dict:
+def basis_overrides(seed: int) -> list[str]:
+    # train.device=cpu: the presets' own "auto" would take a GPU where there is one.
+    return ["train.progress=false", "train.device=cpu", f"seed={seed}"]
+
+
+def case_basis(preset: str, seed: int) -> dict:
     import torch
 
     from pgpcl.config import load_config
@@ -37,21 +55,21 @@ def case_basis(preset: str) -> dict:
 
     parts: dict[str, list[float]] = {"reps": [], "update": [], "reps_faults": [], "update_faults": []}
     with tempfile.TemporaryDirectory() as tmp:
-        tr = Trainer(load_config(preset, ["train.progress=false"]), Path(tmp) / "run")
+        tr = Trainer(load_config(preset, basis_overrides(seed)), Path(tmp) / "run")
         method = tr.method
         reps, build = method.representations, PGP.build
 
         def timed_reps(*a, **k):
-            f, t = minor_faults(), time.perf_counter()
+            f, t = minor_faults(), clock()
             out = reps(*a, **k)
-            parts["reps"].append(time.perf_counter() - t)
+            parts["reps"].append(clock() - t)
             parts["reps_faults"].append(minor_faults() - f)
             return out
 
         def timed_build(self):
-            f, t = minor_faults(), time.perf_counter()
+            f, t = minor_faults(), clock()
             out = build(self)
-            parts["update"].append(time.perf_counter() - t)
+            parts["update"].append(clock() - t)
             parts["update_faults"].append(minor_faults() - f)
             return out
 
@@ -61,8 +79,9 @@ def case_basis(preset: str) -> dict:
         passes, faults = [], []
         with torch.no_grad():
             for _ in range(3):
-                f = minor_faults()
-                passes.append(tr._build_basis(0))
+                f, t = minor_faults(), clock()
+                tr._build_basis(0)
+                passes.append(clock() - t)
                 faults.append(minor_faults() - f)
     return {"pass_s": passes, "reps_s": parts["reps"], "update_s": parts["update"], "pass_faults": faults,
             "reps_faults": parts["reps_faults"], "update_faults": parts["update_faults"]}
@@ -84,14 +103,14 @@ def fault_cost_us() -> float:
     # memory that an earlier call left resident, and then faults nothing).
     region = mmap.mmap(-1, 8 << 20)
     t = torch.frombuffer(region, dtype=torch.float32)
-    f, start = minor_faults(), time.perf_counter()
+    f, start = minor_faults(), clock()
     t.fill_(1.0)
-    first, faults = time.perf_counter() - start, minor_faults() - f
+    first, faults = clock() - start, minor_faults() - f
     again = []
     for v in (2.0, 3.0, 4.0):
-        start = time.perf_counter()
+        start = clock()
         t.fill_(v)
-        again.append(time.perf_counter() - start)
+        again.append(clock() - start)
     del t
     region.close()
     if faults == 0:
@@ -109,15 +128,16 @@ def case_eigh() -> dict:
         a = a @ a.T
         times = []
         for _ in range(2):
-            t = time.perf_counter()
+            t = clock()
             torch.linalg.eigh(a)
-            times.append(time.perf_counter() - t)
+            times.append(clock() - t)
         out[str(d)] = times
     return out
 
 
-def fresh(argv: list[str], threads: int) -> dict:
-    return run_case_subprocess(Path(__file__), ["--threads", str(threads), *argv], timeout=600)
+def fresh(argv: list[str], args: argparse.Namespace) -> dict:
+    common = ["--threads", str(args.threads), "--clock", args.clock, "--seed", str(args.seed)]
+    return run_case_subprocess(Path(__file__), [*common, *argv], timeout=600)
 
 
 def update_times(calls: int) -> list[list]:
@@ -137,9 +157,9 @@ def update_times(calls: int) -> list[list]:
                 linalg.grow_basis(empty, gram, eps)
                 ts = []
                 for _ in range(calls):
-                    t = time.perf_counter()
+                    t = clock()
                     basis, _, _ = linalg.grow_basis(empty, gram, eps)
-                    ts.append(time.perf_counter() - t)
+                    ts.append(clock() - t)
                 res[name] = (med(ts), basis.shape[1])
             linalg._extend_block = block
             rows.append([d, eps, res["block"][1], 1e3 * res["loop"][0], 1e3 * res["block"][0]])
@@ -152,17 +172,21 @@ def main() -> None:
     p.add_argument("--case", choices=["basis", "eigh"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--preset", default=None, help=argparse.SUPPRESS)
     p.add_argument("--presets", default="tiny_l2p_pgp,tiny_dualprompt_pgp")
-    p.add_argument("--processes", type=int, default=5, help="fresh processes per first-call case")
+    p.add_argument("--processes", type=positive_int, default=5, help="fresh processes per first-call case")
     args = p.parse_args()
+    if args.device != "cpu":
+        p.error("first calls are measured on the CPU (LAPACK, page faults); drop --device or give --device cpu")
     mach = setup(args)
     if args.case is not None:
-        print(json.dumps(case_basis(args.preset) if args.case == "basis" else case_eigh()))
+        print(json.dumps(case_basis(args.preset, args.seed) if args.case == "basis" else case_eigh()))
         return
+    presets = args.presets.split(",")
+    check_presets(presets, basis_overrides(args.seed), need_pgp=True)
     ms = 1e3
     results: dict = {"basis": {}, "eigh": [], "update": None}
     rows = []
-    for preset in args.presets.split(","):
-        runs = [fresh(["--case", "basis", "--preset", preset], args.threads) for _ in range(args.processes)]
+    for preset in presets:
+        runs = [fresh(["--case", "basis", "--preset", preset], args) for _ in range(args.processes)]
         results["basis"][preset] = runs
         for key in ("pass", "reps", "update"):
             first = med(r[key + "_s"][0] for r in runs)
@@ -177,7 +201,7 @@ def main() -> None:
     results["fault_cost_us"] = cost
     print(f"one minor page fault costs {cost:.2f} us here (fresh 8 MB fill minus the fastest of three refills, median of "
           f"{args.processes})")
-    eigh = [fresh(["--case", "eigh"], args.threads) for _ in range(args.processes)]
+    eigh = [fresh(["--case", "eigh"], args) for _ in range(args.processes)]
     results["eigh"] = eigh
     erows = [[d, ms * med(r[d][0] for r in eigh), ms * med(r[d][1] for r in eigh)] for d in ("32", "96")]
     print(table(["D", "first eigh ms", "second eigh ms"], erows))
@@ -194,4 +218,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -14,7 +14,8 @@ backward; the same count for fp32 and bf16). The reference (two ViT copies, eage
 projection) runs the same cases unless ``--reference off``.
 
 Without a CUDA device it prints a message and exits with status 1 (``--allow-cpu`` runs a tiny
-smoke version on the CPU, to check the script itself).
+smoke version on the CPU, to check the script itself; its numbers mean nothing, so it needs an explicit
+``--out`` and never writes into benchmarks/results by default).
 """
 
 from __future__ import annotations
@@ -24,7 +25,20 @@ import sys
 
 import torch
 
-from _common import RESULTS, add_common_args, build_vit, finish, med, setup, table
+from _common import (
+    MODELS,
+    add_common_args,
+    build_vit,
+    clock,
+    comma_list,
+    finish,
+    med,
+    nonneg_int,
+    positive_int,
+    run_main,
+    setup,
+    table,
+)
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets, matched by substring of the
 # device name, most specific first. --peak-tflops overrides.
@@ -98,11 +112,9 @@ def run_case(impl: str, method: str, size: str, dtype: str, args, device) -> dic
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
         else:
-            import time
-
-            s = time.perf_counter()
+            s = clock()
             step()
-            times.append(time.perf_counter() - s)
+            times.append(clock() - s)
     peak_mem = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     step_s = med(times)
     return {
@@ -135,18 +147,21 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
     p.set_defaults(device="cuda")
-    p.add_argument("--model", default="b", help="ti, s or b (default b = ViT-B/16)")
-    p.add_argument("--methods", default="l2p,dualprompt")
-    p.add_argument("--dtypes", default="fp32,bf16")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--basis-samples", type=int, default=64)
+    p.add_argument("--model", choices=list(MODELS), default="b", help="ti, s or b (default b = ViT-B/16)")
+    p.add_argument("--methods", type=comma_list(["l2p", "dualprompt"]), default="l2p,dualprompt")
+    p.add_argument("--dtypes", type=comma_list(["fp32", "bf16"]), default="fp32,bf16")
+    p.add_argument("--batch", type=positive_int, default=64)
+    p.add_argument("--steps", type=positive_int, default=20)
+    p.add_argument("--warmup", type=nonneg_int, default=5)
+    p.add_argument("--basis-samples", type=positive_int, default=64)
     p.add_argument("--reference", choices=["on", "off"], default="on")
     p.add_argument("--peak-tflops", type=float, default=None, help="override the bf16 dense peak (TFLOP/s)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 for fp32 matmuls (default: full fp32)")
     p.add_argument("--allow-cpu", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.allow_cpu and args.out is None:
+        p.error("--allow-cpu is a smoke test whose numbers mean nothing; give --out (e.g. /tmp/gpu_cpu_smoke.json) "
+                "so that they stay out of benchmarks/results")
     if not torch.cuda.is_available() and not args.allow_cpu:
         print("benchmarks/gpu.py needs a CUDA GPU and none is visible (torch.cuda.is_available() is False); "
               "nothing was measured. Run it on a GPU machine: python benchmarks/gpu.py")
@@ -161,9 +176,9 @@ def main() -> None:
     peak = args.peak_tflops * 1e12 if args.peak_tflops else bf16_peak(name)
     results, rows = [], []
     impls = ["pgpcl", "reference"] if args.reference == "on" else ["pgpcl"]
-    for method in args.methods.split(","):
+    for method in args.methods:
         flops = model_flops(method, args.model, args, device)
-        for dtype in args.dtypes.split(","):
+        for dtype in args.dtypes:
             for impl in impls:
                 r = run_case(impl, method, args.model, dtype, args, device)
                 r["model_flops_per_step"] = flops
@@ -187,10 +202,8 @@ def main() -> None:
         "both implementations; counted_flops_per_step is what the counter saw on each path",
         f"fp32 matmuls {'TF32 allowed' if args.tf32 else 'in full fp32 (TF32 off)'}",
     ]
-    if args.allow_cpu:
-        args.out = args.out or str(RESULTS / "gpu_cpu_smoke.json")
     finish("gpu", args, {**mach, "gpu": name, "bf16_peak_flops": peak}, results, notes)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -17,18 +17,34 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from _common import add_common_args, clock, finish, med, setup, table
+from _common import (
+    add_common_args,
+    check_presets,
+    clock,
+    comma_list,
+    finish,
+    med,
+    refuse_owned,
+    run_main,
+    setup,
+    table,
+)
 
 DEFAULT = "demo_l2p_pgp,demo_dualprompt_pgp,demo_coda_prompt_pgp,demo_lora_pgp,demo_adapter_pgp,demo_prefix_pgp"
 
 
-def measure(preset: str, target: str, threads: int, extra: list[str]) -> dict:
+def overrides(args: argparse.Namespace, target: str) -> list[str]:
+    """The run's overrides; the common options go last, so that they are what the JSON says."""
+    return ["train.progress=false", f"pgp.target={target}", *args.overrides, f"train.num_threads={args.threads}",
+            f"train.device={args.device}", f"seed={args.seed}"]
+
+
+def measure(preset: str, target: str, args: argparse.Namespace) -> dict:
     from pgpcl.config import load_config
     from pgpcl.engine.trainer import Trainer
 
-    overrides = ["train.progress=false", f"pgp.target={target}", f"train.num_threads={threads}", *extra]
     with tempfile.TemporaryDirectory() as tmp:
-        tr = Trainer(load_config(preset, overrides), Path(tmp) / "run")
+        tr = Trainer(load_config(preset, overrides(args, target)), Path(tmp) / "run")
         hooks, steps, current = tr.pgp, [], {"hooks": 0.0}
 
         def timed(fn):
@@ -54,20 +70,24 @@ def measure(preset: str, target: str, threads: int, extra: list[str]) -> dict:
         tr.run_task(1)
         groups = len(hooks.pgp.groups)
     step_s, hook_s = med(s for s, _ in steps), med(h for _, h in steps)
-    return {"preset": preset, "target": target, "groups": groups, "steps": len(steps), "median_step_s": step_s,
-            "median_hooks_s": hook_s, "hooks_pct_of_step": 100 * med(h / s for s, h in steps)}
+    return {"preset": preset, "target": target, "overrides": overrides(args, target), "groups": groups,
+            "steps": len(steps), "median_step_s": step_s, "median_hooks_s": hook_s,
+            "hooks_pct_of_step": 100 * med(h / s for s, h in steps)}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
     p.add_argument("--presets", default=DEFAULT)
-    p.add_argument("--targets", default="gradient,update")
+    p.add_argument("--targets", type=comma_list(["gradient", "update"]), default="gradient,update")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides applied to every preset")
     args = p.parse_args()
-    mach = setup(args)
-    results = [measure(preset, target, args.threads, args.overrides)
-               for preset in args.presets.split(",") for target in args.targets.split(",")]
+    refuse_owned(p, args.overrides)
+    presets = args.presets.split(",")
+    mach = setup(args)  # first: it turns --threads 0 into the thread count the overrides pass on
+    for target in args.targets:
+        check_presets(presets, overrides(args, target), need_pgp=True)
+    results = [measure(preset, target, args) for preset in presets for target in args.targets]
     rows = [[r["preset"], r["target"], r["groups"], r["steps"], 1e3 * r["median_step_s"], 1e3 * r["median_hooks_s"],
              r["hooks_pct_of_step"]] for r in results]
     print(table(["preset", "target", "groups", "projected steps", "step ms (median)", "hooks ms (median)",
@@ -79,4 +99,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

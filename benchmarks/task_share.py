@@ -12,6 +12,10 @@ a CPU, so the last table is *computed* from per-image times measured by ``benchm
 
     python benchmarks/task_share.py                                  # tiny presets + demo presets
     python benchmarks/task_share.py --presets tiny_l2p_pgp --omp-threads 1
+
+``--threads``, ``--device`` and ``--seed`` reach every run as ``train.num_threads=``, ``train.device=``
+and ``seed=`` overrides; left out, each run keeps its preset's (and torch's default threads). The
+timings are the engine's wall clock, so there is no ``--clock``.
 """
 
 from __future__ import annotations
@@ -26,7 +30,21 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import RESULTS, ROOT, add_common_args, finish, setup, table
+from _common import (
+    RESULTS,
+    ROOT,
+    ChildFailed,
+    add_child_args,
+    check_presets,
+    child_failure,
+    child_overrides,
+    finish,
+    positive_int,
+    refuse_owned,
+    run_main,
+    setup_children,
+    table,
+)
 
 # Released 10-split CIFAR-100 ViT-B/16 configs (design note, section 4): 5000 train images per task.
 RELEASED = {
@@ -35,11 +53,40 @@ RELEASED = {
 }
 
 
-def run_preset(preset: str, overrides: list[str], omp_threads: int | None, src: Path = ROOT / "src") -> dict:
+def child_env(src: Path, omp_threads: int | None) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(src) + os.pathsep + env.get("PYTHONPATH", "")
     if omp_threads:
         env["OMP_NUM_THREADS"] = str(omp_threads)
+    return env
+
+
+def baseline_src(text: str) -> Path:
+    """argparse type: a folder that holds a pgpcl package."""
+    src = Path(text).expanduser().resolve()
+    if not (src / "pgpcl" / "__init__.py").is_file():
+        raise argparse.ArgumentTypeError(f"{src} holds no pgpcl/__init__.py; give the src folder of a pgpcl "
+                                         "checkout (e.g. /tmp/oldtree/src)")
+    return src
+
+
+def imported_from(src: Path, omp_threads: int | None) -> str:
+    """The pgpcl a child started like the timed ones imports; refuses one not from ``src``, since
+    otherwise an A/B would silently time the same code twice (PYTHONPATH falls through to an installed
+    pgpcl)."""
+    cmd = [sys.executable, "-c", "import pgpcl; print(pgpcl.__file__)"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(src, omp_threads))
+    if proc.returncode != 0:
+        raise child_failure(f"import pgpcl from {src}", proc)
+    found = Path(proc.stdout.strip()).resolve()
+    if not found.is_relative_to(src):
+        raise ChildFailed(f"a child with {src} first on PYTHONPATH imports pgpcl from {found}; run from a "
+                          "folder that holds no pgpcl package")
+    return str(found)
+
+
+def run_preset(preset: str, overrides: list[str], omp_threads: int | None, src: Path = ROOT / "src") -> dict:
+    env = child_env(src, omp_threads)
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pgpcl", "train", preset, "train.progress=false", *overrides,
                "--run-dir", str(Path(tmp) / "run"), "--overwrite"]
@@ -47,7 +94,7 @@ def run_preset(preset: str, overrides: list[str], omp_threads: int | None, src: 
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         wall = time.perf_counter() - start
         if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+            raise child_failure(f"pgpcl train {preset}", proc)
         res = json.loads((Path(tmp) / "run" / "results.json").read_text())
     timings = res["timings"]
     basis = sum(t["basis_s"] for t in timings)
@@ -115,45 +162,54 @@ def summarize(reps: list[dict]) -> tuple[dict, list]:
     return r, row
 
 
+def print_projected(projected: list[dict]) -> None:
+    if not projected:
+        return
+    print("\nreleased ViT-B/16 10-split CIFAR-100 task, COMPUTED from measured per-image times "
+          "(benchmarks/results/train.json, basis.json):")
+    prow = [[r["method"], r["steps_per_task"], r["train_s_computed"], r.get("basis_s_pgpcl"),
+             r.get("basis_pct_pgpcl"), r.get("basis_pct_reference")] for r in projected]
+    print(table(["method", "steps/task", "train s", "basis s", "basis % (pgpcl)", "basis % (ref)"], prow))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p)
+    add_child_args(p)
     p.add_argument("--presets", default="tiny_l2p_pgp,tiny_dualprompt_pgp,demo_l2p_pgp,demo_dualprompt_pgp")
-    p.add_argument("--repeats", type=int, default=1, help="runs per preset; the median run is reported")
-    p.add_argument("--omp-threads", type=int, default=None, help="OMP_NUM_THREADS for the runs (default: unset)")
-    p.add_argument("--baseline-src", type=Path, default=None,
+    p.add_argument("--repeats", type=positive_int, default=1, help="runs per preset; the median run is reported")
+    p.add_argument("--omp-threads", type=positive_int, default=None,
+                   help="OMP_NUM_THREADS for the runs (default: unset)")
+    p.add_argument("--baseline-src", type=baseline_src, default=None,
                    help="also run every repeat with the pgpcl sources in this folder (e.g. a `git worktree` of an "
                         "older commit), interleaved with this tree's, and report both: an A/B of two code "
                         "versions under the same machine load")
     p.add_argument("overrides", nargs="*", help="extra section.key=value overrides for every run")
     args = p.parse_args()
-    mach = setup(args)
+    refuse_owned(p, args.overrides, args)
+    presets = args.presets.split(",")
+    overrides = [*args.overrides, *child_overrides(args)]
+    check_presets(presets, overrides)
+    mach = setup_children(args)
     versions = {"this tree": ROOT / "src"}
     if args.baseline_src is not None:
-        versions = {"baseline": args.baseline_src.resolve(), **versions}
+        versions = {"baseline": args.baseline_src, **versions}
+    imported = {v: imported_from(src, args.omp_threads) for v, src in versions.items()}
     results, rows = [], []
-    for preset in args.presets.split(","):
+    for preset in presets:
         reps: dict[str, list[dict]] = {v: [] for v in versions}
         for _ in range(args.repeats):
             for version, src in versions.items():
-                reps[version].append(run_preset(preset, args.overrides, args.omp_threads, src))
+                reps[version].append(run_preset(preset, overrides, args.omp_threads, src))
         for version, runs in reps.items():
             r, row = summarize(runs)
-            results.append({**r, "sources": str(versions[version])})
+            results.append({**r, "sources": str(versions[version]), "pgpcl_imported_from": imported[version]})
             rows.append(row if len(versions) == 1 else [version, *row])
         print(f"done {preset}", flush=True)
     head = ["preset", "tasks", "train s", "basis s", "eval s", "setup s", "basis % of train (median run)",
             "range over runs", "per task % (medians)", "% of train minus checkpoints", "wall s"]
     print(table(head if len(versions) == 1 else ["sources", *head], rows))
     projected = projected_released()
-    if projected:
-        print("\nreleased ViT-B/16 10-split CIFAR-100 task, COMPUTED from measured per-image times "
-              "(benchmarks/results/train.json, basis.json):")
-        prow = []
-        for r in projected:
-            prow.append([r["method"], r["steps_per_task"], r["train_s_computed"],
-                         r.get("basis_s_pgpcl"), r.get("basis_pct_pgpcl"), r.get("basis_pct_reference")])
-        print(table(["method", "steps/task", "train s", "basis s", "basis % (pgpcl)", "basis % (ref)"], prow))
+    print_projected(projected)
     notes = [
         "basis % of train = sum of basis_s / sum of train_s over the run's tasks (results.json timings)",
         "per task % = each task's basis_s / train_s, the median over the runs",
@@ -165,4 +221,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

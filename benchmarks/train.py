@@ -12,9 +12,9 @@ Adam step. PGP is active as on a second task (a basis from a few random images).
   where the hardware has bf16 arithmetic (CPU: AVX512-BF16 or AMX);
 - PGP overhead: the time spent inside pgpcl's projection hooks, as % of the pgpcl + PGP step
   (measured directly; the difference of two noisy step medians is also reported);
-- peak memory (``--memory``): each case in a fresh interpreter; CPU: ru_maxrss after two steps minus
-  ru_maxrss before the model is built (weights + activations + optimizer state); CUDA:
-  torch.cuda.max_memory_allocated.
+- peak memory (``--memory``): each case in a fresh interpreter; CPU: the peak RSS (``VmHWM`` of
+  /proc/self/status) after two steps minus the RSS before the model is built (weights + activations +
+  optimizer state); CUDA: torch.cuda.max_memory_allocated.
 
     python benchmarks/train.py                       # default: Ti, S, B at 224 px, ~5 min on 2 cores
     python benchmarks/train.py --models s --repeats 7
@@ -35,11 +35,13 @@ import torch.nn.functional as F
 
 from _common import (
     MODEL_LABEL,
+    MODELS,
     NUM_CLASSES,
     add_common_args,
     build_vit,
     class_mask,
     clock,
+    comma_list,
     finish,
     interleaved,
     maxrss_bytes,
@@ -47,7 +49,9 @@ from _common import (
     mib,
     pgpcl_hooks,
     pgpcl_method,
+    positive_int,
     run_case_subprocess,
+    run_main,
     set_timm_fused,
     setup,
     spread,
@@ -60,15 +64,19 @@ LR = 0.03 * 16 / 256
 
 
 def parse_batch(spec: str) -> dict[str, int]:
-    """'' -> DEFAULT_BATCH; '8' -> 8 for every model; 'ti=16,s=8' -> per model (others default)."""
+    """argparse type: '' -> DEFAULT_BATCH; '8' -> 8 for every model; 'ti=16,s=8' -> per model (others
+    default)."""
     if not spec:
         return dict(DEFAULT_BATCH)
     if "=" not in spec:
-        return {k: int(spec) for k in DEFAULT_BATCH}
+        return {k: positive_int(spec) for k in DEFAULT_BATCH}
     out = dict(DEFAULT_BATCH)
     for part in spec.split(","):
-        k, v = part.split("=")
-        out[k.strip()] = int(v)
+        k, _, v = part.partition("=")
+        if k.strip() not in MODELS:
+            raise argparse.ArgumentTypeError(f"unknown model {k.strip()!r} in {part!r}; use ti, s or b, "
+                                             "e.g. ti=16,s=8")
+        out[k.strip()] = positive_int(v)
     return out
 
 
@@ -287,12 +295,12 @@ def main() -> None:
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
-    p.add_argument("--models", default="ti,s,b", help="comma list of ti, s, b")
-    p.add_argument("--methods", default="l2p,dualprompt")
-    p.add_argument("--batch", default="", help=f"one batch size for all models, or per model as "
-                   f"'ti=16,s=8,b=2'; default {DEFAULT_BATCH}")
-    p.add_argument("--repeats", type=int, default=3, help="timed steps per path (after 1 warm-up)")
-    p.add_argument("--basis-samples", type=int, default=8, help="random images behind the PGP basis")
+    p.add_argument("--models", type=comma_list(MODELS), default="ti,s,b", help="comma list of ti, s, b")
+    p.add_argument("--methods", type=comma_list(["l2p", "dualprompt"]), default="l2p,dualprompt")
+    p.add_argument("--batch", type=parse_batch, default="", help=f"one batch size for all models, or per "
+                   f"model as 'ti=16,s=8,b=2'; default {DEFAULT_BATCH}")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed steps per path (after 1 warm-up)")
+    p.add_argument("--basis-samples", type=positive_int, default=8, help="random images behind the PGP basis")
     p.add_argument("--memory", choices=["on", "off"], default="on")
     p.add_argument("--timing", choices=["on", "off"], default="on", help="off: memory cases only")
     p.add_argument("--amp", choices=["none", "bf16"], default="none",
@@ -300,12 +308,11 @@ def main() -> None:
     p.add_argument("--memory-pgp", choices=["pgp", "both"], default="pgp",
                    help="memory cases with PGP only (default) or with and without")
     args = p.parse_args()
-    args.batch = parse_batch(args.batch)
     mach = setup(args)
     device = torch.device(args.device)
     results, rows, mem_rows, bf16_rows = [], [], [], []
-    for size in args.models.split(","):
-        for method in args.methods.split(","):
+    for size in args.models:
+        for method in args.methods:
             if args.timing == "on":
                 r = run_model(method, size, args, device)
             else:
@@ -359,4 +366,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
