@@ -467,8 +467,9 @@ BLOCK_LISTS = [
     ("tiny_clip_adapter_pgp", "method.blocks=[]", "method.blocks must be distinct block indices"),
     ("tiny_clip_prefix_pgp", "method.layers=[0, 0]", "method.layers must be distinct block indices"),
     ("tiny_clip_prefix", "method.layers=[]", "method.layers must be distinct block indices"),
-    ("tiny_dualprompt_pgp", "method.e_layers=[]", "method.e_layers must be distinct block indices, at least one"),
+    ("tiny_dualprompt_pgp", "method.e_layers=[]", "method.e_layers must be distinct block indices, at least one, got []"),
     ("tiny_dualprompt", "method.g_layers=[1, 1]", "method.g_layers must be distinct block indices, got [1, 1]"),
+    ("tiny_coda_prompt_pgp", "method.layers=[]", "method.layers must be distinct block indices, at least one, got []"),
     ("tiny_clip_prefix", "method.layers=[5]", "method.layers: block 5 does not exist in a 2-block backbone; use 0..1"),
     ("tiny_clip_lora", "method.alpha=0", "method.alpha must be > 0"),
 ]
@@ -506,6 +507,21 @@ def test_a_damaged_run_config_yaml_names_the_file(area, tmp_path, capsys):
     text = cfg.read_text()
     cfg.write_text(text.replace("train:\n", "train:\n  foo: 1\n", 1))
     for command in (["eval"], ["train", "--resume"]):
-        fails(capsys, [*command, str(run)], f"{cfg}: unknown config key 'train.foo'", "restore the file")
+        fails(capsys, [*command, str(run)], f"{cfg}: unknown config key 'train.foo'")
     cfg.write_text(text + "seed: 3\n")  # a key given twice: yaml.safe_load kept the last one silently
     fails(capsys, ["eval", str(run)], f"{cfg} cannot be read", "'seed'")
+
+
+def test_a_torch_file_saved_without_checksums_still_loads(tmp_path):
+    """torch.serialization.set_crc32_options(False) writes CRC 0 for every entry; torch.load reads it."""
+    from pgpcl.io import safe_torch_load
+
+    path = tmp_path / "no_crc.pt"
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save({"w": torch.arange(6.0)}, path)
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert torch.equal(safe_torch_load(path)["w"], torch.arange(6.0))
+    flip_a_tensor_bit(path)  # without a checksum a changed byte cannot be told (as torch.load)
+    assert not torch.equal(safe_torch_load(path)["w"], torch.arange(6.0))

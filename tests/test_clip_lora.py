@@ -59,7 +59,10 @@ def test_lora_on_the_output_projection_is_not_bypassed():
         q, k, v = (h @ a.in_proj_weight.T + a.in_proj_bias).reshape(3, 5, 3, 2, 16).permute(2, 0, 3, 1, 4)
         o = torch.softmax(q @ k.transpose(-2, -1) / 4.0, -1).matmul(v).transpose(1, 2).reshape(3, 5, 32)
         expected = o @ (proj.base.weight + proj.scale * proj.lora_b @ proj.lora_a).T + proj.base.bias
+        proj.capture = True
         torch.testing.assert_close(blocks[0].attn(h, h, h)[0], expected, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(proj.captured, o, atol=1e-5, rtol=1e-4)  # PGP's rows: out_proj's inputs
+        proj.capture, proj.captured = False, None
         moved = visual(x)
         assert (moved - before).abs().max() > 1e-4
         add_clip_lora(blocks, [0], ["qkv"], rank=2, alpha=2.0)
@@ -79,7 +82,7 @@ def test_only_the_factors_and_the_current_context_train_and_bad_settings_are_rej
     names = {n.rsplit(".", 2)[-2] + "." + n.rsplit(".", 1)[-1] for n in method.image_parameters()}
     assert names == {"attn.lora_a", "attn.lora_b", "c_fc.lora_a", "c_fc.lora_b"}
     method = _trainer(tmp_path / "p", ["method.targets=[fc2, proj]"], "tiny_clip_lora").method
-    assert list(method.tuned) == ["b0.proj", "b0.fc2", "b1.proj", "b1.fc2"]
+    assert list(method.tuned) == ["b0.fc2", "b0.proj", "b1.fc2", "b1.proj"]  # as given: the draws' order
     method.begin_task(0)
     method.train()
     with torch.enable_grad():
@@ -102,12 +105,23 @@ def test_pgp_keeps_old_images_features_and_the_frozen_weights(tmp_path):
 
 
 def test_pgp_keeps_old_images_features_with_lora_on_the_output_projection_too(tmp_path):
-    """The attention's outputs span all 64 dims here, so at eps 1 PGP freezes the proj factors; qkv
-    (inputs after a LayerNorm: one direction left) still learns."""
+    """At eps 1 the attention's outputs span all 64 dims of the tiny tower, so PGP freezes the proj
+    factors there and qkv (inputs after a LayerNorm: one direction left) learns; at eps 0.9 the proj
+    factors learn too, and their real change over task 2 stays out of the old inputs' span."""
     targets = ["method.targets=[qkv, proj]"]
     rel_on, moved_on, _ = old_image_features_change(tmp_path / "on", True, "tiny_clip_lora_pgp", KINDS, targets)
     rel_off, _, _ = old_image_features_change(tmp_path / "off", False, "tiny_clip_lora", KINDS, targets)
     assert rel_on < 1e-5 and moved_on > 1e-3 and rel_off > 1e3 * rel_on
+    tr = _trainer(tmp_path / "eps", ["method.targets=[proj]", "pgp.eps={lora_a: 0.9, lora_b: 0.9}",
+                                     "train.optimizer=adam", "pgp.target=update", "train.lr=0.05"], "tiny_clip_lora_pgp")
+    proj = tr.method.tuned["b1.proj"]
+    tr.run_task(0)
+    before = proj.lora_a.detach().clone()
+    tr.run_task(1)
+    records = {p["group"]: p for p in tr.results.projection if p["task"] == 1}
+    a = records["b1.proj.A"]
+    assert 0 < a["rank"] < a["dim"] == 64 and a["leak"] < 1e-5, a
+    assert float((proj.lora_a.detach() - before).norm() / before.norm()) > 1e-3, "the proj factors did not learn"
 
 
 def test_killed_mid_task_resumes_exactly(tmp_path):

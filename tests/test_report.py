@@ -326,6 +326,8 @@ def test_published_numbers_beside_runs_of_the_published_experiment(tmp_path):
     changed = load_results_of(root / "vitb-0")
     changed.config["backbone"]["weights"] = "/data/vit_b16_in21k.npz"
     changed.config["data"]["root"] = "/elsewhere"
+    changed.config["train"]["eval_batch_size"] = 7  # a speed / memory setting
+    changed.config["pgp"]["sample_batch_size"] = 3
     assert published_for(changed).final_acc == 84.34
 
 
@@ -546,3 +548,12 @@ def test_empty_paths_are_refused_and_a_closed_pipe_is_quiet(runs, tmp_path, caps
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and "Traceback" not in err and "Exception ignored" not in err, err
+
+
+def test_a_report_from_before_file_lists_may_be_replaced_but_never_deletes_a_table(runs, tmp_path):
+    out = tmp_path / "rep"
+    report_runs(runs, out_dir=out, plots=False)  # table.txt
+    edit_json(out / "summary.json", lambda d: d.pop("files"))  # as written before summaries listed files
+    (out / "table.md").write_text("mine")
+    report_runs(runs, out_dir=out, plots=False)  # replaces that report's table.txt
+    assert (out / "table.md").read_text() == "mine" and (out / "table.txt").exists()

@@ -306,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pgpcl: error: {_rank_prefix()}{_one_line(e)}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader of stdout went away (pgpcl report | head -1): stop quietly
+        if args.debug or args.command in ("train", "demo", "pretrain"):
+            raise  # a closed pipe stopped training: say so, with where
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # so the flush at exit does not raise again
         return 141  # 128 + SIGPIPE, as a shell reports a command stopped by a closed pipe

@@ -95,7 +95,8 @@ def load_method_state(method: torch.nn.Module, state: dict, path: Path) -> None:
     """The checkpoint's trained parameters (``method``) and the method's other state (``method_extra``)
     into ``method``; CheckpointError naming the file if they do not fit the method the run's config
     builds."""
-    fix = "delete it to fall back to the previous checkpoint, or give the run folder it came from"
+    fix = ("delete it to fall back to the previous checkpoint, or give the run folder it came from (if every "
+           "checkpoint of the run says this, the pgpcl that wrote them reads them)")
     try:
         method.load_trainable_state_dict(state["method"])
     except CheckpointError as e:

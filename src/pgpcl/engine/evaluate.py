@@ -39,8 +39,7 @@ def load_run_config(run_dir: Path):
     try:
         return config_from_dict(raw)
     except ConfigError as e:
-        raise ConfigError(f"{Path(run_dir) / 'config.yaml'}: {e}; or restore the file from the run's results.json "
-                          "'config'") from None
+        raise ConfigError(f"{Path(run_dir) / 'config.yaml'}: {e}") from None
 
 
 def evaluate_run(run_dir: Path) -> list[str]:

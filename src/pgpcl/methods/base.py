@@ -141,13 +141,14 @@ def copy_trainable_state(own: dict[str, Tensor], state: dict[str, Tensor]) -> No
             p.copy_(state[n])
 
 
-def check_block_list(value: list[int] | None, key: str, *, empty_ok: bool = False) -> None:
-    """ConfigError unless ``value`` (``method.<key>``) is None (all blocks) or distinct block indices,
-    at least one unless ``empty_ok``. An empty list would leave the method nothing to train there."""
+def check_block_list(value: list[int] | None, key: str, *, empty_ok: bool = False, null_ok: bool = True) -> None:
+    """ConfigError unless ``value`` (``method.<key>``) is None (all blocks; where ``null_ok``) or distinct
+    block indices, at least one unless ``empty_ok``. An empty list would leave the method nothing to
+    train there."""
     from pgpcl.errors import ConfigError
 
     if value is None:
         return
     if (not value and not empty_ok) or len(set(value)) != len(value):
-        what = "distinct block indices" + ("" if empty_ok else ", at least one, or null for all")
-        raise ConfigError(f"method.{key} must be {what}, got {value}")
+        what = "distinct block indices" + ("" if empty_ok else ", at least one")
+        raise ConfigError(f"method.{key} must be {what}{', or null for all' if null_ok else ''}, got {value}")

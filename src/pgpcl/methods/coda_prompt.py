@@ -50,7 +50,7 @@ class CodaPrompt(PromptedViTMethod, Method):
         def validate(self) -> None:
             if min(self.pool_size, self.length) < 1:
                 raise ConfigError("method.pool_size and method.length must be >= 1")
-            check_block_list(self.layers, "layers")
+            check_block_list(self.layers, "layers", null_ok=False)
             if self.ortho_mu < 0:
                 raise ConfigError(f"method.ortho_mu must be >= 0, got {self.ortho_mu}")
 

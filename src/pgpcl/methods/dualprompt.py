@@ -55,8 +55,8 @@ class DualPrompt(PromptedViTMethod, Method):
         attention head, which keeps each head's logits rather than their sum (docs/pgp.md, section 14)."""
 
         def validate(self) -> None:
-            check_block_list(self.g_layers, "g_layers", empty_ok=True)
-            check_block_list(self.e_layers, "e_layers")
+            check_block_list(self.g_layers, "g_layers", empty_ok=True, null_ok=False)
+            check_block_list(self.e_layers, "e_layers", null_ok=False)
             if set(self.g_layers) & set(self.e_layers):
                 raise ConfigError("method.g_layers and method.e_layers overlap; give each layer one prompt")
             if self.top_k != 1:

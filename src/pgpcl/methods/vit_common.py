@@ -77,8 +77,8 @@ class TunedModulesPGP:
         indices = list(range(len(blocks))) if chosen is None else list(chosen)
         try:
             self.tuned = self.add_modules(blocks, indices, width)
-        except ValueError as e:
-            raise ConfigError(f"method.{key}: {e}") from None
+        except ValueError as e:  # about a block ("block 9 does not exist ...") names the key that chose it
+            raise ConfigError(f"method.{key}: {e}" if str(e).startswith("block ") else f"method: {e}") from None
 
     def captured_rows(self, name: str, module: nn.Module) -> dict[str, Tensor]:
         """PGP group name -> rows (B, T, D_group) from what ``module`` captured in the last forward."""

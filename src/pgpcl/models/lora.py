@@ -123,15 +123,14 @@ def add_clip_lora(
     blocks: Sequence[nn.Module], indices: Iterable[int], targets: Iterable[str], rank: int, alpha: float
 ) -> dict[str, nn.Module]:
     """LoRA on ``targets`` (of :data:`CLIP_TARGETS`) of each open_clip block of ``blocks`` in ``indices``;
-    returns {"b{i}.{target}": module}, each block's targets in :data:`CLIP_TARGETS` order."""
+    returns {"b{i}.{target}": module}, in the order given (the factors are drawn in it)."""
     targets = list(targets)
     for target in targets:
         if target not in CLIP_TARGETS:
             raise ValueError(f"unknown CLIP LoRA target '{target}'; choose from {', '.join(CLIP_TARGETS)}")
     added: dict[str, nn.Module] = {}
     for i, blk in chosen_blocks(blocks, indices):
-        # qkv first: LoRAAttention replaces the block's attention, and a proj LoRA lives inside it.
-        for target in sorted(targets, key=CLIP_TARGETS.index):
+        for target in targets:
             wrapped = _clip_lora_on(blk, target, rank, alpha)
             if wrapped is None:
                 raise ValueError(f"block {i} {target} has LoRA already")

@@ -36,7 +36,7 @@ def write_report_folder(out_dir: Path, write: Callable[[Path], list[str]]) -> li
         names = write(stage)
         owned = previous_files(out_dir)
         stale = owned - set(names)
-        _refuse_foreign(out_dir, names, owned)
+        _refuse_foreign(out_dir, names, owned | _fixed_names_of_old_report(out_dir))
         _move_in(stage, out_dir, names)
         for name in stale:
             (out_dir / name).unlink(missing_ok=True)
@@ -78,11 +78,21 @@ def _refuse_foreign(out_dir: Path, names: list[str], owned: set[str]) -> None:
 def _listed(d: dict[str, Any]) -> Iterable[Any]:
     if isinstance(d.get("files"), list):
         return d["files"]
-    # Summaries written before "files" existed name their plots only; the tables and the summary are
-    # the fixed names every report wrote.
+    # Summaries written before "files" existed name their plots only (and were themselves written).
     groups = d.get("groups") if isinstance(d.get("groups"), list) else []
     plots = [g.get("plots") for g in groups if isinstance(g, dict) and isinstance(g.get("plots"), list)]
-    return [name for names in plots for name in names] + [d.get("curves_plot"), SUMMARY, *TABLES]
+    return [name for names in plots for name in names] + [d.get("curves_plot"), SUMMARY]
+
+
+def _fixed_names_of_old_report(out_dir: Path) -> set[str]:
+    """The tables, when ``out_dir`` holds a report from before summaries listed their files: one of them
+    is that report's, so a new one may replace it; neither is deleted, since which one is not known."""
+    try:
+        d = json.loads((out_dir / SUMMARY).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    old = isinstance(d, dict) and "report_version" in d and not isinstance(d.get("files"), list)
+    return set(TABLES) if old else set()
 
 
 def _is_report_file(name: Any) -> bool:

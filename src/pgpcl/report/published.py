@@ -6,7 +6,9 @@ runs are that setting: the same dataset and number of tasks, method, PGP on or o
 and the unmodified ``vit_base_patch16_224`` with pretrained weights (no size overrides; from the hub,
 only the ImageNet-21k tags), and every other result-changing key as the released preset has it
 (``cifar100_10_l2p_pgp`` etc.: epochs, learning rate, class order, ``train.max_steps_per_task``, ...;
-only where the data and weights are read from may differ); anything else would compare different
+only where the data and weights are read from, and speed or memory settings such as batch sizes of
+evaluation and of the basis pass, compilation and the attention kernel, may differ); anything else would
+compare different
 experiments. The CLIP numbers are left out: the released code evaluated them
 with the true labels' task (docs/pgp.md, section 10), so they are not comparable to pgpcl's CIL.
 """
@@ -73,6 +75,9 @@ def published_for(r: Results) -> Published | None:
 
 _SOURCES = frozenset({"backbone.weights", "backbone.pretrained_tag", "data.root"})
 """Where the weights and the data are read from: checked above, or not part of the experiment."""
+_SPEED = frozenset({"train.eval_batch_size", "pgp.sample_batch_size", "backbone.compile", "backbone.compile_backend",
+                    "backbone.fused_attention", "train.deterministic"})
+"""Settings people change to fit memory or run faster: they change rounding, not the experiment."""
 
 
 @cache
@@ -95,7 +100,7 @@ def _first_change(r: Results, released: tuple[tuple[str, str], ...]) -> str | No
         return "no released preset"
     run, preset = flat_config(r), dict(released)
     for k in sorted(set(run) | set(preset)):
-        if k in IGNORED_KEYS or k in _SOURCES or (not r.pgp and k.startswith("pgp.")):
+        if k in IGNORED_KEYS or k in _SOURCES or k in _SPEED or (not r.pgp and k.startswith("pgp.")):
             continue
         if run.get(k) != preset.get(k):
             return k
