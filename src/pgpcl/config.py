@@ -472,7 +472,7 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+class UniqueKeyLoader(yaml.SafeLoader):
     """safe_load, except that a key given twice in one mapping is an error: YAML keeps the last silently."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -502,7 +502,7 @@ def read_yaml(path: Path) -> Any:
         reason = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else (e.strerror or type(e).__name__)
         raise ConfigError(f"config '{path}' cannot be read ({reason}); give a UTF-8 YAML file") from None
     try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)
+        return yaml.load(text, Loader=UniqueKeyLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"config '{path}' is not valid YAML ({_yaml_problem(e)}); fix that line") from None
 
@@ -578,8 +578,3 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config
 
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-
-
-def unique_key_loader() -> type[yaml.SafeLoader]:
-    """The safe YAML loader that refuses a key given twice in one mapping (``read_yaml``'s)."""
-    return _UniqueKeyLoader

@@ -91,6 +91,13 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
+def method_extra_state(method: torch.nn.Module) -> dict[str, Any]:
+    """The method's state that is not a parameter (buffers, extra state), as copies: ``method_extra``."""
+    params = {n for n, _ in method.named_parameters()}
+    return {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v)
+            for k, v in method.state_dict().items() if k not in params}
+
+
 def load_method_state(method: torch.nn.Module, state: dict, path: Path) -> None:
     """The checkpoint's trained parameters (``method``) and the method's other state (``method_extra``)
     into ``method``; CheckpointError naming the file if they do not fit the method the run's config
@@ -102,8 +109,7 @@ def load_method_state(method: torch.nn.Module, state: dict, path: Path) -> None:
     except CheckpointError as e:
         raise CheckpointError(f"checkpoint {path} does not fit the method the run's config builds ({e}); {fix}") from None
     extra = state.get("method_extra") or {}
-    params = {n for n, _ in method.named_parameters()}
-    own = {k: v for k, v in method.state_dict().items() if k not in params}
+    own = method_extra_state(method)
     for k, v in extra.items():
         ok = k in own and (not isinstance(own[k], torch.Tensor) or
                            (isinstance(v, torch.Tensor) and v.shape == own[k].shape))

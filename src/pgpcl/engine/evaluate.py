@@ -19,10 +19,10 @@ def load_run_config_raw(run_dir: Path) -> dict:
         raise PgpclError(f"{run_dir} does not exist; give the folder 'pgpcl train' wrote (RUN_DIR)")
     if not path.exists():
         raise PgpclError(f"{run_dir} is not a pgpcl run folder (no config.yaml); give the folder 'pgpcl train' wrote")
-    from pgpcl.config import unique_key_loader
+    from pgpcl.config import UniqueKeyLoader
 
     try:
-        raw = yaml.load(path.read_text(), Loader=unique_key_loader())  # a key given twice is refused
+        raw = yaml.load(path.read_text(), Loader=UniqueKeyLoader)  # a key given twice is refused
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{path} cannot be read ({first}); restore it from the run's results.json 'config'") from None
@@ -31,11 +31,12 @@ def load_run_config_raw(run_dir: Path) -> dict:
     return raw
 
 
-def load_run_config(run_dir: Path):
-    """The run's config from ``run_dir/config.yaml``; a ConfigError names that file."""
+def load_run_config(run_dir: Path, raw: dict | None = None):
+    """The run's config from ``run_dir/config.yaml`` (``raw``: that file's data, when already read); a
+    ConfigError names the file."""
     from pgpcl.config import config_from_dict
 
-    raw = load_run_config_raw(run_dir)
+    raw = load_run_config_raw(run_dir) if raw is None else raw
     try:
         return config_from_dict(raw)
     except ConfigError as e:

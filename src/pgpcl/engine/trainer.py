@@ -178,7 +178,7 @@ def resume_config(run_dir: Path, overrides: list[str] | None = None) -> Config:
     from pgpcl.engine.evaluate import load_run_config, load_run_config_raw
 
     raw = load_run_config_raw(run_dir)
-    stored = load_run_config(run_dir)
+    stored = load_run_config(run_dir, raw)
     if not overrides:
         return stored
     cfg = config_from_dict(apply_overrides(raw, list(overrides)))
@@ -386,11 +386,6 @@ class Trainer:
         self._start_task = task
         self._last_ckpt = (path, ckpt.describe(state, self.scenario.num_tasks))
         ckpt.restore_rng(state["rng"])  # last: building the model above drew from the generators
-
-    def _method_extra(self) -> dict:
-        params = {n for n, _ in self.method.named_parameters()}
-        return {k: (v.detach().clone() if isinstance(v, Tensor) else v)
-                for k, v in self.method.state_dict().items() if k not in params}
 
     # -- the loop ----------------------------------------------------------------------------------
     def run(self) -> Results:
@@ -736,7 +731,7 @@ class Trainer:
             "task": task,
             "position": position,
             "method": self.method.trainable_state_dict(),
-            "method_extra": self._method_extra(),
+            "method_extra": ckpt.method_extra_state(self.method),
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "pgp": self.pgp.state_dict() if self.pgp is not None else None,

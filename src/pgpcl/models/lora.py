@@ -68,8 +68,8 @@ class CLIPSelfAttention(nn.Module):
         super().__init__()
         check_clip_attention(attn, "LoRA")
         for name, p in attn.named_parameters():
-            if not isinstance(attn.out_proj, LoRALinear) or not name.startswith("out_proj.lora_"):
-                p.requires_grad_(False)  # the pretrained weights; a LoRA already on out_proj keeps training
+            if not name.startswith("out_proj.lora_"):  # the pretrained weights; a LoRA on out_proj keeps training
+                p.requires_grad_(False)
         self.attn = attn
 
     def packed_qkv(self, x: Tensor) -> Tensor:

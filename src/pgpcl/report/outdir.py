@@ -34,9 +34,10 @@ def write_report_folder(out_dir: Path, write: Callable[[Path], list[str]]) -> li
         out_dir.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=".pgpcl-report-", dir=out_dir))
         names = write(stage)
-        owned = previous_files(out_dir)
+        previous = _previous_summary(out_dir)
+        owned = _files_of(previous)
         stale = owned - set(names)
-        _refuse_foreign(out_dir, names, owned | _fixed_names_of_old_report(out_dir))
+        _refuse_foreign(out_dir, names, owned | _fixed_names_of_old_report(previous))
         _move_in(stage, out_dir, names)
         for name in stale:
             (out_dir / name).unlink(missing_ok=True)
@@ -55,16 +56,18 @@ def write_error(out_dir: Path, e: OSError) -> PgpclError:
                       "choose a writable folder with --out or free disk space")
 
 
-def previous_files(out_dir: Path) -> set[str]:
-    """Names of the files the report already in ``out_dir`` wrote, from its ``summary.json``; empty
-    when there is none or the file is not a pgpcl report summary."""
+def _previous_summary(out_dir: Path) -> dict[str, Any] | None:
+    """The ``summary.json`` of the report already in ``out_dir``, or None (none, or not a pgpcl one)."""
     try:
         d = json.loads((out_dir / SUMMARY).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return set()
-    if not isinstance(d, dict) or "report_version" not in d:
-        return set()
-    return {name for name in _listed(d) if _is_report_file(name)}
+        return None
+    return d if isinstance(d, dict) and "report_version" in d else None
+
+
+def _files_of(summary: dict[str, Any] | None) -> set[str]:
+    """Names of the files the report with ``summary`` wrote (empty for None)."""
+    return set() if summary is None else {name for name in _listed(summary) if _is_report_file(name)}
 
 
 def _refuse_foreign(out_dir: Path, names: list[str], owned: set[str]) -> None:
@@ -84,14 +87,10 @@ def _listed(d: dict[str, Any]) -> Iterable[Any]:
     return [name for names in plots for name in names] + [d.get("curves_plot"), SUMMARY]
 
 
-def _fixed_names_of_old_report(out_dir: Path) -> set[str]:
-    """The tables, when ``out_dir`` holds a report from before summaries listed their files: one of them
+def _fixed_names_of_old_report(summary: dict[str, Any] | None) -> set[str]:
+    """The tables, when ``summary`` is of a report from before summaries listed their files: one of them
     is that report's, so a new one may replace it; neither is deleted, since which one is not known."""
-    try:
-        d = json.loads((out_dir / SUMMARY).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return set()
-    old = isinstance(d, dict) and "report_version" in d and not isinstance(d.get("files"), list)
+    old = summary is not None and not isinstance(summary.get("files"), list)
     return set(TABLES) if old else set()
 
 

@@ -8,9 +8,8 @@ only the ImageNet-21k tags), and every other result-changing key as the released
 (``cifar100_10_l2p_pgp`` etc.: epochs, learning rate, class order, ``train.max_steps_per_task``, ...;
 only where the data and weights are read from, and speed or memory settings such as batch sizes of
 evaluation and of the basis pass, compilation and the attention kernel, may differ); anything else would
-compare different
-experiments. The CLIP numbers are left out: the released code evaluated them
-with the true labels' task (docs/pgp.md, section 10), so they are not comparable to pgpcl's CIL.
+compare different experiments. The CLIP numbers are left out: the released code evaluated them with the
+true labels' task (docs/pgp.md, section 10), so they are not comparable to pgpcl's CIL.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from functools import cache
 
 from pgpcl.config import with_defaults
 from pgpcl.engine.results import Results
-from pgpcl.report.runs import IGNORED_KEYS, flat_config, flatten_config
+from pgpcl.report.runs import flat_config, flatten_config, result_items
 
 SOURCE = "Qiao et al., ICLR 2024 (PGP): CIL, ViT-B/16 ImageNet-21k"
 
@@ -68,7 +67,7 @@ def published_for(r: Results) -> Published | None:
         return None  # other pretraining (e.g. fine-tuned on ImageNet-1k); a local file cannot be told apart
     key = (r.dataset, r.num_tasks, r.method, bool(r.pgp))
     found = PUBLISHED.get(key)
-    if found is None or _first_change(r, _released_config(key)) is not None:
+    if found is None or _first_change(r, dict(_released_config(key))) is not None:
         return None
     return Published(*found)
 
@@ -82,7 +81,8 @@ _SPEED = frozenset({"train.eval_batch_size", "pgp.sample_batch_size", "backbone.
 
 @cache
 def _released_config(key: tuple[str, int, str, bool]) -> tuple[tuple[str, str], ...]:
-    """The flattened config of the built-in full-size preset of the published experiment ``key``."""
+    """The result-changing entries of the flattened config of the built-in full-size preset of the
+    published experiment ``key`` (a CIL setting)."""
     from pgpcl.config import list_presets, load_config
 
     for name in list_presets():
@@ -90,18 +90,17 @@ def _released_config(key: tuple[str, int, str, bool]) -> tuple[tuple[str, str], 
             continue
         cfg = load_config(name)
         if (cfg.data.dataset, cfg.data.num_tasks, cfg.method.name, cfg.pgp.enabled) == key:
-            return tuple(sorted(flatten_config(with_defaults(cfg.to_dict())).items()))
+            flat = flatten_config(with_defaults(cfg.to_dict()))
+            return tuple(sorted(result_items(flat, cfg.pgp.enabled, "cil").items()))
     return ()
 
 
-def _first_change(r: Results, released: tuple[tuple[str, str], ...]) -> str | None:
+def _first_change(r: Results, released: dict[str, str]) -> str | None:
     """The first result-changing key in which run ``r`` differs from the released preset, or None."""
     if not released:
         return "no released preset"
-    run, preset = flat_config(r), dict(released)
-    for k in sorted(set(run) | set(preset)):
-        if k in IGNORED_KEYS or k in _SOURCES or k in _SPEED or (not r.pgp and k.startswith("pgp.")):
-            continue
-        if run.get(k) != preset.get(k):
+    run = result_items(flat_config(r), r.pgp, r.setting)
+    for k in sorted(set(run) | set(released)):
+        if k not in _SOURCES and k not in _SPEED and run.get(k) != released.get(k):
             return k
     return None

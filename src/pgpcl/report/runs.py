@@ -216,16 +216,16 @@ def _flatten(node: Any, prefix: str, out: dict[str, str]) -> None:
         out[prefix] = json.dumps(node, sort_keys=True)
 
 
+def result_items(flat: dict[str, str], pgp: bool, setting: str) -> dict[str, str]:
+    """The entries of a flattened config that can change a run's numbers: without seed and inert keys,
+    pgp.* only when ``pgp``, train.epochs not for online (one pass whatever it says)."""
+    inert = IGNORED_KEYS | ({"train.epochs"} if setting == "online" else set())
+    return {k: v for k, v in flat.items() if k not in inert and (pgp or not k.startswith("pgp."))}
+
+
 def group_key(r: Results, drop_pgp: bool = False) -> tuple:
     """Hashable identity of a run's configuration, without seed and inert keys."""
-    flat = flat_config(r)
-    pgp_inert = drop_pgp or not r.pgp
-    inert = IGNORED_KEYS | ({"train.epochs"} if r.setting == "online" else set())  # online: one pass
-    items = {
-        k: v for k, v in flat.items()
-        if k not in inert and not (pgp_inert and k.startswith("pgp."))
-    }
-    return tuple(sorted(items.items()))
+    return tuple(sorted(result_items(flat_config(r), r.pgp and not drop_pgp, r.setting).items()))
 
 
 def group_runs(runs: Sequence[Run]) -> tuple[list[RunGroup], list[str]]:
