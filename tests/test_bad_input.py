@@ -249,6 +249,58 @@ def test_a_bug_mid_run_keeps_its_traceback_and_marks_the_run_failed(tmp_path, mo
     assert results["acc"]["cil"][0][0] is not None  # the finished task is kept
 
 
+def test_a_model_too_large_for_memory_is_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    # 10**12 prompt tokens need 466 TiB, more than a 47-bit address space: refused at once, even where
+    # the kernel overcommits memory, so nothing is touched
+    fails(capsys, ["train", "tiny_l2p", *SMALL, "method.length=1000000000000", "--run-dir", str(run)],
+          "out of memory building the model (tried to allocate", "465.7 TiB on cpu", "method.length")
+    assert not run.exists()
+
+
+OOM_PHASES = [  # (where the allocation fails, the phase named, the size key offered)
+    ("train_step", "training", "train.batch_size"),
+    ("_build_basis", "the PGP basis pass", "pgp.sample_batch_size"),
+    ("evaluate", "evaluation", "train.eval_batch_size"),
+]
+
+
+@pytest.mark.parametrize(("attr", "phase", "key"), OOM_PHASES)
+def test_out_of_memory_mid_run_says_where_and_keeps_the_finished_task(tmp_path, capsys, monkeypatch,
+                                                                        attr, phase, key):
+    real = getattr(Trainer, attr)
+
+    def second_task_runs_out(self, *args, **kwargs):
+        task = kwargs.get("task", args[0] if attr != "train_step" else None)
+        if task == 1 or (attr == "evaluate" and args[0] == 1):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2048.00 MiB. GPU 0 has ...")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, attr, second_task_runs_out)
+    run = tmp_path / "run"
+    line = fails(capsys, ["train", "tiny_l2p_pgp", *SMALL, "--run-dir", str(run)],
+                 f"out of memory in task 2/2's {phase} (tried to allocate 2.0 GiB on cpu)",
+                 f"the last checkpoint is {run / 'checkpoints'}",
+                 f"continue with pgpcl train --resume {run}", f"or lower {key} and start again with --overwrite")
+    results = json.loads((run / "results.json").read_text())
+    assert results["status"] == "failed" and results["error"] == line.removeprefix("pgpcl: error: ")
+    assert results["acc"]["cil"][0][0] is not None
+    monkeypatch.setattr(Trainer, attr, real)  # memory freed: the run continues from its checkpoint
+    assert main(["train", "--resume", str(run)]) == 0
+    assert json.loads((run / "results.json").read_text())["status"] == "complete"
+
+
+def test_out_of_memory_outside_a_run_is_one_line(capsys, monkeypatch):
+    import pgpcl.cli as cli
+
+    def eval_runs_out(args):  # what torch's CPU allocator raises: a RuntimeError, not OutOfMemoryError
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 40000000000000 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(cli, "_cmd_eval", eval_runs_out)
+    fails(capsys, ["eval", "somewhere"], "out of memory (tried to allocate 36.4 TiB)", "lower the batch")
+
+
 # -- resume: the run folder is left as it was -----------------------------------------------------
 
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from pgpcl import __version__
-from pgpcl.errors import PgpclError
+from pgpcl.errors import PgpclError, allocation_failure, one_line
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     except PgpclError as e:
         if args.debug:
             raise
-        print(f"pgpcl: error: {_rank_prefix()}{_one_line(e)}", file=sys.stderr)
+        print(f"pgpcl: error: {_rank_prefix()}{one_line(e)}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader of stdout went away (pgpcl report | head -1): stop quietly
         if args.debug or args.command in ("train", "demo", "pretrain"):
@@ -321,6 +321,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"pgpcl: {e}", file=sys.stderr)
             return e.exit_code
         if isinstance(e, PeerFailed) and not args.debug:  # another torchrun process failed and said why
+            return 2
+        if allocation_failure(e) is not None and not args.debug:  # outside a run, which says more itself
+            print(f"pgpcl: error: {_rank_prefix()}out of memory ({allocation_failure(e)}); lower the batch "
+                  "or model sizes, or free memory", file=sys.stderr)
             return 2
         raise
     except KeyboardInterrupt:  # Ctrl+C outside training, whose own handler saves a checkpoint
@@ -345,17 +349,6 @@ def _exit_on_early_interrupt(signum: int, frame: object) -> None:
 
 
 _MAIN_PID = os.getpid()
-
-
-def _one_line(e: BaseException) -> str:
-    """A user error on one line: errors re-raised by DataLoader workers carry the worker's traceback,
-    whose last line holds the original message."""
-    text = str(e).strip()
-    if "\n" not in text:
-        return text
-    last = text.splitlines()[-1].strip()
-    head, sep, rest = last.partition(": ")
-    return rest if sep and head.split(".")[-1].endswith("Error") else last
 
 
 def _rank_prefix() -> str:

@@ -4,6 +4,8 @@ Anything a user can cause (bad config, missing data, corrupt files) raises :clas
 one-line message that names the problem and the fix. The CLI prints it without a traceback and exits 2.
 """
 
+import re
+
 
 class PgpclError(Exception):
     """An error caused by user input; its message is shown as is, on one line."""
@@ -19,3 +21,53 @@ class DataError(PgpclError):
 
 class CheckpointError(PgpclError):
     """Unreadable, corrupt or mismatched checkpoint or weights file."""
+
+
+def first_line(text: object, limit: int = 200) -> str:
+    """The first line of an exception's text, shortened to ``limit`` characters (messages stay on one line)."""
+    text = str(text).strip()
+    line = text.splitlines()[0] if text else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def one_line(e: BaseException) -> str:
+    """A user error's message on one line.
+
+    Errors re-raised by DataLoader workers carry the worker's traceback; its last line holds the original
+    message, after the exception's class name, which is dropped.
+    """
+    text = str(e).strip()
+    if "\n" not in text:
+        return text
+    last = text.splitlines()[-1].strip()
+    head, sep, rest = last.partition(": ")
+    return rest if sep and head.split(".")[-1].endswith("Error") else last
+
+
+class OutOfMemory(PgpclError):
+    """An allocation failed (host or device memory): the sizes asked for do not fit."""
+
+
+_ALLOC_PHRASES = ("can't allocate memory", "out of memory")
+_ASKED = re.compile(r"tried to allocate (\d+(?:\.\d+)?) ?(bytes|[KMGTP]iB)", re.IGNORECASE)
+_UNITS = ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+def allocation_failure(e: BaseException) -> str | None:
+    """What failed to be allocated ('tried to allocate 20.0 GiB'), when ``e`` is an out-of-memory error;
+    else None.
+
+    torch raises ``torch.OutOfMemoryError`` for device memory but a plain ``RuntimeError`` when the CPU
+    allocator fails, so the text is checked too; ``MemoryError`` is Python's own.
+    """
+    text = str(e)
+    if not (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
+            or (isinstance(e, RuntimeError) and any(p in text for p in _ALLOC_PHRASES))):
+        return None
+    asked = _ASKED.search(text)
+    if asked is None:
+        return first_line(text, 120) or type(e).__name__
+    size, unit = float(asked.group(1)), [u.lower() for u in _UNITS].index(asked.group(2).lower())
+    while size >= 1024 and unit < len(_UNITS) - 1:
+        size, unit = size / 1024, unit + 1
+    return f"tried to allocate {size:.1f} {_UNITS[unit]}" if unit else f"tried to allocate {int(size)} bytes"

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from pgpcl.errors import ConfigError
+from pgpcl.errors import ConfigError, one_line
 
 
 class PeerFailed(Exception):
@@ -338,19 +338,6 @@ def sharded_loader(
     return make_loader(dataset, seeded, data_cfg, seed)
 
 
-def one_line(e: BaseException) -> str:
-    """A user error's message on one line. Errors re-raised by DataLoader workers carry the worker's
-    traceback; their last line holds the original message."""
-    text = str(e).strip()
-    if "\n" not in text:
-        return text
-    last = text.splitlines()[-1].strip()
-    head, sep, rest = last.partition(": ")
-    if sep and head.split(".")[-1].endswith("Error"):
-        return rest
-    return last
-
-
 __all__ = [
     "DistContext",
     "EpochPlan",
@@ -360,7 +347,6 @@ __all__ = [
     "init_distributed",
     "launched_world_size",
     "make_loader",
-    "one_line",
     "shard_batches",
     "sharded_loader",
 ]

@@ -41,13 +41,12 @@ from pgpcl.engine.distributed import (
     already_agreed,
     derive_seed,
     init_distributed,
-    one_line,
     sharded_loader,
 )
 from pgpcl.engine.results import Results, now_iso, write_results
 from pgpcl.engine.rundir import check_run_dir, lock_run_dir, prepare_run_dir, unlock_run_dir
 from pgpcl.engine.seed import bf16_cpu_warning, seed_everything
-from pgpcl.errors import ConfigError, DataError, PgpclError
+from pgpcl.errors import ConfigError, DataError, OutOfMemory, PgpclError, allocation_failure, one_line
 from pgpcl.io import atomic_write_text
 
 TEST_HOOK_ENV = "PGPCL_TEST_HOOK"
@@ -226,6 +225,7 @@ class Trainer:
         self._pending: dict | None = None
         self._start_task = 0
         self._last_ckpt: tuple[Path, str] | None = None
+        self._phase: tuple[str, str] = ("set-up", "train.eval_batch_size")  # what runs now; its size key
         self._ddp = None
         self.tb = None
         self._eval_queries: dict[tuple[int, int], Tensor] = {}  # evaluate_method's query_cache, per run
@@ -253,6 +253,12 @@ class Trainer:
             if already_agreed(e):
                 raise
             error = e
+        except Exception as e:  # a model too large for the device: one line, on every rank
+            if allocation_failure(e) is None:
+                raise
+            error = OutOfMemory(f"out of memory building the model ({allocation_failure(e)} on {self.device}); "
+                                "lower the method's sizes (e.g. method.pool_size, method.length) or the "
+                                "backbone's, or use a device with more memory")
         self.dist.agree(error)
         self.dist.agree(self._differs_from_rank_0())
         error = None
@@ -411,8 +417,11 @@ class Trainer:
         except Interrupted:  # Ctrl+C / SIGTERM: progress is saved and the run stays resumable
             raise
         except Exception as e:  # user errors, a peer's failure, and bugs (which keep their traceback)
-            self._fail(e)
-            raise
+            err = self._out_of_memory(e)
+            self._fail(err or e)
+            if err is None:
+                raise
+            raise err from None
         finally:
             self._signals.restore()
             if self.is_main:
@@ -464,19 +473,23 @@ class Trainer:
             timing = {"task": task, "basis_s": 0.0, "train_s": 0.0, "steps": 0, "images": 0}
             method.begin_task(task)
             if self.pgp is not None and method.basis_timing == "task_start":
+                self._set_phase(task, "the PGP basis pass", "pgp.sample_batch_size")
                 timing["basis_s"] += self._build_basis(task)
             if self.pgp is not None:
                 self.pgp.begin_task(task)
         else:
             timing = pending["timing"]
         timing["setup_s"] = float(timing.get("setup_s", 0.0)) + setup_s
+        self._set_phase(task, "training", "train.batch_size")
         self.train_task(task, timing, pending)
         if self.pgp is not None:
             for group, rec in self.pgp.end_task(task).items():
                 self.results.add_projection(task, group, rec["rank"], rec["dim"], rec["leak"])
         if self.pgp is not None and method.basis_timing == "task_end":
+            self._set_phase(task, "the PGP basis pass", "pgp.sample_batch_size")
             timing["basis_s"] += self._build_basis(task)
         method.end_task(task)
+        self._set_phase(task, "evaluation", "train.eval_batch_size")
         start = time.perf_counter()
         ev = self.evaluate(task)
         timing["eval_s"] = time.perf_counter() - start
@@ -485,6 +498,9 @@ class Trainer:
         self._save_task_checkpoint(task)
         self._write()
         self.hooks.fire(f"task_end:{task}")
+
+    def _set_phase(self, task: int, phase: str, size_key: str) -> None:
+        self._phase = (f"task {task + 1}/{self.scenario.num_tasks}'s {phase}", size_key)
 
     def _build_basis(self, task: int) -> float:
         from pgpcl.engine.pgp_hooks import BasisInterrupted
@@ -707,6 +723,17 @@ class Trainer:
         raise Interrupted(
             self._signum(),
             f"interrupted {during}; {self._last_checkpoint_text()}; continue with: {self._resume_command()}",
+        )
+
+    def _out_of_memory(self, e: BaseException) -> OutOfMemory | None:
+        """``e`` as a one-line error that says what to change, when it is an allocation failure."""
+        asked = allocation_failure(e)
+        if asked is None:
+            return None
+        phase, size_key = self._phase
+        return OutOfMemory(
+            f"out of memory in {phase} ({asked} on {self.device}); {self._last_checkpoint_text()}; free memory "
+            f"and continue with {self._resume_command()}, or lower {size_key} and start again with --overwrite"
         )
 
     def _nonfinite_error(self, task: int | None, step: int | None, what: str) -> PgpclError:

@@ -26,12 +26,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pgpcl.config import BackboneConfig
-from pgpcl.errors import ConfigError
+from pgpcl.errors import ConfigError, first_line
 from pgpcl.models.attention import attention_weights, plain_product, plain_product_preferred
 from pgpcl.models.frozen import train_keeping_frozen
 from pgpcl.models.weights import (
     WeightsInfo,
-    _one_line,
     fetch_hub_weights,
     load_weights_file,
     resolve_builtin,
@@ -77,7 +76,7 @@ def _create(arch: str, kwargs: dict[str, Any], init: bool = True) -> VisionTrans
         if extra:  # a non-ViT arch may refuse weight_init: retry plainly for the accurate error
             return _create(arch, kwargs)
         raise ConfigError(
-            f"backbone '{arch}' cannot be built with {kwargs} ({type(e).__name__}: {_one_line(e, 120)}); "
+            f"backbone '{arch}' cannot be built with {kwargs} ({type(e).__name__}: {first_line(e, 120)}); "
             "fix backbone.embed_dim/num_heads/img_size/patch_size"
         ) from e
     if extra and set(dict(model.named_buffers())) - set(model.state_dict()):
