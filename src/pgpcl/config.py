@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import re
 import types
 import typing
@@ -198,6 +199,28 @@ RESULT_NEUTRAL_KEYS = frozenset(
 ``--resume``, and ``pgpcl report`` groups runs that differ only in them."""
 
 
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    # pgp.eps stays one value: a kind set in one config and left to the method's default in the other
+    # is one difference, shown as the two mappings
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k != "eps":
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_difference(a: dict, b: dict, ignore=RESULT_NEUTRAL_KEYS) -> tuple[str, Any, Any] | None:
+    """First (key, a's value, b's value) where two ``Config.to_dict()`` differ, outside ``ignore``."""
+    fa, fb = (_flatten(json.loads(json.dumps(x))) for x in (a, b))
+    for key in sorted(set(fa) | set(fb)):
+        if key not in ignore and fa.get(key) != fb.get(key):
+            return key, fa.get(key), fb.get(key)
+    return None
+
+
 def with_defaults(config: dict[str, Any]) -> dict[str, Any]:
     """A stored ``Config.to_dict()`` laid over today's defaults, the method's own too when it is
     registered: a key added to pgpcl after a results file was written reads as its default, which by
@@ -320,10 +343,7 @@ def _build_method(raw: Any) -> MethodConfig:
     name = raw.pop("name", MethodConfig.name)
     if not isinstance(name, str):
         raise ConfigError(f"config key 'method.name' must be a string, got {name!r}")
-    try:
-        params_cls = METHODS.get(name).Params
-    except ConfigError as e:
-        raise ConfigError(f"{e}; for a method of your own, list its module under imports") from None
+    params_cls = METHODS.get(name).Params
     return MethodConfig(name=name, params=build_dataclass(params_cls, raw, "method"))
 
 
@@ -337,6 +357,42 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     return cfg
 
 
+def checked_config(cfg: Config) -> Config:
+    """``cfg`` checked as if it had been read from YAML: a Config built or changed in Python gets the same
+    type, range and unknown-key checks (an attribute set on a section that is not one of its keys is
+    refused); returns the checked copy. ``method.params=None`` means the method's defaults."""
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"expected a pgpcl Config, got {type(cfg).__name__}; build one with load_config(...)")
+    raw = _as_raw(cfg)
+    method = raw["method"]
+    params = cfg.method.params if isinstance(cfg.method, MethodConfig) else None
+    if params is not None and isinstance(method.get("name"), str):
+        import_modules(cfg.imports if isinstance(cfg.imports, list) else [])
+        from pgpcl.methods import METHODS
+
+        expected = METHODS.get(method["name"]).Params if method["name"] in METHODS else None
+        if expected is not None and type(params) is not expected:
+            raise ConfigError(
+                f"method.params is a {type(params).__qualname__} but method.name is '{method['name']}'; set "
+                f"method.params to METHODS.get('{method['name']}').Params(...), or to None for its defaults"
+            )
+    return config_from_dict(raw)
+
+
+def _as_raw(obj: Any) -> Any:
+    """A config object as the plain data YAML would give, extra attributes included (so they can be
+    refused by name); the method section is flattened as in config.yaml."""
+    if isinstance(obj, MethodConfig):
+        return {"name": obj.name, **(_as_raw(obj.params) if obj.params is not None else {})}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {k: _as_raw(v) for k, v in vars(obj).items()}
+    if isinstance(obj, dict):
+        return {k: _as_raw(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_as_raw(v) for v in obj]
+    return obj
+
+
 def import_modules(names: list[str]) -> None:
     """Import every module of ``imports`` (already imported ones are not run again)."""
     import importlib
@@ -345,6 +401,10 @@ def import_modules(names: list[str]) -> None:
         try:
             importlib.import_module(name)
         except ImportError as e:
+            missing = getattr(e, "name", None)
+            if missing and name != missing and not name.startswith(missing + "."):  # found, but it needs more
+                raise ConfigError(f"imports: '{name}' was found but importing it failed ({e}); install what it "
+                                  "needs") from None
             raise ConfigError(
                 f"imports: cannot import '{name}' ({e}); install it or put its folder on PYTHONPATH"
             ) from None
@@ -573,6 +633,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config:
     """Load a preset name or YAML path, apply ``key=value`` overrides, and validate."""
+    if isinstance(overrides, str):
+        raise ConfigError(f"overrides must be a list of key=value strings, got the string {overrides!r}; "
+                          f"write [{overrides!r}]")
     return config_from_dict(apply_overrides(load_raw(name_or_path), list(overrides or [])))
 
 

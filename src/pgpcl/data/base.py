@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from pgpcl.errors import DataError
+from pgpcl.errors import DataError, first_line
 from pgpcl.registry import Registry
 
 Reader = Callable[[str | None, bool], "DatasetSplits"]
@@ -23,6 +23,45 @@ DATASETS: Registry[Reader] = Registry("dataset")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 DATA_ROOT_ENV = "PGPCL_DATA_ROOT"
+
+
+class MalformedSplit(DataError):
+    """A reader returned data that breaks the :class:`DatasetSplit` contract (a reader bug)."""
+
+
+def _labels(values: Any, what: str) -> np.ndarray:
+    """int64 (N,) from ``values``: whole numbers >= 0 (floats such as 2.0 are taken, 2.7 is refused)."""
+    arr = np.asarray(values)
+    if arr.ndim != 1:
+        raise MalformedSplit(f"{what} must be one label per image, shape (N,), got shape {arr.shape}")
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr) & (arr == np.round(arr))):
+        bad = arr[~(np.isfinite(arr) & (arr == np.round(arr)))][0]
+        raise MalformedSplit(f"{what} must be whole numbers, got {bad}; give integer labels")
+    if arr.dtype.kind not in "iuf":
+        raise MalformedSplit(f"{what} must be integers, got {arr.dtype} values; give integer labels")
+    arr = arr.astype(np.int64)
+    if arr.size and arr.min() < 0:
+        raise MalformedSplit(f"{what} must be >= 0, got {int(arr.min())}; number them from 0")
+    return arr
+
+
+def _images(images: Any) -> np.ndarray:
+    """uint8 (N, H, W) or (N, H, W, 3) from ``images`` (numpy or CPU torch arrays), or why not."""
+    img = np.asarray(images)
+    shape = tuple(img.shape)
+    if img.ndim == 4 and img.shape[1] in (1, 3) and img.shape[-1] not in (1, 3):
+        raise MalformedSplit(f"images must be channels-last (N,H,W) or (N,H,W,3), got shape {shape}; "
+                             "give images.transpose(0, 2, 3, 1) (and drop a single channel)")
+    if img.ndim == 4 and img.shape[-1] == 1:
+        raise MalformedSplit(f"gray images must be (N,H,W), got shape {shape}; give images[..., 0]")
+    if img.ndim == 4 and img.shape[-1] == 4:
+        raise MalformedSplit(f"images must be gray or RGB, got 4 channels {shape}; drop alpha: images[..., :3]")
+    if not (img.ndim == 3 or (img.ndim == 4 and img.shape[-1] == 3)):
+        raise MalformedSplit(f"images must be uint8 (N,H,W) or (N,H,W,3), got shape {shape}")
+    if img.dtype != np.uint8:
+        raise MalformedSplit(f"images must be uint8 0..255, got {img.dtype}; convert them, e.g. "
+                             "(x * 255).round().astype(np.uint8) for floats in 0..1")
+    return img
 
 
 @dataclass(eq=False)
@@ -44,21 +83,19 @@ class DatasetSplit:
 
     def __post_init__(self) -> None:
         if (self.images is None) == (self.paths is None):
-            raise ValueError("DatasetSplit needs exactly one of images / paths")
-        self.targets = np.asarray(self.targets, dtype=np.int64)
+            raise MalformedSplit("a DatasetSplit needs exactly one of images / paths")
+        self.targets = _labels(self.targets, "targets")
         n = len(self.targets)
         if self.images is not None:
-            img = self.images
-            if img.dtype != np.uint8 or not (img.ndim == 3 or (img.ndim == 4 and img.shape[-1] == 3)):
-                raise ValueError(f"images must be uint8 (N,H,W) or (N,H,W,3), got {img.dtype} {img.shape}")
-            if len(img) != n:
-                raise ValueError(f"{len(img)} images but {n} targets")
+            self.images = _images(self.images)
+            if len(self.images) != n:
+                raise MalformedSplit(f"{len(self.images)} images but {n} targets; give one label per image")
         elif len(self.paths) != n:
-            raise ValueError(f"{len(self.paths)} paths but {n} targets")
+            raise MalformedSplit(f"{len(self.paths)} paths but {n} targets; give one label per image")
         if self.domains is not None:
-            self.domains = np.asarray(self.domains, dtype=np.int64)
+            self.domains = _labels(self.domains, "domains")
             if len(self.domains) != n:
-                raise ValueError(f"{len(self.domains)} domain labels but {n} targets")
+                raise MalformedSplit(f"{len(self.domains)} domain labels but {n} targets; give one per image")
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -79,17 +116,38 @@ class DatasetSplits:
         return len(self.class_names)
 
     def check(self) -> DatasetSplits:
-        """Raise DataError if labels fall outside the class list (a reader or file bug)."""
+        """Raise DataError if names or labels do not fit together (a reader or file bug)."""
+        if not (isinstance(self.class_names, (list, tuple)) and all(isinstance(c, str) for c in self.class_names)):
+            raise MalformedSplit(f"{self.name}: class_names must be a list of strings, one per class")
         for role, split in (("train", self.train), ("test", self.test)):
             if len(split) == 0:
                 raise DataError(f"{self.name}: the {role} split is empty; check the dataset files")
             lo, hi = int(split.targets.min()), int(split.targets.max())
             if lo < 0 or hi >= self.num_classes:
                 raise DataError(
-                    f"{self.name}: {role} labels span {lo}..{hi} but there are {self.num_classes} classes; "
+                    f"{self.name}: {role} labels span {lo}..{hi} but there are {self.num_classes} class names; "
                     "the label files are inconsistent, re-extract the dataset"
                 )
+        self._check_domains()
         return self
+
+    def _check_domains(self) -> None:
+        tr, te = self.train.domains, self.test.domains
+        if (tr is None) != (te is None):
+            has = "train" if te is None else "test"
+            raise MalformedSplit(f"{self.name}: only the {has} split has domain labels; give both splits domains "
+                                 "or neither")
+        if tr is None:
+            return
+        count = len(self.domain_names) if self.domain_names is not None else int(max(tr.max(), te.max())) + 1
+        for role, ids in (("train", tr), ("test", te)):
+            found = np.unique(ids).tolist()
+            if found != list(range(count)):
+                names = f"{count} domain names" if self.domain_names is not None else f"domains up to {count - 1}"
+                raise MalformedSplit(
+                    f"{self.name}: {role} domain labels are {found} for {names}; number the domains 0..K-1 "
+                    "with images of every domain in both splits (and one domain name each)"
+                )
 
 
 def default_root() -> Path:
@@ -144,5 +202,20 @@ def load_dataset(data_cfg: Any) -> DatasetSplits:
 
 
 def read_dataset(name: str, root: str | None, download: bool = False) -> DatasetSplits:
+    """The dataset ``name`` read by its registered reader, its contract checked. A reader reports missing
+    or bad files with a DataError (one line naming the file and the fix); a FileNotFoundError it lets
+    escape is reported the same way."""
     reader = DATASETS.get(name)
-    return reader(root, download).check()
+    try:
+        data = reader(root, download)
+    except MalformedSplit as e:
+        raise MalformedSplit(f"dataset '{name}' broke the reader contract: {e}") from None
+    except FileNotFoundError as e:
+        raise DataError(f"dataset '{name}': {first_line(e)}; check data.root") from None
+    if not isinstance(data, DatasetSplits):
+        raise DataError(f"the reader of dataset '{name}' returned {type(data).__name__}, not DatasetSplits; "
+                        "return DatasetSplits(name, train, test, class_names)")
+    try:
+        return data.check()
+    except MalformedSplit as e:
+        raise MalformedSplit(f"dataset '{name}' broke the reader contract: {e}") from None

@@ -286,8 +286,7 @@ def check_matches_run(path: Path, state: dict, *, config: dict, scenario: dict, 
 
 
 def _check_config(path: Path, state: dict, config: dict, run_dir: Path) -> None:
-    from pgpcl.config import with_defaults
-    from pgpcl.engine.trainer import config_difference  # here: trainer imports this module
+    from pgpcl.config import config_difference, with_defaults
 
     then = from_json(state["config"], "config", path)
     if not isinstance(then, dict):

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pgpcl.config import RESULT_NEUTRAL_KEYS, Config, dump_yaml
+from pgpcl.config import RESULT_NEUTRAL_KEYS, Config, checked_config, config_difference, dump_yaml
 from pgpcl.engine import checkpoint as ckpt
 from pgpcl.engine.distributed import (
     DistContext,
@@ -148,28 +148,6 @@ class _TestHooks:
 # Config checks for --resume
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and k != "eps":
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def config_difference(a: dict, b: dict, ignore=RESUME_MUTABLE) -> tuple[str, Any, Any] | None:
-    """First (key, a's value, b's value) where two ``Config.to_dict()`` differ, outside ``ignore``."""
-    import json
-
-    fa, fb = (_flatten(json.loads(json.dumps(x))) for x in (a, b))
-    for key in sorted(set(fa) | set(fb)):
-        if key not in ignore and fa.get(key) != fb.get(key):
-            return key, fa.get(key), fb.get(key)
-    return None
-
-
 def resume_config(run_dir: Path, overrides: list[str] | None = None) -> Config:
     """The config of the run in ``run_dir`` (its config.yaml), with overrides of the keys a resume may
     change (:data:`RESUME_MUTABLE`); any other override must equal the run's value."""
@@ -189,6 +167,22 @@ def resume_config(run_dir: Path, overrides: list[str] | None = None) -> Config:
             f"{', '.join(sorted(RESUME_MUTABLE))} may change on resume: start a new run to change it"
         )
     return cfg
+
+
+def _check_resume_config(cfg: Config, run_dir: Path) -> None:
+    """A resumed run trains what its config.yaml says: a config given from Python that differs in a key
+    that changes the numbers is refused before anything is loaded."""
+    from pgpcl.engine.evaluate import load_run_config
+
+    if not (run_dir / "config.yaml").is_file():
+        return  # nothing to match: the checks on the folder and its checkpoint say what is wrong
+    diff = config_difference(load_run_config(run_dir).to_dict(), cfg.to_dict())
+    if diff is not None:
+        key, was, now = diff
+        raise ConfigError(
+            f"the config given to resume {run_dir} differs from its config.yaml in {key} (the run has {was!r}, "
+            f"the config gives {now!r}); resume with resume_config('{run_dir}'), or start a new run to change it"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -214,6 +208,9 @@ class Trainer:
     ):
         from pgpcl.data import build_scenario
 
+        cfg = checked_config(cfg)  # one built or changed in Python is checked as a YAML file is
+        if resume:
+            _check_resume_config(cfg, Path(run_dir))
         self.cfg = cfg
         self.task_lines = task_lines  # the line per finished task (with train.progress)
         self.run_dir = Path(run_dir)
@@ -991,6 +988,7 @@ def train(
     Under torchrun this joins the process group (NCCL on GPUs, gloo on CPU) and leaves it at the end.
     ``resume=True`` continues the run in ``run_dir`` from its newest checkpoint.
     """
+    cfg = checked_config(cfg)
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     dist = init_distributed(cfg.train.device)
     try:
