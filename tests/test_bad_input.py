@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import zipfile
 from pathlib import Path
 
@@ -353,6 +354,19 @@ def test_data_changed_since_the_run_started(tmp_path, capsys):
     fails(capsys, ["train", "--resume", str(run2)], "was written with data.train_per_class=40", "now says 3")
 
 
+def test_other_files_under_the_same_counts_are_caught(tmp_path, capsys):
+    root = make_image_folder(tmp_path / "imgs")
+    run = tmp_path / "run"
+    cfg = load_config("tiny_l2p", ["train.progress=false", "data.dataset=image_folder", f"data.root={root}"])
+    Trainer(cfg, run).run_task(0)
+    (root / "test" / "b" / "1.png").rename(root / "test" / "b" / "1b.png")  # another file, the same counts
+    before = snapshot(run)
+    for argv in (["train", "--resume", str(run)], ["eval", str(run)]):
+        fails(capsys, argv, "the dataset no longer matches", "the same classes and counts, but other images or "
+              "labels (content digest differs); restore the data the run started with")
+    assert snapshot(run) == before
+
+
 def test_resume_overrides_are_checked(area, tmp_path, capsys):
     run = copy_run(area, "partial", tmp_path / "run")
     before = snapshot(run)
@@ -523,6 +537,9 @@ BLOCK_LISTS = [
     ("tiny_dualprompt", "method.g_layers=[1, 1]", "method.g_layers must be distinct block indices, got [1, 1]"),
     ("tiny_coda_prompt_pgp", "method.layers=[]", "method.layers must be distinct block indices, at least one, got []"),
     ("tiny_clip_prefix", "method.layers=[5]", "method.layers: block 5 does not exist in a 2-block backbone; use 0..1"),
+    ("tiny_dualprompt_pgp", "method.e_layers=[2, 9]", "method.e_layers: block 9 does not exist in a 4-block backbone; use 0..3"),
+    ("tiny_dualprompt", "method.g_layers=[-1]", "method.g_layers: block -1 does not exist in a 4-block backbone"),
+    ("tiny_prefix_pgp", "method.layers=[4]", "method.layers: block 4 does not exist in a 4-block backbone; use 0..3"),
     ("tiny_clip_lora", "method.alpha=0", "method.alpha must be > 0"),
 ]
 
@@ -577,3 +594,11 @@ def test_a_torch_file_saved_without_checksums_still_loads(tmp_path):
     assert torch.equal(safe_torch_load(path)["w"], torch.arange(6.0))
     flip_a_tensor_bit(path)  # without a checksum a changed byte cannot be told (as torch.load)
     assert not torch.equal(safe_torch_load(path)["w"], torch.arange(6.0))
+
+
+def test_tensorboard_missing_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    run = tmp_path / "run"
+    fails(capsys, ["train", "tiny_l2p", *SMALL, "train.tensorboard=true", "--run-dir", str(run)],
+          "train.tensorboard=true needs tensorboard: pip install tensorboard")
+    assert not run.exists()  # so the next try, with tensorboard installed, needs no --overwrite

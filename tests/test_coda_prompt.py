@@ -137,7 +137,7 @@ def test_bad_pool_sizes_are_config_errors(tmp_path):
         _trainer(tmp_path, ["method.pool_size=1"])
     with pytest.raises(ConfigError, match="cannot be orthogonal keys of width 32; set method.pool_size <= 32"):
         _trainer(tmp_path, ["method.pool_size=66"])
-    with pytest.raises(ConfigError, match="prompt layer 7 does not exist"):
+    with pytest.raises(ConfigError, match="method.layers: block 7 does not exist in a 4-block backbone; use 0..3"):
         _trainer(tmp_path, ["method.layers=[0, 7]"])
 
 

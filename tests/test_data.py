@@ -560,7 +560,7 @@ def test_transform_bad_args():
 
 def test_pickle_of_loader_dataset_roundtrip(tmp_path, data_write_idx):
     # Workers receive the dataset by pickling under spawn; it must survive the trip.
-    data_write_idx(tmp_path, list(range(10)), [0])  # every class needs a training image
+    data_write_idx(tmp_path, list(range(10)), list(range(10)))  # every class needs a training and a test image
     from pgpcl.data import build_scenario
 
     sc = build_scenario(DataConfig(dataset="mnist", root=str(tmp_path), num_tasks=1, img_size=28,

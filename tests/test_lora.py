@@ -107,8 +107,8 @@ def test_pgp_leaves_old_inputs_features_unchanged(tmp_path, variant):
 
 
 def test_pgp_holds_under_bf16_autocast(tmp_path):
-    """train.amp=bf16: bases from bf16 representations, projection on fp32 factors; the fp32 features of
-    old inputs must still hold (measured 3e-7 relative, as in fp32)."""
+    """train.amp=bf16: bf16 training steps, projection on the fp32 factors (bases from the fp32 basis
+    pass); the fp32 features of old inputs must still hold (measured 3e-7 relative, as in fp32)."""
     adam = ("adam", "update", 0.05)
     rel_on = feature_change(tmp_path / "on", True, adam, amp="bf16")
     assert rel_on < 1e-5 and feature_change(tmp_path / "off", False, adam, amp="bf16") > 1e4 * rel_on

@@ -112,6 +112,19 @@ BROKEN = [  # (what the reader returns, the words of the one-line refusal)
 ]
 
 
+def test_a_class_without_test_images_is_refused(register, tmp_path):
+    from pgpcl.config import load_config
+    from pgpcl.data import build_scenario
+
+    x, y = arrays()
+    keep = y[:20] != 9  # the test split lacks class 9 entirely
+    register("mine", lambda root, download: splits(test=DatasetSplit(x[:20][keep], None, y[:20][keep])))
+    cfg = load_config("tiny_l2p", ["data.dataset=mine"])
+    with pytest.raises(DataError, match=r"mine: 1 of 10 classes have no test images \(e.g. 'c9'\); the dataset is "
+                                        "incomplete"):
+        build_scenario(cfg.data, 0)
+
+
 @pytest.mark.parametrize(("made", "words"), BROKEN)
 def test_a_reader_breaking_the_contract_is_one_line(register, made, words):
     register("mine", lambda root, download: made())
@@ -174,3 +187,16 @@ def test_an_import_whose_dependency_is_missing_says_so(tmp_path, monkeypatch):
         import_modules(["needs_more"])
     with pytest.raises(ConfigError, match=r"cannot import 'not_a_module_here' .* put its folder on PYTHONPATH"):
         import_modules(["not_a_module_here"])
+
+
+def test_changed_pixels_under_the_same_counts_are_caught_on_eval(register, tmp_path, capsys):
+    seed = {"value": 0}
+    register("mine", lambda root, download: splits(train=DatasetSplit(arrays(seed=seed["value"])[0], None, arrays()[1])))
+    run = tmp_path / "run"
+    assert main(["train", "tiny_l2p", *SMALL, "data.dataset=mine", "--run-dir", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 0  # the same data: re-evaluated
+    seed["value"] = 7  # the reader now returns other pixels, same shapes and labels
+    assert main(["eval", str(run)]) == 2
+    assert "content digest differs" in capsys.readouterr().err
+

@@ -46,7 +46,7 @@ def test_only_the_prefix_and_head_train_and_bad_settings_are_rejected(tmp_path):
     x = torch.randn(2, 1, 16, 16)
     method(x).logits.sum().backward()
     assert method.prefix.grad.abs().sum() > 0
-    with pytest.raises(ConfigError, match="prefix layer 4 does not exist in a 4-layer backbone"):
+    with pytest.raises(ConfigError, match="method.layers: block 4 does not exist in a 4-block backbone"):
         _trainer(tmp_path / "b", ["method.layers=[4]"], "tiny_prefix")
     with pytest.raises(ConfigError, match="method.length must be >= 1"):
         _trainer(tmp_path / "c", ["method.length=0"], "tiny_prefix")

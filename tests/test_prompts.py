@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pgpcl.errors import ConfigError
 from pgpcl.models import PromptPool, batch_vote, join_layer_prefixes, prefix_split
 
 
@@ -23,7 +24,7 @@ def test_parameters_and_init():
     assert pool.prompts.min() >= -1 and pool.prompts.max() <= 1 and pool.prompts.abs().max() > 0.5
     assert PromptPool(3, (1, 2, 4, 8), 8, init="zero").prompts.abs().sum() == 0
     assert PromptPool(3, (4, 8), 8, init="normal").prompts.std() < 0.1
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="unknown prompt init 'bogus'; choose from uniform, normal, zero"):
         PromptPool(3, (4, 8), 8, init="bogus")
 
 

@@ -63,3 +63,14 @@ def test_resuming_with_another_config_is_refused_and_resume_config_works(tmp_pat
     assert (run / "results.json").read_bytes() == before
     results = train(resume_config(run, ["train.num_threads=1"]), run, resume=True)  # finished: nothing to do
     assert results.status == "complete" and json.loads(before)["status"] == "complete"
+
+
+def test_reevaluate_run_gives_the_recorded_numbers(tmp_path):
+    from pgpcl.engine.evaluate import reevaluate_run
+
+    run = tmp_path / "run"
+    results = train(load_config("tiny_l2p", SMALL + ["train.max_steps_per_task=2"]), run)
+    ev = reevaluate_run(run)
+    assert ev["after_task"] == 1 and ev["num_tasks"] == 2
+    for setting in ("cil", "til"):
+        assert ev[setting] == pytest.approx([row[-1] for row in results.acc[setting]], abs=1e-9)

@@ -1,6 +1,7 @@
 import errno
 import json
 import os
+import stat
 import statistics
 
 import pytest
@@ -470,6 +471,8 @@ def fill_disk_at_write(monkeypatch, n):
     calls, fsync = [], os.fsync
 
     def full(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):  # the folder's own fsync after a rename: not a file write
+            return fsync(fd)
         calls.append(fd)
         if len(calls) == n:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -35,7 +35,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
-    from pgpcl.engine.results import read_results
+    from pgpcl.engine.results import RESULTS_FILENAME, read_results
     from pgpcl.engine.rundir import run_status
     from pgpcl.engine.trainer import resume_config, train
 
@@ -53,7 +53,7 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     if run_status(run_dir) == "complete":
         if _is_main_process():
             print(f"{run_dir} is already complete; nothing to resume")
-            _print_summary(read_results(run_dir / "results.json"), run_dir)
+            _print_summary(read_results(run_dir / RESULTS_FILENAME), run_dir)
         return 0
     results = train(cfg, run_dir, resume=True)
     if _is_main_process():

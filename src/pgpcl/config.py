@@ -118,8 +118,9 @@ class TrainConfig:
     threads than cores can be faster (BENCHMARKS.md, "Machine and method")."""
     deterministic: bool = True
     amp: Literal["none", "bf16"] = "none"
-    """'bf16': forward passes (training, evaluation, PGP representations) under torch.autocast(bfloat16);
-    parameters, gradients, optimizer and projection stay fp32. About 2x faster training steps on a CPU
+    """'bf16': the training steps' forward passes under torch.autocast(bfloat16); parameters, gradients,
+    optimizer and projection stay fp32, and evaluation and the PGP basis pass run in fp32 (so accuracies
+    and bases do not depend on it). About 2x faster training steps on a CPU
     with AVX512-BF16 or AMX (BENCHMARKS.md, section 1), and on GPUs; emulated, so ~19x slower, on other
     CPUs (a warning says so). 'none': fp32, the default."""
     log_every: int = 20
@@ -259,12 +260,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
-        errors = []
         for alt in typing.get_args(tp):
             try:
                 return _coerce(value, alt, key)
-            except ConfigError as e:
-                errors.append(e)
+            except ConfigError:
+                pass
         raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
     if tp is type(None):
         if value is None:
@@ -425,7 +425,7 @@ def _validate_names(cfg: Config) -> None:
             raise ConfigError(f"{key} must be in 0..{_SEED_MAX}, got {seed}")
 
 
-def _validate_optimizer(t: TrainConfig) -> None:
+def _validate_optimizer_and_device(t: TrainConfig) -> None:
     if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
         raise ConfigError(f"train.betas must be two numbers in [0, 1), e.g. [0.9, 0.999], got {t.betas}")
     if not 0.0 <= t.momentum < 1.0:
@@ -462,7 +462,7 @@ def validate(cfg: Config) -> None:
     """Range checks that types alone cannot express."""
     d, t, p = cfg.data, cfg.train, cfg.pgp
     _validate_names(cfg)
-    _validate_optimizer(t)
+    _validate_optimizer_and_device(t)
     _validate_shapes(d, cfg.backbone)
     if d.num_tasks < 1:
         raise ConfigError(f"data.num_tasks must be >= 1, got {d.num_tasks}")

@@ -12,7 +12,9 @@ Seeds: the class order uses ``data.order_seed`` (else the run seed); ``train_per
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -193,6 +195,7 @@ class Scenario:
             cfg.test_transform, cfg.img_size, cfg.channels, cfg.normalize, False
         )
         self._sources, self._tasks = sources, tasks
+        self._digest: str | None = None
 
     # -- class bookkeeping -------------------------------------------------------------------------
 
@@ -209,9 +212,6 @@ class Scenario:
     def train_indices(self, t: int) -> np.ndarray:
         """Rows of task ``t`` in its dataset's train split (after subsampling), for inspection."""
         return self._tasks[self._check(t)].train.copy()
-
-    def test_indices(self, t: int) -> np.ndarray:
-        return self._tasks[self._check(t)].test.copy()
 
     def _check(self, t: int) -> int:
         if not 0 <= t < self.num_tasks:
@@ -315,11 +315,38 @@ class Scenario:
             "test_transform": repr(self.test_transform),
         }
 
+    def content_digest(self) -> str:
+        """A sha256 of what the run trains and tests on: every task's kept labels and, for a few evenly
+        spaced samples of each task and split, the image bytes (in memory) or the file's last three path
+        parts (on disk). A resume or ``pgpcl eval`` compares it, so other labels, other in-memory pixels or
+        other files under the same counts are caught. Computed once."""
+        if self._digest is None:
+            h = hashlib.sha256()
+            for task in self._tasks:
+                src = self._sources[task.source]
+                for split, rows in ((src.data.train, task.train), (src.data.test, task.test)):
+                    h.update(src.remap[split.targets[rows]].astype(np.int64).tobytes())
+                    for i in rows[np.linspace(0, len(rows) - 1, min(len(rows), _DIGEST_PROBES)).astype(np.int64)]:
+                        h.update(_sample_bytes(split, int(i)))
+            self._digest = h.hexdigest()
+        return self._digest
+
     def __repr__(self) -> str:
         return f"Scenario({self.setting}, {self.dataset_names}, {self.num_tasks} tasks, {self.num_classes} classes)"
 
 
 # ----------------------------------------------------------------------------------------------------
+
+
+_DIGEST_PROBES = 16  # samples per task and split whose content enters Scenario.content_digest
+
+
+def _sample_bytes(split: DatasetSplit, i: int) -> bytes:
+    """Sample ``i``'s content for the digest: its pixels in memory; on disk, its file's last three path
+    parts only, since replacing a corrupt file with a good copy (re-extracting) must not stop a resume."""
+    if split.images is not None:
+        return np.ascontiguousarray(split.images[i]).tobytes()
+    return "/".join(Path(split.paths[i]).parts[-3:]).encode()
 
 
 def _source(data: DatasetSplits, remap: np.ndarray, cfg: Any, seed: int, per_domain: bool) -> _Source:
@@ -359,17 +386,19 @@ def _domain_tasks(src: _Source, num_tasks: int) -> tuple[list[_Task], list[str]]
 
 
 def _check_every_class_trains(sources: list[_Source]) -> None:
-    """A class without a training image would sit in a task untaught and score as if it were learnt."""
+    """A class without a training image would sit in a task untaught and score as if it were learnt; one
+    without a test image would never be measured, its forgetting invisible."""
     for src in sources:
         data = src.data
-        counts = np.bincount(data.train.targets[src.train_keep], minlength=data.num_classes)
-        empty = np.flatnonzero(counts == 0)
-        if len(empty):
-            k = int(empty[0])
-            raise DataError(
-                f"{data.name}: {len(empty)} of {data.num_classes} classes have no training images (e.g. "
-                f"{data.class_names[k]!r}); the dataset is incomplete: re-extract it or point data.root at all of it"
-            )
+        for role, split, keep in (("training", data.train, src.train_keep), ("test", data.test, src.test_keep)):
+            counts = np.bincount(split.targets[keep], minlength=data.num_classes)
+            empty = np.flatnonzero(counts == 0)
+            if len(empty):
+                raise DataError(
+                    f"{data.name}: {len(empty)} of {data.num_classes} classes have no {role} images (e.g. "
+                    f"{data.class_names[int(empty[0])]!r}); the dataset is incomplete: re-extract it or point "
+                    "data.root at all of it"
+                )
 
 
 def _check_tasks(tasks: list[_Task]) -> None:

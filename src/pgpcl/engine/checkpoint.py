@@ -257,7 +257,7 @@ def find_resume_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
 def scenario_record(scenario) -> dict:
     """What a checkpoint records of the scenario (and what a resume or eval compares it with)."""
     d = scenario.describe()
-    return {k: d[k] for k in SCENARIO_KEYS}
+    return {**{k: d[k] for k in SCENARIO_KEYS}, "content_digest": scenario.content_digest()}
 
 
 def weights_sha(method) -> str | None:
@@ -309,6 +309,11 @@ def _check_scenario(path: Path, then: dict, now: dict) -> None:
                 f"the dataset no longer matches checkpoint {path}: the {label} differs "
                 f"({then[key]} then, {now[key]} now); restore the data the run started with"
             )
+    if "content_digest" in then and then["content_digest"] != now["content_digest"]:  # recorded since 2026-12-02
+        raise CheckpointError(
+            f"the dataset no longer matches checkpoint {path}: the same classes and counts, but other images or "
+            "labels (content digest differs); restore the data the run started with"
+        )
 
 
 def _check_weights(then: str | None, now: str | None, config: dict) -> None:

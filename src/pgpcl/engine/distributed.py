@@ -89,11 +89,12 @@ class DistContext:
         return buf.cpu()
 
     def broadcast_object(self, obj):
-        """Rank 0's picklable ``obj`` on every rank (only used for small engine-made values)."""
+        """Rank 0's picklable ``obj`` on every rank: engine-made values, from flags to a resumed run's whole
+        checkpoint (read once, by rank 0, and sent to the others)."""
         return self.broadcast_object_from(0, obj)
 
     def broadcast_object_from(self, src: int, obj):
-        """Rank ``src``'s picklable ``obj`` on every rank (small engine-made values only)."""
+        """Rank ``src``'s picklable ``obj`` on every rank (engine-made values only: unpickling runs code)."""
         if not self.enabled:
             return obj
         import torch.distributed as dist

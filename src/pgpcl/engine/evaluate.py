@@ -43,8 +43,10 @@ def load_run_config(run_dir: Path, raw: dict | None = None):
         raise ConfigError(f"{Path(run_dir) / 'config.yaml'}: {e}") from None
 
 
-def evaluate_run(run_dir: Path) -> list[str]:
-    """Returns printable lines: accuracy per seen task in CIL and TIL after the last checkpointed task."""
+def reevaluate_run(run_dir: Path) -> dict:
+    """The run's model rebuilt from its config and last end-of-task checkpoint, evaluated again:
+    ``{"after_task": t, "num_tasks": T, "cil": [acc % per seen task], "til": [...] or None}`` (til None
+    where the setting has no task-aware evaluation, e.g. DIL)."""
     from pgpcl.data import build_scenario
     from pgpcl.engine import checkpoint as ckpt
     from pgpcl.engine.seed import resolve_device, seed_everything
@@ -67,9 +69,17 @@ def evaluate_run(run_dir: Path) -> list[str]:
     method.eval()
     ev = evaluate_method(method, scenario, task, cfg, device, progress=cfg.train.progress,
                          desc=f"eval after task {task + 1}/{scenario.num_tasks}")
-    lines = [f"{run_dir}: after task {task + 1}/{scenario.num_tasks}"]
-    shown = [("CIL", ev.cil)] + ([("TIL", ev.til)] if scenario.has_til else [])  # what the run records
-    for setting, row in shown:
-        accs = "  ".join(f"{a:6.2f}" for a in row)
-        lines.append(f"{setting} per task: {accs}   mean {sum(row) / len(row):.2f}")
+    return {"after_task": task, "num_tasks": scenario.num_tasks, "cil": list(ev.cil),
+            "til": list(ev.til) if scenario.has_til else None}  # what the run records
+
+
+def evaluate_run(run_dir: Path) -> list[str]:
+    """:func:`reevaluate_run` as printable lines (what ``pgpcl eval`` prints)."""
+    ev = reevaluate_run(run_dir)
+    lines = [f"{run_dir}: after task {ev['after_task'] + 1}/{ev['num_tasks']}"]
+    for setting in ("cil", "til"):
+        row = ev[setting]
+        if row is not None:
+            accs = "  ".join(f"{a:6.2f}" for a in row)
+            lines.append(f"{setting.upper()} per task: {accs}   mean {sum(row) / len(row):.2f}")
     return lines

@@ -33,11 +33,11 @@ class PGPHooks:
         self.method = method
         self.device = device
         eps = _EpsTable({**method.default_eps, **cfg.eps})
-        # measure_step_leak=False: the task-level leak (end_task) is measured anyway, at no step cost.
         groups = method.protected_groups(eps)
         if not groups:
             raise ConfigError(f"pgp.enabled=true but the method ({type(method).__name__}) protects no parameters "
                               "(protected_groups() is empty); set pgp.enabled=false")
+        # measure_step_leak=False: the task-level leak (end_task) is measured anyway, at no step cost.
         self.pgp = PGP(groups, cfg, method.default_eps, measure_step_leak=False)
         for name, rows in method.extra_representations().items():  # before any training: fail early
             self.pgp.check_extra_rows(name, rows.shape[0])
@@ -113,9 +113,6 @@ class PGPHooks:
         """Per group: basis rank in force during the task and the leak of the task's real change;
         empty for the first task, which is never projected."""
         return self.pgp.end_task() if self.active else {}
-
-    def ranks(self) -> dict[str, int]:
-        return self.pgp.ranks()
 
     # -- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -13,12 +13,13 @@ import os
 import shutil
 from pathlib import Path
 
+from pgpcl.engine.results import RESULTS_FILENAME
 from pgpcl.errors import PgpclError
 
 
 def run_status(run_dir: Path) -> str | None:
     """'complete', 'running', 'failed', 'unreadable', or None when the folder holds no run."""
-    path = Path(run_dir) / "results.json"
+    path = Path(run_dir) / RESULTS_FILENAME
     if not path.exists():
         return None
     try:
@@ -106,5 +107,5 @@ def prepare_run_dir(run_dir: Path, *, overwrite: bool) -> Path:
     if status is not None:
         for sub in ("checkpoints", "tensorboard"):
             shutil.rmtree(run_dir / sub, ignore_errors=True)
-        (run_dir / "results.json").unlink(missing_ok=True)
+        (run_dir / RESULTS_FILENAME).unlink(missing_ok=True)
     return run_dir

@@ -43,7 +43,7 @@ from pgpcl.engine.distributed import (
     init_distributed,
     sharded_loader,
 )
-from pgpcl.engine.results import Results, now_iso, write_results
+from pgpcl.engine.results import RESULTS_FILENAME, Results, now_iso, write_results
 from pgpcl.engine.rundir import check_run_dir, lock_run_dir, prepare_run_dir, unlock_run_dir
 from pgpcl.engine.seed import bf16_cpu_warning, seed_everything
 from pgpcl.errors import ConfigError, DataError, OutOfMemory, PgpclError, allocation_failure, one_line
@@ -240,6 +240,8 @@ class Trainer:
             for warning in filter(None, warnings):
                 if self.is_main:
                     print(warning, file=sys.stderr)
+            if cfg.train.tensorboard and self.is_main:
+                _summary_writer()  # before anything is written: a missing package must not leave a folder
             self.scenario = build_scenario(cfg.data, cfg.seed)
             self.method = build_method(cfg, self.scenario).to(self.device)
             self.pgp = self._build_pgp()
@@ -270,6 +272,7 @@ class Trainer:
                     self._write()
                     self.tb = self._tensorboard()
             except PgpclError as e:
+                unlock_run_dir(self.run_dir)  # run() never starts, so it cannot release it
                 error = e
         self.dist.agree(error)
 
@@ -334,13 +337,7 @@ class Trainer:
             }
 
     def _tensorboard(self):
-        if not self.cfg.train.tensorboard:
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise PgpclError("train.tensorboard=true needs tensorboard: pip install tensorboard") from None
-        return SummaryWriter(str(self.run_dir / "tensorboard"))
+        return _summary_writer()(str(self.run_dir / "tensorboard")) if self.cfg.train.tensorboard else None
 
     def _scenario_record(self) -> dict:
         return ckpt.scenario_record(self.scenario)
@@ -529,11 +526,9 @@ class Trainer:
     def _epoch_seed(self, task: int, epoch: int) -> int:
         return derive_seed(self.cfg.seed, 7919, task, epoch)
 
-    def train_task(self, task: int, timing: dict | None = None, pending: dict | None = None) -> dict:
-        """Train ``task`` from step 0, or from ``pending`` (a resumed position). Returns the timing."""
+    def train_task(self, task: int, timing: dict, pending: dict | None = None) -> None:
+        """Train ``task`` from step 0, or from ``pending`` (a resumed position); adds to ``timing``."""
         cfg, method, d = self.cfg, self.method, self.dist
-        if timing is None:
-            timing = {"task": task, "basis_s": 0.0, "train_s": 0.0, "steps": 0, "images": 0}
         lr, wd = method.task_optimizer_settings(task, cfg.train.lr, cfg.train.weight_decay)
         params = method.trainable_parameters()
         optimizer = make_optimizer(params, cfg, effective_lr(cfg, lr), wd)
@@ -596,7 +591,7 @@ class Trainer:
                         )
                     n_global = plan.global_size(first + k)
                     loss, correct = self.train_step(*batch, class_mask, optimizer, params, model=model,
-                                                    real=real[k], n_global=n_global, task=task, step=steps + 1)
+                                                    real=real[k], task=task, step=steps + 1)
                     if scheduler is not None:
                         scheduler.step()
                     steps, images = steps + 1, images + n_global
@@ -609,12 +604,10 @@ class Trainer:
             bar.close()
             self._release_ddp()
         timing.update(timing_now())
-        return timing
 
     def train_step(
         self, x: Tensor, y: Tensor, t: Tensor, class_mask: Tensor, optimizer, params, *,
-        model=None, real: bool = True, n_global: int | None = None, task: int | None = None,
-        step: int | None = None,
+        model=None, real: bool = True, task: int | None = None, step: int | None = None,
     ) -> tuple[float, int]:
         """One optimizer step on this rank's share of a global batch. Returns (mean loss over the
         global batch, correct predictions in the global batch)."""
@@ -848,12 +841,16 @@ class Trainer:
 
     def _write(self) -> None:
         if self.is_main:
-            with _writing(self.run_dir / "results.json"):
-                write_results(self.run_dir / "results.json", self.results)
+            with _writing(self.run_dir / RESULTS_FILENAME):
+                write_results(self.run_dir / RESULTS_FILENAME, self.results)
 
-    def close(self) -> None:
-        self._release_ddp()
-        self.dist.close()
+
+def _summary_writer():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise PgpclError("train.tensorboard=true needs tensorboard: pip install tensorboard") from None
+    return SummaryWriter
 
 
 @contextlib.contextmanager

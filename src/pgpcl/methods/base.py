@@ -141,6 +141,17 @@ def copy_trainable_state(own: dict[str, Tensor], state: dict[str, Tensor]) -> No
             p.copy_(state[n])
 
 
+def check_blocks_exist(value: list[int], depth: int, key: str) -> None:
+    """ConfigError naming ``method.<key>`` when one of its blocks is not in a ``depth``-block backbone."""
+    from pgpcl.errors import ConfigError
+    from pgpcl.models.frozen import check_blocks_exist as check
+
+    try:
+        check(value, depth)
+    except ValueError as e:
+        raise ConfigError(f"method.{key}: {e}") from None
+
+
 def check_block_list(value: list[int] | None, key: str, *, empty_ok: bool = False, null_ok: bool = True) -> None:
     """ConfigError unless ``value`` (``method.<key>``) is None (all blocks; where ``null_ok``) or distinct
     block indices, at least one unless ``empty_ok``. An empty list would leave the method nothing to

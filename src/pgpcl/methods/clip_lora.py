@@ -30,7 +30,7 @@ class CLIPLoRA(LoRAPGP, TunedImageTower, CLIPTextLearner):
         def validate(self) -> None:
             from pgpcl.models.lora import CLIP_TARGETS
 
-            self.check_targets(CLIP_TARGETS)
+            self.check_all(CLIP_TARGETS)
             TextParams.validate(self)
 
     def add_modules(self, blocks, indices: list[int], width: int) -> dict[str, nn.Module]:

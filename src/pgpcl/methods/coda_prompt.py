@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from pgpcl.errors import ConfigError
 from pgpcl.methods import METHODS
-from pgpcl.methods.base import Method, MethodOutput, check_block_list
+from pgpcl.methods.base import Method, MethodOutput, check_block_list, check_blocks_exist
 from pgpcl.methods.vit_common import KeyPrefixBases, PromptedViTMethod, init_head, pool_key_prefix_view
 
 
@@ -62,9 +62,7 @@ class CodaPrompt(PromptedViTMethod, Method):
         super().__init__(params, num_classes, task_classes)
         self.backbone = backbone
         d, depth = backbone.embed_dim, backbone.depth
-        bad = [layer for layer in params.layers if not 0 <= layer < depth]
-        if bad:
-            raise ConfigError(f"prompt layer {bad[0]} does not exist in a {depth}-layer backbone; use 0..{depth - 1}")
+        check_blocks_exist(params.layers, depth, "layers")
         n_tasks = len(task_classes)
         self.per_task = params.pool_size // n_tasks
         if self.per_task < 1:

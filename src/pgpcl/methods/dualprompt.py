@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from pgpcl.errors import ConfigError
 from pgpcl.methods import METHODS
-from pgpcl.methods.base import Method, MethodOutput, check_block_list
+from pgpcl.methods.base import Method, MethodOutput, check_block_list, check_blocks_exist
 from pgpcl.methods.vit_common import (
     KeyPrefixBases,
     PromptedViTMethod,
@@ -45,10 +45,15 @@ class DualPrompt(PromptedViTMethod, Method):
         pool_size: int | None = None
         """Number of E-prompts; None = one per task."""
         top_k: int = 1
+        """Must be 1: one E-prompt per image (a key of the released configs)."""
         batchwise_prompt: bool = True
+        """Has no effect: training uses the true task's E-prompt (the released prompt mask); kept so the
+        released configs load. Evaluation follows ``test_batchwise``."""
         test_batchwise: bool = False
         pull_lambda: float = 1.0
         head: Literal["token", "prompt"] = "token"
+        """'token': the [CLS] token's output (as released); 'prompt': the mean of the image tokens' outputs
+        (prefixes add no tokens to average, so this is the patch tokens, without [CLS] and register tokens)."""
         prompt_init: Literal["uniform", "zero", "normal"] = "uniform"
         key_basis: Literal["layer", "head"] = "layer"
         """PGP's key-prefix bases: one per layer over full-width queries (as released), or one per layer and
@@ -74,9 +79,8 @@ class DualPrompt(PromptedViTMethod, Method):
 
         self.backbone = backbone
         d, depth = backbone.embed_dim, backbone.depth
-        bad = [layer for layer in params.g_layers + params.e_layers if not 0 <= layer < depth]
-        if bad:
-            raise ConfigError(f"prompt layer {bad[0]} does not exist in a {depth}-layer backbone; use 0..{depth - 1}")
+        check_blocks_exist(params.g_layers, depth, "g_layers")
+        check_blocks_exist(params.e_layers, depth, "e_layers")
         pool_size = params.pool_size or len(task_classes)
         if pool_size < len(task_classes):
             raise ConfigError(
@@ -116,7 +120,8 @@ class DualPrompt(PromptedViTMethod, Method):
         if self.params.head == "token":
             feat = self.backbone.forward_features(x, prefixes=prefixes, out_rows=1).tokens[:, 0]
         else:
-            feat = self.backbone.forward_features(x, prefixes=prefixes).tokens[:, 1:].mean(dim=1)
+            r = self.backbone.num_prefix_tokens  # [CLS] (+ register tokens)
+            feat = self.backbone.forward_features(x, prefixes=prefixes).tokens[:, r:].mean(dim=1)
         aux = -self.params.pull_lambda * sel.key_sim.mean()
         return MethodOutput(self.head(feat), aux, {"prompt_idx": sel.idx})
 

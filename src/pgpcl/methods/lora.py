@@ -40,9 +40,10 @@ class LoRAParams:
     def validate(self) -> None:
         from pgpcl.models.lora import TARGETS
 
-        self.check_targets(TARGETS)
+        self.check_all(TARGETS)
 
-    def check_targets(self, allowed) -> None:
+    def check_all(self, allowed) -> None:
+        """rank, alpha, blocks, and targets among ``allowed`` (the ViT's or CLIP's LoRA targets)."""
         from pgpcl.methods.base import check_block_list
 
         if self.rank < 1:

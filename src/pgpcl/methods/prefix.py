@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from pgpcl.errors import ConfigError
 from pgpcl.methods import METHODS
-from pgpcl.methods.base import Method, MethodOutput, check_block_list
+from pgpcl.methods.base import Method, MethodOutput, check_block_list, check_blocks_exist
 from pgpcl.methods.vit_common import KeyPrefixBases, ViTBackboneMethod, init_head, init_prompt_
 
 
@@ -66,9 +66,7 @@ class Prefix(ViTBackboneMethod, Method):
         self.backbone = backbone
         depth = backbone.depth
         self.layers = list(range(depth)) if params.layers is None else list(params.layers)
-        bad = [layer for layer in self.layers if not 0 <= layer < depth]
-        if bad:
-            raise ConfigError(f"prefix layer {bad[0]} does not exist in a {depth}-layer backbone; use 0..{depth - 1}")
+        check_blocks_exist(self.layers, depth, "layers")
         self.prefix = nn.Parameter(torch.empty(len(self.layers), 2, params.length, backbone.embed_dim))
         init_prompt_(self.prefix, params.prompt_init)
         self.head = init_head(nn.Linear(backbone.embed_dim, num_classes))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from pgpcl.models.prompts import init_prompt_ as init_prompt_  # re-exported: methods take their pieces here
+
 
 def build_backbone(backbone_cfg):
     """A frozen :class:`PromptedViT` and the identity of its weights."""
@@ -180,17 +182,3 @@ def init_head(head: nn.Linear) -> nn.Linear:
     return head
 
 
-def init_prompt_(t, kind: str) -> None:
-    """Initialise a prompt tensor in place: 'uniform' in [-1, 1] (as released), 'normal' or 'zero';
-    ConfigError for another name (a method whose Params types the choice as a plain str gets no
-    check from the config)."""
-    if kind == "uniform":
-        nn.init.uniform_(t, -1.0, 1.0)
-    elif kind == "normal":
-        nn.init.normal_(t, std=0.02)
-    elif kind == "zero":
-        nn.init.zeros_(t)
-    else:
-        from pgpcl.errors import ConfigError
-
-        raise ConfigError(f"unknown prompt init '{kind}'; choose from uniform, normal, zero")

@@ -10,13 +10,16 @@ from torch import nn
 def chosen_blocks(blocks: Sequence[nn.Module], indices: Iterable[int]) -> list[tuple[int, nn.Module]]:
     """(index, block) of ``blocks`` (a ViT's ``blocks``, a CLIP tower's ``resblocks``) for each of
     ``indices``; ValueError naming one that does not exist."""
-    depth = len(blocks)
-    out = []
-    for i in indices:
-        if not 0 <= i < depth:
-            raise ValueError(f"block {i} does not exist in a {depth}-block backbone; use 0..{depth - 1}")
-        out.append((i, blocks[i]))
-    return out
+    indices = list(indices)
+    check_blocks_exist(indices, len(blocks))
+    return [(i, blocks[i]) for i in indices]
+
+
+def check_blocks_exist(indices: Iterable[int], depth: int) -> None:
+    """ValueError naming the first of ``indices`` that is not a block of a ``depth``-block backbone."""
+    bad = next((i for i in indices if not 0 <= i < depth), None)
+    if bad is not None:
+        raise ValueError(f"block {bad} does not exist in a {depth}-block backbone; use 0..{depth - 1}")
 
 
 def train_keeping_frozen(wrapper: nn.Module, frozen: nn.Module, mode: bool) -> None:

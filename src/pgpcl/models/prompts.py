@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pgpcl.errors import ConfigError
+
 Init = Literal["uniform", "zero", "normal"]
 
 
@@ -31,15 +33,18 @@ class Selection(NamedTuple):
     key_sim: Tensor
 
 
-def _init_(t: Tensor, init: Init) -> None:
-    if init == "uniform":
-        nn.init.uniform_(t, -1.0, 1.0)  # as released (L2P / DualPrompt prompt_init=uniform)
-    elif init == "zero":
-        nn.init.zeros_(t)
-    elif init == "normal":
+def init_prompt_(t: Tensor, kind: str) -> None:
+    """Initialise a prompt tensor in place: 'uniform' in [-1, 1] (as released: L2P / DualPrompt
+    prompt_init=uniform), 'normal' (std 0.02) or 'zero'; ConfigError for another name (a method whose
+    Params types the choice as a plain str gets no check from the config)."""
+    if kind == "uniform":
+        nn.init.uniform_(t, -1.0, 1.0)
+    elif kind == "normal":
         nn.init.normal_(t, std=0.02)
+    elif kind == "zero":
+        nn.init.zeros_(t)
     else:
-        raise ValueError(f"prompt init must be 'uniform', 'zero' or 'normal', got {init!r}")
+        raise ConfigError(f"unknown prompt init '{kind}'; choose from uniform, normal, zero")
 
 
 class PromptPool(nn.Module):
@@ -65,8 +70,8 @@ class PromptPool(nn.Module):
         self.prompt_shape = tuple(int(s) for s in prompt_shape)
         self.prompts = nn.Parameter(torch.empty(self.pool_size, *self.prompt_shape))
         self.keys = nn.Parameter(torch.empty(self.pool_size, int(key_dim)))
-        _init_(self.prompts.data, init)
-        _init_(self.keys.data, key_init or init)
+        init_prompt_(self.prompts.data, init)
+        init_prompt_(self.keys.data, key_init or init)
 
     def similarity(self, query: Tensor) -> Tensor:
         """Cosine similarity (B, M) between queries (B, D) and all keys."""

@@ -154,16 +154,15 @@ def _unit_trace(gram: Tensor) -> Tensor:
 class SampleCollector(RepresentationCollector):
     """Per-sample flattened features for ``reference`` mode (the released arithmetic).
 
-    Memory: N x n*D float32 per group (768 x 196 x 768 x 4 B = 462 MB for L2P's patch tokens),
-    kept on ``storage_device`` (None = the device the rows arrive on).
+    Memory: N x n*D float32 per group (768 x 196 x 768 x 4 B = 462 MB for L2P's patch tokens), kept on
+    the device the rows arrive on.
     """
 
     mode = "reference"
 
-    def __init__(self, dim: int, components: int, storage_device: torch.device | str | None = None) -> None:
+    def __init__(self, dim: int, components: int) -> None:
         super().__init__(dim)
         self.components = components
-        self.storage_device = storage_device
         self._chunks: list[Tensor] = []
         self._samples: Tensor | None = None  # (N, n*D) after synchronize
         self.extra: Tensor | None = None  # (m, D)
@@ -174,8 +173,7 @@ class SampleCollector(RepresentationCollector):
         x = _as_rows3(rows, self.dim)
         if self._chunks and x.shape[1] * self.dim != self._chunks[0].shape[1]:
             raise ValueError(f"token count changed between batches: {x.shape[1]} vs earlier batches")
-        device = self.storage_device or x.device
-        self._chunks.append(x.reshape(x.shape[0], -1).to(device, torch.float32))
+        self._chunks.append(x.reshape(x.shape[0], -1).to(torch.float32))
         self._samples = None
 
     @torch.no_grad()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -11,7 +11,6 @@ from torch import Tensor
 from pgpcl.errors import CheckpointError, PgpclError
 from pgpcl.projection import dist
 from pgpcl.projection.collect import GramCollector, RepresentationCollector, SampleCollector
-from pgpcl.projection.groups import ProtectedGroup
 from pgpcl.projection.linalg import grow_basis
 from pgpcl.projection.reference import check_sample_count, reference_update
 
@@ -33,9 +32,6 @@ class UpdateInfo:
     """Fraction of this task's energy inside the new basis (>= eps unless the basis is full)."""
     num_rows: int
     """Token rows (feature mode) or samples (reference mode) the update was computed from."""
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class SubspaceMemory:
@@ -73,19 +69,14 @@ class SubspaceMemory:
 
     # ------------------------------------------------------------------ update
 
-    def update(
-        self, group: str | ProtectedGroup, collector: RepresentationCollector, eps: float | None = None
-    ) -> UpdateInfo:
-        """Grow the basis of ``group`` from this task's representations (GPM), identically on all ranks.
+    def update(self, name: str, collector: RepresentationCollector, eps: float) -> UpdateInfo:
+        """Grow the basis of group ``name`` from this task's representations (GPM), identically on all
+        ranks, until it captures the fraction ``eps`` of their energy.
 
-        ``group``: a name or a :class:`ProtectedGroup` (whose eps is used when ``eps`` is None).
         Combines the collector across ranks first (idempotent), computes the new basis on every rank
         and then takes rank 0's, so all ranks hold bit-identical bases.
         """
-        name = group if isinstance(group, str) else group.name
-        if eps is None and not isinstance(group, str):
-            eps = group.eps
-        if eps is None or not 0.0 < eps <= 1.0:
+        if not 0.0 < eps <= 1.0:
             raise ValueError(f"eps must be in (0, 1], got {eps}")
         if collector.mode != self.mode:
             raise ValueError(f"a {collector.mode}-mode collector cannot update a {self.mode}-mode memory")

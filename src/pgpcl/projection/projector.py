@@ -266,15 +266,14 @@ class Projector:
         if self._per_param:
             self._undo_inside_per_param()
             return
+        if not self._step_before:  # target=gradient without leak measurement: nothing to do after a step
+            return
         for group in self.groups:
             before = self._step_before.get(group.name)
             op = self._operator(group)
             if before is None or op is None:
                 continue
             current = group.selected_data()
-            if not self.measure_step_leak:  # target=update only (no snapshot otherwise): project, no norms
-                op.undo_inside(current, before)
-                continue
             delta = current - before
             comp = op.component(delta)
             raw = _ratio(comp.norm(), delta.norm().to(comp.dtype))

@@ -107,10 +107,18 @@ def _left_vectors(mat: Tensor, total: float) -> tuple[Tensor, Tensor]:
     return u, s.square() / total
 
 
+def _gram(rep: Tensor) -> tuple[Tensor, float]:
+    """G = R R^T (N, N) and its sigma^4 energy ||G||_F^2 (the sum of G's squared singular values)."""
+    gram = rep @ rep.T
+    return gram, float(gram.square().sum())
+
+
 def first_basis(rep: Tensor, eps: float) -> Tensor:
     """First task: U[:, :r] of SVD(R R^T), r = #{cumulative sigma^4 ratio strictly below eps}."""
-    gram = rep @ rep.T
-    total = float(gram.square().sum())  # = sum of squared singular values of the Gram
+    return _first_basis(*_gram(rep), eps)
+
+
+def _first_basis(gram: Tensor, total: float, eps: float) -> Tensor:
     if total <= 0.0:
         return gram.new_zeros(gram.shape[0], 0)
     u, ratio = _left_vectors(gram, total)
@@ -118,10 +126,8 @@ def first_basis(rep: Tensor, eps: float) -> Tensor:
     return u[:, :r]
 
 
-def grow_reference_basis(rep: Tensor, basis: Tensor, eps: float) -> Tensor:
+def _grow_basis(gram: Tensor, total: float, basis: Tensor, eps: float) -> Tensor:
     """Later tasks: the released GPM step on G = R R^T; returns the grown basis (N, k')."""
-    gram = rep @ rep.T
-    total = float(gram.square().sum())
     if total <= 0.0:
         return basis
     resid = gram - basis @ (basis.T @ gram)
@@ -142,13 +148,11 @@ def reference_update(rep: Tensor, basis: Tensor | None, eps: float) -> tuple[Ten
     Returns (basis (N, k), fraction explained before, fraction captured after), fractions of the
     sigma^4 energy ||F^T R R^T||_F^2 / ||R R^T||_F^2.
     """
-    gram = rep @ rep.T
-    total = float(gram.square().sum())
+    gram, total = _gram(rep)
     if basis is None:
-        new = first_basis(rep, eps)
-        before = 0.0
+        new, before = _first_basis(gram, total, eps), 0.0
     else:
-        new = grow_reference_basis(rep, basis, eps)
+        new = _grow_basis(gram, total, basis, eps)
         before = float((basis.T @ gram).square().sum()) / total if total > 0 else 0.0
     after = float((new.T @ gram).square().sum()) / total if total > 0 else 0.0
     return new, before, after
