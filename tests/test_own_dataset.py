@@ -200,3 +200,42 @@ def test_changed_pixels_under_the_same_counts_are_caught_on_eval(register, tmp_p
     assert main(["eval", str(run)]) == 2
     assert "content digest differs" in capsys.readouterr().err
 
+
+
+def _folder_reader(root, download):
+    """Files straight under data.root: ROOT/<class>/<n>.png (ImageNet-R's depth)."""
+    from pathlib import Path
+
+    paths = sorted(Path(root).glob("*/*.png"))
+    labels = [int(p.parent.name[1:]) for p in paths]
+    test = [i for i, p in enumerate(paths) if p.stem.startswith("t")]
+    train = [i for i in range(len(paths)) if i not in test]
+    pick = lambda rows: DatasetSplit(None, [str(paths[i]) for i in rows], [labels[i] for i in rows])  # noqa: E731
+    return DatasetSplits("mine", pick(train), pick(test), [f"c{i}" for i in range(4)])
+
+
+def test_a_moved_data_folder_still_evaluates(register, tmp_path, capsys):
+    from PIL import Image
+
+    data = tmp_path / "flowers"
+    for c in range(4):
+        (data / f"c{c}").mkdir(parents=True)
+        for name in ("0", "1", "2", "t0"):
+            Image.new("RGB", (12, 12), (60 * c, 30 * len(name), 9)).save(data / f"c{c}" / f"{name}.png")
+    register("mine", _folder_reader)
+    run = tmp_path / "run"
+    assert main(["train", "tiny_l2p", *SMALL, "data.dataset=mine", f"data.root={data}", "--run-dir", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 0
+    first = capsys.readouterr().out.splitlines()[1:]
+    moved = data.rename(tmp_path / "flowers_copy")
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace(str(data), str(moved)))
+    assert main(["eval", str(run)]) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.splitlines()[1:] == first
+
+
+def test_class_names_as_a_numpy_array_are_taken(register):
+    register("mine", lambda root, download: splits(class_names=np.array([f"c{i}" for i in range(10)])))
+    data = read_dataset("mine", None)
+    assert data.class_names == [f"c{i}" for i in range(10)] and type(data.class_names[0]) is str

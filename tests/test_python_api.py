@@ -74,3 +74,12 @@ def test_reevaluate_run_gives_the_recorded_numbers(tmp_path):
     assert ev["after_task"] == 1 and ev["num_tasks"] == 2
     for setting in ("cil", "til"):
         assert ev[setting] == pytest.approx([row[-1] for row in results.acc[setting]], abs=1e-9)
+
+
+def test_numpy_numbers_and_paths_set_in_python_are_taken(tmp_path):
+    np = pytest.importorskip("numpy")
+    cfg = load_config("tiny_l2p", SMALL)
+    cfg.seed, cfg.train.lr, cfg.output_dir = np.int64(3), np.float32(0.5), tmp_path / "runs"
+    checked = checked_config(cfg)
+    assert (checked.seed, checked.train.lr, checked.output_dir) == (3, 0.5, str(tmp_path / "runs"))
+    assert type(checked.seed) is int and type(checked.train.lr) is float

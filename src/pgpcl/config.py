@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 import re
 import types
 import typing
@@ -381,7 +382,8 @@ def checked_config(cfg: Config) -> Config:
 
 def _as_raw(obj: Any) -> Any:
     """A config object as the plain data YAML would give, extra attributes included (so they can be
-    refused by name); the method section is flattened as in config.yaml."""
+    refused by name), numpy scalars and paths as the plain values they hold; the method section is
+    flattened as in config.yaml."""
     if isinstance(obj, MethodConfig):
         return {"name": obj.name, **(_as_raw(obj.params) if obj.params is not None else {})}
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
@@ -390,6 +392,10 @@ def _as_raw(obj: Any) -> Any:
         return {k: _as_raw(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_as_raw(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if type(obj).__module__ == "numpy" and hasattr(obj, "item"):  # np.int64(1), np.float32(0.01)
+        return obj.item()
     return obj
 
 

@@ -117,8 +117,10 @@ class DatasetSplits:
 
     def check(self) -> DatasetSplits:
         """Raise DataError if names or labels do not fit together (a reader or file bug)."""
-        if not (isinstance(self.class_names, (list, tuple)) and all(isinstance(c, str) for c in self.class_names)):
+        names = self.class_names
+        if not (isinstance(names, (list, tuple, np.ndarray)) and all(isinstance(c, str) for c in names)):
             raise MalformedSplit(f"{self.name}: class_names must be a list of strings, one per class")
+        self.class_names = [str(c) for c in names]  # numpy's str_ too: plain text for results.json
         for role, split in (("train", self.train), ("test", self.test)):
             if len(split) == 0:
                 raise DataError(f"{self.name}: the {role} split is empty; check the dataset files")

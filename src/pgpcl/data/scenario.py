@@ -317,8 +317,7 @@ class Scenario:
 
     def content_digest(self) -> str:
         """A sha256 of what the run trains and tests on: every task's kept labels and, for a few evenly
-        spaced samples of each task and split, the image bytes (in memory) or the file's last three path
-        parts (on disk). A resume or ``pgpcl eval`` compares it, so other labels, other in-memory pixels or
+        spaced samples of each task and split, the image bytes (in memory) or the file's name (on disk). A resume or ``pgpcl eval`` compares it, so other labels, other in-memory pixels or
         other files under the same counts are caught. Computed once."""
         if self._digest is None:
             h = hashlib.sha256()
@@ -342,11 +341,12 @@ _DIGEST_PROBES = 16  # samples per task and split whose content enters Scenario.
 
 
 def _sample_bytes(split: DatasetSplit, i: int) -> bytes:
-    """Sample ``i``'s content for the digest: its pixels in memory; on disk, its file's last three path
-    parts only, since replacing a corrupt file with a good copy (re-extracting) must not stop a resume."""
+    """Sample ``i``'s content for the digest: its pixels in memory; on disk, its file's name only: the
+    folders above it may be moved or renamed (data.root changes on resume), and replacing a corrupt file
+    with a good copy (re-extracting) must not stop a resume."""
     if split.images is not None:
         return np.ascontiguousarray(split.images[i]).tobytes()
-    return "/".join(Path(split.paths[i]).parts[-3:]).encode()
+    return Path(split.paths[i]).name.encode()
 
 
 def _source(data: DatasetSplits, remap: np.ndarray, cfg: Any, seed: int, per_domain: bool) -> _Source:
