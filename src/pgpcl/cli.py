@@ -322,8 +322,9 @@ def main(argv: list[str] | None = None) -> int:
             return e.exit_code
         if isinstance(e, PeerFailed) and not args.debug:  # another torchrun process failed and said why
             return 2
-        if allocation_failure(e) is not None and not args.debug:  # outside a run, which says more itself
-            print(f"pgpcl: error: {_rank_prefix()}out of memory ({allocation_failure(e)}); lower the batch "
+        asked = allocation_failure(e)
+        if asked is not None and not args.debug:  # outside a run, which says more itself
+            print(f"pgpcl: error: {_rank_prefix()}out of memory ({asked}); lower the batch "
                   "or model sizes, or free memory", file=sys.stderr)
             return 2
         raise

@@ -317,8 +317,9 @@ class Scenario:
 
     def content_digest(self) -> str:
         """A sha256 of what the run trains and tests on: every task's kept labels and, for a few evenly
-        spaced samples of each task and split, the image bytes (in memory) or the file's name (on disk). A resume or ``pgpcl eval`` compares it, so other labels, other in-memory pixels or
-        other files under the same counts are caught. Computed once."""
+        spaced samples of each task and split, the image bytes (in memory) or the file's name (on disk).
+        A resume or ``pgpcl eval`` compares it, so other labels, other in-memory pixels or other files
+        under the same counts are caught. Computed once."""
         if self._digest is None:
             h = hashlib.sha256()
             for task in self._tasks:

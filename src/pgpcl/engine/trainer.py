@@ -253,9 +253,10 @@ class Trainer:
                 raise
             error = e
         except Exception as e:  # a model too large for the device: one line, on every rank
-            if allocation_failure(e) is None:
+            asked = allocation_failure(e)
+            if asked is None:
                 raise
-            error = OutOfMemory(f"out of memory building the model ({allocation_failure(e)} on {self.device}); "
+            error = OutOfMemory(f"out of memory building the model ({asked} on {self.device}); "
                                 "lower the method's sizes (e.g. method.pool_size, method.length) or the "
                                 "backbone's, or use a device with more memory")
         self.dist.agree(error)
