@@ -26,9 +26,10 @@ def test_shipped_backbone_matches_its_record():
     assert record["pretrain"]["dataset"] == "fashion_mnist"  # disjoint from the MNIST digit stream
 
 
-def test_demo_runs_and_writes_report(tmp_path, capsys):
+def test_demo_runs_and_writes_report(tmp_path, capsys, monkeypatch):
     out = tmp_path / "demo"
-    # with progress bars on, as users run it: the runs' bars, but no line per task of each run
+    # with progress bars on, as users run it in a terminal: the runs' bars, but no line per task of each run
+    monkeypatch.setattr("pgpcl.progress.on_terminal", lambda stream=None: True)
     assert main(["demo", "--quick", "--out", str(out), *TINY, "train.progress=true"]) == 0
     captured = capsys.readouterr()
     text = captured.out

@@ -252,9 +252,11 @@ def test_evaluation_reuses_cached_queries_and_gives_the_same_accuracies(tmp_path
 
 
 @pytest.mark.parametrize("progress", [True, False])
-def test_progress_bars_for_training_basis_and_evaluation(tmp_path, capsys, progress):
-    """With train.progress the long phases show a bar each (the PGP pass and evaluation take minutes
-    at the released sizes on a CPU) and each finished task a line; without it neither is printed."""
+def test_progress_bars_for_training_basis_and_evaluation(tmp_path, capsys, monkeypatch, progress):
+    """With train.progress the long phases show a bar each on a terminal (the PGP pass and evaluation
+    take minutes at the released sizes on a CPU) and each finished task a line; without it neither is
+    printed."""
+    monkeypatch.setattr("pgpcl.progress.on_terminal", lambda stream=None: True)
     argv = ["train", "tiny_dualprompt_pgp", f"output_dir={tmp_path}", f"train.progress={str(progress).lower()}",
             "data.train_per_class=16", "data.test_per_class=10", "data.num_tasks=2"]
     assert main(argv) == 0
@@ -276,21 +278,59 @@ def test_progress_bars_for_training_basis_and_evaluation(tmp_path, capsys, progr
         assert "eval after task 2/2" in capsys.readouterr().err
 
 
-def test_bars_off_build_no_tqdm():
+def test_bars_off_build_no_tqdm(monkeypatch):
     """train.progress=false: a phase's bar is a no-op, not a disabled tqdm (whose first construction in
     a process cost ~1 ms, landing in the first phase that asked for one: L2P's first PGP basis pass)."""
     from tqdm.std import tqdm
 
-    from pgpcl.engine.trainer import _progress
+    from pgpcl.progress import progress
 
-    bar = _progress(3, "x", False)
+    bar = progress(3, "x", False)
     assert not isinstance(bar, tqdm)
     bar.update()
     bar.set_postfix(loss="1.0")
     bar.close()
-    on = _progress(3, "x", True)
+    monkeypatch.setattr("pgpcl.progress.on_terminal", lambda stream=None: True)
+    on = progress(3, "x", True)
     assert isinstance(on, tqdm)
     on.close()
+
+
+def test_off_a_terminal_a_phase_writes_a_timed_line_not_a_bar():
+    """A log file gets a plain line at most every LINE_EVERY_S seconds, with the count, the time gone and
+    left and the last postfix; never a carriage return."""
+    import io
+
+    from pgpcl.progress import LineProgress, on_terminal, progress
+
+    assert not on_terminal(io.StringIO())
+    now = [100.0]
+    out = io.StringIO()
+    bar = LineProgress(10, "task 1/2 train", initial=2, every_s=60, stream=out, clock=lambda: now[0])
+    for t in (30.0, 59.0):  # within the first minute: nothing
+        now[0] = 100 + t
+        bar.update()
+    assert out.getvalue() == ""
+    bar.set_postfix(loss="0.812", acc="71.0")
+    now[0] = 160.0
+    bar.update()  # 5 of 10 after 60 s, 3 of them done here: 20 s a step, 5 left
+    assert out.getvalue() == "task 1/2 train: 5/10 (50%), 1 min 00 s elapsed, ~1 min 40 s left, loss=0.812, acc=71.0\n"
+    now[0] = 170.0
+    bar.update()  # 10 s after the last line: nothing
+    assert out.getvalue().count("\n") == 1
+    assert isinstance(progress(3, "x", True), LineProgress)  # pytest's captured stderr is no terminal
+
+
+def test_a_run_logged_to_a_file_has_lines_not_bars(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("pgpcl.progress.LINE_EVERY_S", 0.0)  # every step writes its line
+    argv = ["train", "tiny_l2p_pgp", f"output_dir={tmp_path}", "train.progress=true",
+            "data.train_per_class=16", "data.test_per_class=10"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    for label in ("task 1/2 train: 1/", "task 1/2 PGP basis: 1/", "task 2/2 eval: 1/"):
+        assert label in err, label
+    assert "loss=" in err
 
 
 def test_eval_of_a_dil_run_shows_cil_only(tmp_path, capsys, data_write_image):

@@ -10,11 +10,12 @@ from pathlib import Path
 import pgpcl
 
 SRC = Path(pgpcl.__file__).parent
-BASE = {"errors", "io", "registry"}  # leaf modules every package may use
+BASE = {"errors", "io", "progress", "registry"}  # leaf modules every package may use
 
 ALLOWED = {
     "errors": set(),
     "io": {"errors"},
+    "progress": set(),
     "registry": {"errors"},
     "config": BASE | {"methods"},  # only to look up a registered method's Params, lazily
     "data": BASE | {"config"},

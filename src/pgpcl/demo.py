@@ -114,22 +114,23 @@ def run_demo(
     methods=DEFAULT_METHODS,
 ) -> str:
     """Train every demo config (finished runs are reused, not overwritten), then report. Returns the text."""
-    from tqdm.auto import tqdm
-
     from pgpcl.engine.trainer import default_run_dir, train
+    from pgpcl.progress import progress
     from pgpcl.report import report_runs
 
     out_dir = Path(out_dir)
     configs = demo_configs(out_dir, seeds, quick, list(extra or []), methods)
     start = time.perf_counter()
     run_dirs = []
-    for cfg in tqdm(configs, desc="demo runs", dynamic_ncols=True):
+    bar = progress(len(configs), "demo runs", leave=True)
+    for cfg in configs:
         run_dir = default_run_dir(cfg)
         run_dirs.append(run_dir)
         status = run_status(run_dir)
-        if status == "complete" and not overwrite:
-            continue
-        train(cfg, run_dir, overwrite=status is not None, task_lines=False)
+        if status != "complete" or overwrite:
+            train(cfg, run_dir, overwrite=status is not None, task_lines=False)
+        bar.update()
+    bar.close()
     probe = linear_probe(configs[0])
     elapsed = time.perf_counter() - start
     table = report_runs(run_dirs, out_dir=out_dir / "report", plots=True)

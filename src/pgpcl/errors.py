@@ -30,6 +30,15 @@ def first_line(text: object, limit: int = 200) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
+def describe(e: BaseException, limit: int = 200, *, with_type: bool = False) -> str:
+    """``e`` on one line for a message: the first line of its text ('Type: text' with ``with_type``), or
+    its class name when the text is empty (``FileNotFoundError()`` says nothing by itself)."""
+    text = first_line(e, limit)
+    if not text:
+        return type(e).__name__
+    return f"{type(e).__name__}: {text}" if with_type else text
+
+
 def one_line(e: BaseException) -> str:
     """A user error's message on one line.
 
@@ -66,7 +75,7 @@ def allocation_failure(e: BaseException) -> str | None:
         return None
     asked = _ASKED.search(text)
     if asked is None:
-        return first_line(text, 120) or type(e).__name__
+        return describe(e, 120)
     size, unit = float(asked.group(1)), [u.lower() for u in _UNITS].index(asked.group(2).lower())
     while size >= 1024 and unit < len(_UNITS) - 1:
         size, unit = size / 1024, unit + 1

@@ -83,11 +83,11 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, progress: bool = True, overwrit
     """
     import timm
     from safetensors.torch import save
-    from tqdm.auto import tqdm
 
     from pgpcl.config import DataConfig
     from pgpcl.data import load_dataset
     from pgpcl.errors import DataError, PgpclError
+    from pgpcl.progress import progress as phase_progress
 
     out_dir = Path(out_dir)
     if cfg.epochs < 1:
@@ -112,7 +112,7 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, progress: bool = True, overwrit
     steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
     total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
     start, step = time.perf_counter(), 0
-    bar = tqdm(total=total, desc="pretrain", disable=not progress, dynamic_ncols=True)
+    bar = phase_progress(total, "pretrain", progress, leave=True)
     for _epoch in range(cfg.epochs):
         model.train()
         for idx in torch.randperm(len(x_train), generator=gen).split(cfg.batch_size):

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from pgpcl.errors import DataError, first_line
+from pgpcl.errors import DataError, describe
 from pgpcl.registry import Registry
 
 Reader = Callable[[str | None, bool], "DatasetSplits"]
@@ -213,7 +213,7 @@ def read_dataset(name: str, root: str | None, download: bool = False) -> Dataset
     except MalformedSplit as e:
         raise MalformedSplit(f"dataset '{name}' broke the reader contract: {e}") from None
     except FileNotFoundError as e:
-        raise DataError(f"dataset '{name}': {first_line(e)}; check data.root") from None
+        raise DataError(f"dataset '{name}': {describe(e)}; check data.root") from None
     if not isinstance(data, DatasetSplits):
         raise DataError(f"the reader of dataset '{name}' returned {type(data).__name__}, not DatasetSplits; "
                         "return DatasetSplits(name, train, test, class_names)")

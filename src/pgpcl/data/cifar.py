@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from pgpcl.data.base import DATASETS, DatasetSplit, DatasetSplits, resolve_root
-from pgpcl.errors import DataError, first_line
+from pgpcl.errors import DataError, describe
 from pgpcl.io import atomic_write_bytes, md5_file
 
 CIFAR100_DIR = "cifar-100-python"
@@ -142,7 +142,7 @@ def _download(root: Path) -> None:
 
         CIFAR100(str(root), train=True, download=True)
     except Exception as e:  # any network/IO failure becomes one actionable line
-        msg = first_line(e) or type(e).__name__
+        msg = describe(e)
         raise DataError(
             f"CIFAR-100 download into {root} failed ({msg}); put {CIFAR100_TGZ} there by hand"
         ) from None

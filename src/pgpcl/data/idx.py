@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from pgpcl.data.base import DATASETS, DatasetSplit, DatasetSplits, resolve_root
-from pgpcl.errors import DataError, first_line
+from pgpcl.errors import DataError, describe
 
 FASHION_MNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [
@@ -88,7 +88,7 @@ def _download(kind: str, root: Path) -> None:
         getattr(datasets, kind)(str(root), train=True, download=True)
         getattr(datasets, kind)(str(root), train=False, download=True)
     except Exception as e:  # network/IO failure -> one actionable line
-        msg = first_line(e) or type(e).__name__
+        msg = describe(e)
         raise DataError(
             f"{kind} download into {root} failed ({msg}); put the IDX .gz files there by hand"
         ) from None

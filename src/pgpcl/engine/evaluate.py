@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from pgpcl.errors import ConfigError, PgpclError, first_line
+from pgpcl.errors import ConfigError, PgpclError, describe
 
 
 def load_run_config_raw(run_dir: Path) -> dict:
@@ -24,7 +24,7 @@ def load_run_config_raw(run_dir: Path) -> dict:
     try:
         raw = yaml.load(path.read_text(), Loader=UniqueKeyLoader)  # a key given twice is refused
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        first = first_line(e) or type(e).__name__
+        first = describe(e)
         raise ConfigError(f"{path} cannot be read ({first}); restore it from the run's results.json 'config'") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} is not a YAML mapping; restore it from the run's results.json 'config'")

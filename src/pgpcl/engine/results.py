@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from pgpcl.engine.metrics import summarize, tasks_done, validate_matrix
-from pgpcl.errors import PgpclError, first_line
+from pgpcl.errors import PgpclError, describe
 from pgpcl.io import atomic_write_json
 
 SCHEMA_VERSION = 1
@@ -442,7 +442,7 @@ def read_results(path: str | Path) -> Results:
     except FileNotFoundError:
         raise ResultsError(f"results file {path} not found; check the path or rerun the run") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise ResultsError(f"results file {path} cannot be read ({first_line(e) or type(e).__name__}); rerun or restore it") from None
+        raise ResultsError(f"results file {path} cannot be read ({describe(e)}); rerun or restore it") from None
     try:
         d = json.loads(text)
     except json.JSONDecodeError as e:

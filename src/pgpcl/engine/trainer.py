@@ -48,6 +48,8 @@ from pgpcl.engine.rundir import check_run_dir, lock_run_dir, prepare_run_dir, un
 from pgpcl.engine.seed import bf16_cpu_warning, seed_everything
 from pgpcl.errors import ConfigError, DataError, OutOfMemory, PgpclError, allocation_failure, one_line
 from pgpcl.io import atomic_write_text
+from pgpcl.progress import duration
+from pgpcl.progress import progress as phase_progress
 
 TEST_HOOK_ENV = "PGPCL_TEST_HOOK"
 """``POINT=SIG[,POINT=SIG...]``: the process sends itself SIG (KILL, INT or TERM) at POINT. For tests of
@@ -506,7 +508,7 @@ class Trainer:
         samples = self.scenario.sample_dataset(task, p.num_samples, seed=seed, augment=p.sample_augment)
         loader = sharded_loader(samples, p.sample_batch_size, self.cfg.data, self.dist, seed=seed)
         # A released-size pass (768 ViT-B/16 images) takes minutes on a CPU: show it like training.
-        bar = _progress(len(loader), f"task {task + 1}/{self.scenario.num_tasks} PGP basis",
+        bar = phase_progress(len(loader), f"task {task + 1}/{self.scenario.num_tasks} PGP basis",
                         self.cfg.train.progress and self.is_main)
 
         def on_batch() -> None:
@@ -555,7 +557,7 @@ class Trainer:
         augments = bool(getattr(dataset.transform, "augments", False))
         every = cfg.train.checkpoint_every
         T = self.scenario.num_tasks
-        bar = _progress(total, f"task {task + 1}/{T} train", cfg.train.progress and self.is_main, initial=steps)
+        bar = phase_progress(total, f"task {task + 1}/{T} train", cfg.train.progress and self.is_main, initial=steps)
         start, base_s = time.perf_counter(), float(timing.get("train_s", 0.0))
         ckpt_s = float(timing.get("checkpoint_s", 0.0))  # checkpoint writes, inside train_s
 
@@ -836,7 +838,7 @@ class Trainer:
         if self.pgp is not None:
             phases.append(("PGP basis", timing["basis_s"]))
         phases.append(("eval", timing["eval_s"]))
-        took = ", ".join(f"{name} {_duration(sec)}" for name, sec in phases)
+        took = ", ".join(f"{name} {duration(sec)}" for name, sec in phases)
         tqdm.write(f"task {task + 1}/{self.scenario.num_tasks}: {'  '.join(accs)} "
                    f"(mean over {task + 1} seen task{'s' if task else ''}; {took})")
 
@@ -888,7 +890,7 @@ def evaluate_method(
     bs, bar = cfg.train.eval_batch_size, None
     try:  # building a loader can meet bad data too: every rank must reach the agreement below
         loaders = [sharded_loader(scenario.test_dataset(i), bs, cfg.data, dist) for i in range(after_task + 1)]
-        bar = _progress(sum(len(loader) for loader in loaders), desc, progress)
+        bar = phase_progress(sum(len(loader) for loader in loaders), desc, progress)
         for i, loader in enumerate(loaders):
             task_mask = scenario.class_mask(i).to(device)
             for b, (x, y, _) in enumerate(loader):
@@ -935,39 +937,6 @@ def _cached_query(cache: dict | None, key: tuple[int, int], method, x: Tensor) -
         if q is not None:
             cache[key] = q
     return q
-
-
-def _duration(seconds: float) -> str:
-    """12.3 s, 4 min 05 s, 2 h 03 min."""
-    if seconds < 60:
-        return f"{seconds:.3g} s"
-    minutes, sec = divmod(int(round(seconds)), 60)
-    if minutes < 60:
-        return f"{minutes} min {sec:02d} s"
-    return f"{minutes // 60} h {minutes % 60:02d} min"
-
-
-class _NoProgress:
-    """The bar of a phase when bars are off. A disabled tqdm still costs its import and, on its first
-    construction in a process, ~1 ms of set-up (measured on the first PGP basis pass of tiny_l2p_pgp,
-    the first phase to ask for a bar there: a seventh of that pass)."""
-
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_postfix(self, **kwargs) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, desc: str, enabled: bool, initial: int = 0):
-    if not enabled:
-        return _NoProgress()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, initial=initial)
 
 
 def default_run_dir(cfg: Config) -> Path:

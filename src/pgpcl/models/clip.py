@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pgpcl.config import BackboneConfig
-from pgpcl.errors import CheckpointError, ConfigError, first_line
+from pgpcl.errors import CheckpointError, ConfigError, describe
 from pgpcl.io import is_torchscript
 from pgpcl.models.attention import plain_product, plain_product_preferred
 from pgpcl.models.frozen import train_keeping_frozen
@@ -94,7 +94,7 @@ def clip_model_config(arch: str) -> dict[str, Any]:
         try:
             raw = json.loads(path.read_text())
         except (OSError, ValueError) as e:
-            raise ConfigError(f"CLIP model config '{arch}' is not valid JSON ({first_line(e, 100)})") from None
+            raise ConfigError(f"CLIP model config '{arch}' is not valid JSON ({describe(e, 100)})") from None
         raw = raw.get("model_cfg", raw) if isinstance(raw, dict) else raw
         if not isinstance(raw, dict) or not all(k in raw for k in ("embed_dim", "vision_cfg", "text_cfg")):
             raise ConfigError(
@@ -157,7 +157,7 @@ def create_clip(model_cfg: dict[str, Any]) -> nn.Module:
         model = (CustomTextCLIP if custom_text else CLIP)(**cfg)
     except Exception as e:  # open_clip asserts / raises on inconsistent sizes
         raise ConfigError(
-            f"CLIP model cannot be built from {model_cfg} ({type(e).__name__}: {first_line(e, 120)})"
+            f"CLIP model cannot be built from {model_cfg} ({describe(e, 120, with_type=True)})"
         ) from e
     return model.eval()
 
@@ -205,7 +205,7 @@ def _convert(sd: dict[str, Any], model: nn.Module, where: str) -> dict[str, Any]
         resize_text_pos_embed(sd, model)
     except Exception as e:  # shape asserts of open_clip's resizers, unknown layouts
         raise CheckpointError(
-            f"CLIP weights {where} cannot be adapted to this model ({type(e).__name__}: {first_line(e, 120)}); "
+            f"CLIP weights {where} cannot be adapted to this model ({describe(e, 120, with_type=True)}); "
             "set backbone.arch to the model the file was made for"
         ) from e
     return sd
@@ -331,7 +331,7 @@ def build_tokenizer(arch: str, model_cfg: dict[str, Any]):
         return open_clip.get_tokenizer(arch.replace("/", "-"), context_length=length)
     except Exception as e:  # HF tokenizers download their vocabulary
         raise CheckpointError(
-            f"could not load the tokenizer of '{arch}' ({type(e).__name__}: {first_line(e, 100)}; offline?)"
+            f"could not load the tokenizer of '{arch}' ({describe(e, 100, with_type=True)}; offline?)"
         ) from e
 
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pgpcl.config import BackboneConfig
-from pgpcl.errors import ConfigError, first_line
+from pgpcl.errors import ConfigError, describe
 from pgpcl.models.attention import attention_weights, plain_product, plain_product_preferred
 from pgpcl.models.frozen import train_keeping_frozen
 from pgpcl.models.weights import (
@@ -76,7 +76,7 @@ def _create(arch: str, kwargs: dict[str, Any], init: bool = True) -> VisionTrans
         if extra:  # a non-ViT arch may refuse weight_init: retry plainly for the accurate error
             return _create(arch, kwargs)
         raise ConfigError(
-            f"backbone '{arch}' cannot be built with {kwargs} ({type(e).__name__}: {first_line(e, 120)}); "
+            f"backbone '{arch}' cannot be built with {kwargs} ({describe(e, 120, with_type=True)}); "
             "fix backbone.embed_dim/num_heads/img_size/patch_size"
         ) from e
     if extra and set(dict(model.named_buffers())) - set(model.state_dict()):

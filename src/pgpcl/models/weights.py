@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pgpcl.errors import CheckpointError, ConfigError, first_line
+from pgpcl.errors import CheckpointError, ConfigError, describe
 from pgpcl.io import is_torchscript, safe_torch_load, sha256_file, torch_load_reason
 
 try:  # huggingface_hub ships with timm; kept optional so offline installs still import.
@@ -108,7 +108,7 @@ def _read_reason(e: Exception, suffix: str) -> str:
         return torch_load_reason(e, 120)
     if suffix in NPZ_EXT and "pickle" in str(e):  # numpy suggests allow_pickle=True, which runs code
         return "it holds pickled data, not plain arrays; pgpcl loads arrays only"
-    return f"{type(e).__name__}: {first_line(e, 120)}"
+    return describe(e, 120, with_type=True)
 
 
 def _unwrap(obj: Any) -> dict[str, Any]:
@@ -287,7 +287,7 @@ def _adapt(sd: dict[str, Any], model: nn.Module, where: str) -> dict[str, Any]:
         raise
     except Exception as e:  # timm raises assorted errors on layouts it cannot adapt
         raise CheckpointError(
-            f"weights {where} cannot be adapted to this backbone ({type(e).__name__}: {first_line(e, 120)}); "
+            f"weights {where} cannot be adapted to this backbone ({describe(e, 120, with_type=True)}); "
             "use weights made for backbone.arch with matching sizes"
         ) from e
     return sd
