@@ -134,6 +134,8 @@ SETUP_CASES = {
     "top-k > pool": (lambda t: ["tiny_l2p", "method.top_k=9"], ["method.top_k (9) is larger than method.pool_size (4)"]),
     "out of range": (lambda t: ["tiny_l2p", "train.checkpoint_every=-1"], ["train.checkpoint_every must be >= 0"]),
     "lr not finite": (lambda t: ["tiny_l2p", "train.lr=.inf"], ["train.lr must be a finite number > 0"]),
+    "scaled lr infinite": (lambda t: ["tiny_l2p", "train.lr=1.7e308", "train.batch_size=512"],
+                           ["train.lr=1.7e+308 times train.batch_size / 256 is infinite", "lr_scale_by_batch=false"]),
     "no threads": (lambda t: ["tiny_l2p", "train.num_threads=0"], ["train.num_threads must be >= 1 or null"]),
     "uneven split": (lambda t: ["tiny_l2p", "data.num_tasks=3"], ["cannot be split into 3 equal tasks"]),
     "more tasks than classes": (lambda t: ["tiny_l2p", "data.num_tasks=20"], ["set data.num_tasks <= 10"]),
@@ -176,7 +178,36 @@ def test_unwritable_output_folder(tmp_path, capsys):
     fails(capsys, ["train", "tiny_l2p", *SMALL, "--run-dir", str(blocker / "run")], "cannot write",
           "choose a writable folder")
     fails(capsys, ["train", "tiny_l2p", *SMALL, "--run-dir", str(blocker)], "is a file, not a folder")
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    fails(capsys, ["train", "tiny_l2p", *SMALL, "--run-dir", str(tmp_path / "a")], "is a loop of symbolic links")
     assert blocker.read_text() == "not a folder"
+
+
+def test_a_disk_full_mid_run_says_to_make_room_and_resume(tmp_path, capsys, monkeypatch):
+    """The folder holds the run and a checkpoint: starting again elsewhere (--run-dir) would lose it."""
+    import errno
+
+    from pgpcl.engine import checkpoint
+
+    real, calls = checkpoint.save_checkpoint, []
+
+    def full_disk_on_the_second(path, state):
+        calls.append(path)
+        if len(calls) == 2:  # task000.pt, after the end-of-training last.pt
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, state)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", full_disk_on_the_second)
+    run = tmp_path / "my run"
+    line = fails(capsys, ["train", "tiny_l2p", *SMALL, "--run-dir", str(run)],
+                 f"cannot write {run / 'checkpoints' / 'task000.pt'} (No space left on device)",
+                 f"free disk space or make {run} writable, then continue with pgpcl train --resume '{run}'",
+                 f"the last checkpoint is {run / 'checkpoints' / 'last.pt'} (task 1/2, step")
+    assert "--run-dir" not in line
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real)
+    assert main(["train", "--resume", str(run)]) == 0
+    assert json.loads((run / "results.json").read_text())["status"] == "complete"
 
 
 def test_debug_shows_the_traceback(area):
@@ -184,6 +215,29 @@ def test_debug_shows_the_traceback(area):
         main(["--debug", "train", "tiny_l2p", "train.epoch=3"])
     with pytest.raises(Exception, match="unknown config key"):
         main(["train", "tiny_l2p", "train.epoch=3", "--debug"])
+
+
+def test_a_librarys_warnings_print_on_one_line_once(tmp_path, capsys):
+    """torch's DataLoader warns over several lines, twice, plus Python's source line; a command says it once
+    on one line. pin_memory without a GPU is such a warning (a real one, from torch)."""
+    import io
+    import warnings
+
+    from pgpcl.cli import _OneLineWarnings
+
+    show, out = _OneLineWarnings(), io.StringIO()
+    for lineno in (431, 437):
+        show(UserWarning("This DataLoader will create 6 worker processes\n  in total.  Suggested: 2"), UserWarning,
+             "/x/torch/utils/data/dataloader.py", lineno, file=out)
+    assert out.getvalue() == ("pgpcl: warning: This DataLoader will create 6 worker processes in total. Suggested: 2 "
+                              "(UserWarning from dataloader.py:431)\n")
+    before = warnings.showwarning
+    if not torch.cuda.is_available():
+        assert main(["train", "tiny_l2p", *SMALL, "data.pin_memory=true", "data.num_workers=1",
+                     "--run-dir", str(tmp_path / "run")]) == 0
+        lines = [line for line in capsys.readouterr().err.splitlines() if "pin_memory" in line]
+        assert len(lines) == 1 and lines[0].startswith("pgpcl: warning: 'pin_memory' argument is set as true")
+    assert warnings.showwarning is before  # the caller's formatter is back
 
 
 # -- during training: earlier progress is kept ------------------------------------------------------

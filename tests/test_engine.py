@@ -143,6 +143,20 @@ def test_same_seed_same_results(tmp_path):
     assert accs[0] == accs[1]
 
 
+def test_a_batch_larger_than_the_task_scales_the_lr_by_the_batch_it_really_takes(tmp_path):
+    """Both runs take one step of all 60 images a task; scaling by the configured 100000 made the rate
+    1667x too high, silently: chance-level accuracy and no error."""
+    from pgpcl.engine.trainer import effective_lr
+
+    cfg = load_config("tiny_l2p", ["train.batch_size=100000"])
+    assert effective_lr(cfg, 0.256, 60) == pytest.approx(0.06) and effective_lr(cfg, 0.256, 10**6) == 100
+    assert effective_lr(load_config("tiny_l2p", ["train.lr_scale_by_batch=false"]), 0.25, 60) == 0.25
+    small = ["train.progress=false", "data.train_per_class=12", "data.test_per_class=6", "train.epochs=2"]
+    whole = Trainer(load_config("tiny_l2p", [*small, "train.batch_size=60"]), tmp_path / "a").run()
+    huge = Trainer(load_config("tiny_l2p", [*small, "train.batch_size=100000"]), tmp_path / "b").run()
+    assert huge.acc == whole.acc and [t["steps"] for t in huge.timings] == [2, 2]
+
+
 def test_train_mask_restricts_loss_to_current_task(tmp_path):
     tr = Trainer(load_config("tiny_l2p", FAST), tmp_path / "run")
     method = tr.method

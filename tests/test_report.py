@@ -7,6 +7,7 @@ import statistics
 import pytest
 from PIL import Image
 
+from pgpcl.cli import main
 from pgpcl.config import Config, load_config
 from pgpcl.engine.results import new_results, read_results, write_results
 from pgpcl.errors import PgpclError
@@ -447,6 +448,22 @@ def test_malformed_results_entries_are_one_line_errors(case, tmp_path, capsys):
     edit_json(run / "results.json", change)
     fails(capsys, ["report", str(run), "--no-plots"],
           f"results file {(run / 'results.json').resolve()} is malformed: {problem}; rerun or restore it")
+
+
+def test_a_stray_file_under_a_searched_folder_is_skipped_with_a_note(runs, tmp_path, capsys):
+    """pgpcl report runs/: a foreign results.json or an empty folder among the runs is noted, not fatal;
+    the same file named on its own stays an error (test above), and so does a folder of nothing else."""
+    root = tmp_path / "runs"
+    (root / "other_tool").mkdir()
+    (root / "other_tool" / "results.json").write_text('{"accuracy": 0.9}')
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(root), str(tmp_path / "empty"), "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert f"skipped {(root / 'other_tool' / 'results.json').resolve()}, found under {root} (is malformed: " in out
+    assert f"skipped {tmp_path / 'empty'} (no results.json below it)" in out
+    assert "l2p-PGP" in out
+    fails(capsys, ["report", str(root / "other_tool"), "--no-plots"], "is malformed")
+    fails(capsys, ["report", str(tmp_path / "empty"), "--no-plots"], f"no results.json under {tmp_path / 'empty'}")
 
 
 def test_timings_of_files_older_than_setup_s_still_report(tmp_path):

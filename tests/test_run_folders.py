@@ -75,6 +75,44 @@ def test_a_folder_another_process_holds_is_refused(held_folder):
     unlock_run_dir(run)
 
 
+def test_a_killed_trainers_forked_workers_do_not_keep_its_folder_locked(tmp_path):
+    """A DataLoader worker is a fork of the trainer and outlives a SIGKILL of it by seconds; the flock
+    it inherited would refuse the immediate --resume of a requeued job."""
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import os, time
+            from pgpcl.engine.rundir import lock_run_dir
+            lock_run_dir({str(run)!r})
+            child = os.fork()
+            if child == 0:  # the "worker": lives on after its parent is gone
+                time.sleep(60)
+                os._exit(0)
+            print(child, flush=True)
+            os._exit(0)  # the trainer dies without unlocking, as under SIGKILL
+        """)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    worker = int(holder.stdout.readline())
+    holder.wait()
+    try:
+        os.kill(worker, 0)  # still alive
+        lock_run_dir(run)  # taken at once
+        unlock_run_dir(run)
+    finally:
+        os.kill(worker, 9)
+
+
+def test_resume_commands_in_messages_are_quoted_for_the_shell(tmp_path):
+    run = tmp_path / "my runs" / "l2p; rm"
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps({"status": "running"}))
+    with pytest.raises(PgpclError) as e:
+        check_run_dir(run, overwrite=False)
+    assert f"'pgpcl train --resume '{run}'' to continue it" in str(e.value)
+
+
 @pytest.mark.parametrize("how", ["new run", "--overwrite", "--resume"])
 def test_train_into_a_folder_in_use_exits_2(held_folder, capsys, how):
     from pgpcl.config import dump_yaml, load_config

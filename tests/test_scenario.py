@@ -66,6 +66,14 @@ def test_first_task_classes(mnist_root):
     assert sc.task_classes[1] == [4, 5]
     assert split_classes(100, 6, 50) == [50, 10, 10, 10, 10, 10]
     assert split_classes(10, 1, 10) == [10]
+    with pytest.raises(DataError) as err:
+        split_classes(10, 2, 10)  # said 'cannot be split into 1 equal tasks; ... divide evenly by 1'
+    assert str(err.value) == ("data.first_task_classes=10 leaves 0 of 10 classes for the other 1 task, fewer than "
+                              "one each; set data.first_task_classes <= 9")
+    with pytest.raises(DataError, match="leaves 2 of 10 classes for the other 3 tasks, fewer than one each; "
+                                        r"set data.first_task_classes <= 7"):
+        split_classes(10, 4, 8)
+    assert split_classes(10, 2, 9) == [9, 1]
 
 
 def test_not_divisible_is_one_line_error(mnist_root):

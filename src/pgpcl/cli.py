@@ -10,6 +10,7 @@ import functools
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 from pgpcl import __version__
@@ -297,7 +298,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        code = args.func(args)
+        with warnings.catch_warnings():  # restores the formatter for a caller of main() (tests, scripts)
+            if not args.debug:
+                warnings.showwarning = _OneLineWarnings()
+            code = args.func(args)
         sys.stdout.flush()  # here, so that a closed pipe is met inside this try, not at exit
         return code
     except PgpclError as e:
@@ -334,6 +338,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 INTERRUPTED = "pgpcl: interrupted; every file already written is whole (files are written atomically)"
+
+
+class _OneLineWarnings:
+    """``warnings.showwarning`` for the commands: a library's warning as one line, each text once. Python's
+    default adds the warning's source line, and torch's DataLoader warnings span several lines and come
+    twice, from two places (--debug keeps the default format)."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    def __call__(self, message, category, filename, lineno, file=None, line=None) -> None:
+        text = " ".join(str(message).split())
+        if text in self.seen:
+            return
+        self.seen.add(text)
+        print(f"pgpcl: warning: {text} ({category.__name__} from {os.path.basename(filename)}:{lineno})",
+              file=sys.stderr if file is None else file)
 
 
 def _exit_on_early_interrupt(signum: int, frame: object) -> None:

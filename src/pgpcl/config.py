@@ -99,7 +99,8 @@ class TrainConfig:
     eval_batch_size: int = 128
     lr: float = 0.03
     lr_scale_by_batch: bool = True
-    """Effective lr = lr * batch_size / 256, as released."""
+    """Effective lr = lr * batch_size / 256, as released (a task of fewer images than batch_size: lr *
+    its image count / 256, the batch its steps really take)."""
     optimizer: Literal["adam", "sgd"] = "adam"
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     momentum: float = 0.9
@@ -481,6 +482,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.batch_size and train.eval_batch_size must be >= 1")
     if not t.lr > 0 or t.lr == float("inf"):
         raise ConfigError(f"train.lr must be a finite number > 0, got {t.lr}")
+    if t.lr_scale_by_batch and t.lr * t.batch_size / 256 == float("inf"):
+        raise ConfigError(f"train.lr={t.lr} times train.batch_size / 256 is infinite; lower train.lr or "
+                          "train.batch_size, or set train.lr_scale_by_batch=false")
     if t.checkpoint_every < 0:
         raise ConfigError(f"train.checkpoint_every must be >= 0 (0 = only at task ends), got {t.checkpoint_every}")
     if t.num_threads is not None and t.num_threads < 1:

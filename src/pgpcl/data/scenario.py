@@ -81,7 +81,12 @@ def split_classes(num_classes: int, num_tasks: int, first: int | None) -> list[i
             f"data.first_task_classes={first} with data.num_tasks=1 leaves {rest} of {num_classes} classes in no "
             f"task; with one task set data.first_task_classes={num_classes} or leave it out"
         )
-    if others > 0 and (rest < others or rest % others):
+    if others > 0 and rest < others:
+        raise DataError(
+            f"data.first_task_classes={first} leaves {rest} of {num_classes} classes for the other {others} "
+            f"task{'s' if others > 1 else ''}, fewer than one each; set data.first_task_classes <= {num_classes - others}"
+        )
+    if others > 0 and rest % others:  # others >= 2 here: any count divides into one task
         raise DataError(
             f"data.first_task_classes={first} leaves {rest} of {num_classes} classes, which cannot be split into "
             f"{others} equal tasks; choose first_task_classes so the remaining classes divide evenly by {others}"

@@ -7,9 +7,11 @@ written; ``prepare_run_dir`` clears an old run only once the new one is ready to
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
+import shlex
 import shutil
 from pathlib import Path
 
@@ -30,6 +32,21 @@ def run_status(run_dir: Path) -> str | None:
 
 LOCK_FILE = ".pgpcl.lock"
 _held: dict[Path, int] = {}  # run folder -> fd of its lock file, for the locks this process holds
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker): close the inherited lock fds. An flock belongs to the open
+    file, which a fork shares, so workers that outlive a killed trainer by seconds (until torch's
+    watchdog ends them) would keep its folder locked and refuse an immediate ``--resume``."""
+    for fd in _held.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
 def real_path(run_dir: Path) -> Path:
@@ -74,6 +91,12 @@ def unlock_run_dir(run_dir: Path) -> None:
 def _refuse_a_file(run_dir: Path) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise PgpclError(f"{run_dir} is a file, not a folder; choose another --run-dir")
+    try:
+        os.stat(run_dir)
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # else mkdir says 'File exists'
+            raise PgpclError(f"{run_dir} is a loop of symbolic links; point it at a folder, or choose another "
+                             "--run-dir") from None
 
 
 def check_run_dir(run_dir: Path, *, overwrite: bool) -> str | None:
@@ -85,7 +108,7 @@ def check_run_dir(run_dir: Path, *, overwrite: bool) -> str | None:
         status = "no results.json, but checkpoints"
     if status is not None and not overwrite:
         what = "a finished run" if status == "complete" else f"an unfinished run (status: {status})"
-        resume = "" if status == "complete" else f", 'pgpcl train --resume {run_dir}' to continue it"
+        resume = "" if status == "complete" else f", 'pgpcl train --resume {shlex.quote(str(run_dir))}' to continue it"
         raise PgpclError(
             f"{run_dir} already holds {what}; pass --overwrite to replace it{resume}, or choose another "
             "folder with --run-dir or name=..."

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -98,8 +99,13 @@ def make_optimizer(params, cfg: Config, lr: float, weight_decay: float) -> torch
     return torch.optim.SGD(params, lr=lr, momentum=t.momentum, weight_decay=weight_decay)
 
 
-def effective_lr(cfg: Config, lr: float) -> float:
-    return lr * cfg.train.batch_size / 256 if cfg.train.lr_scale_by_batch else lr
+def effective_lr(cfg: Config, lr: float, task_images: int) -> float:
+    """``lr``, times the batch a step really takes over 256 with ``train.lr_scale_by_batch``: a task of
+    fewer images than ``train.batch_size`` trains on batches of all its images, and scaling by the
+    configured size would multiply the rate by the ratio (batch 100000 on a task of 80: 1250x)."""
+    if not cfg.train.lr_scale_by_batch:
+        return lr
+    return lr * min(cfg.train.batch_size, task_images) / 256
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -224,6 +230,7 @@ class Trainer:
         self._pending: dict | None = None
         self._start_task = 0
         self._last_ckpt: tuple[Path, str] | None = None
+        self._resuming, self._run_written = resume, False  # written: the folder holds config and results
         self._phase: tuple[str, str] = ("set-up", "train.eval_batch_size")  # what runs now; its size key
         self._ddp = None
         self.tb = None
@@ -266,13 +273,14 @@ class Trainer:
         error = None
         if self.is_main:
             try:
-                with _writing(self.run_dir):
+                with self._writing(self.run_dir):
                     if not resume:
                         prepare_run_dir(self.run_dir, overwrite=overwrite)
                         atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
                     self.run_dir.mkdir(parents=True, exist_ok=True)
                     lock_run_dir(self.run_dir)  # a resumed run too: one process per run folder
                     self._write()
+                    self._run_written = True
                     self.tb = self._tensorboard()
             except PgpclError as e:
                 unlock_run_dir(self.run_dir)  # run() never starts, so it cannot release it
@@ -534,8 +542,8 @@ class Trainer:
         cfg, method, d = self.cfg, self.method, self.dist
         lr, wd = method.task_optimizer_settings(task, cfg.train.lr, cfg.train.weight_decay)
         params = method.trainable_parameters()
-        optimizer = make_optimizer(params, cfg, effective_lr(cfg, lr), wd)
         dataset = self.scenario.train_dataset(task, generator_seed=0)
+        optimizer = make_optimizer(params, cfg, effective_lr(cfg, lr, len(dataset)), wd)
         B = cfg.train.batch_size
         per_epoch = math.ceil(len(dataset) / B)
         epochs = 1 if self.scenario.online else cfg.train.epochs
@@ -703,8 +711,8 @@ class Trainer:
 
     def _resume_command(self) -> str:
         if self.dist.world_size > 1:
-            return f"torchrun --nproc_per_node=N -m pgpcl train --resume {self.run_dir}"
-        return f"pgpcl train --resume {self.run_dir}"
+            return f"torchrun --nproc_per_node=N -m pgpcl train --resume {shlex.quote(str(self.run_dir))}"
+        return f"pgpcl train --resume {shlex.quote(str(self.run_dir))}"
 
     def _last_checkpoint_text(self) -> str:
         if self._last_ckpt is None:
@@ -743,6 +751,21 @@ class Trainer:
                 raise self._nonfinite_error(task, step, f"parameter '{name}' became NaN/inf")
 
     # -- checkpoints -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _writing(self, path: Path):
+        """Turn a failed write (unwritable folder, disk full) into a one-line user error. Once the run's
+        folder holds its config, the fix is to make room and resume, not to start again elsewhere."""
+        try:
+            yield
+        except OSError as e:
+            if not (self._run_written or self._resuming):
+                fix = "choose a writable folder (--run-dir / output_dir=...) or free disk space"
+            else:
+                fix = f"free disk space or make {self.run_dir} writable, then continue with {self._resume_command()}"
+                if self._last_ckpt is not None:
+                    fix += f" ({self._last_checkpoint_text()})"
+            raise PgpclError(f"cannot write {path} ({e.strerror or e}); {fix}") from None
+
     def _state(self, position: dict, *, task: int, optimizer=None, scheduler=None, timing=None) -> dict:
         r = self.results
         if self.pgp is not None:
@@ -773,7 +796,7 @@ class Trainer:
         if self.is_main:
             state = self._state({"task": task, "stage": "train", "step": steps}, task=task,
                                 optimizer=optimizer, scheduler=scheduler, timing=timing)
-            with _writing(path):
+            with self._writing(path):
                 ckpt.save_checkpoint(path, state)
         self._last_ckpt = (path, f"task {task + 1}/{self.scenario.num_tasks}, step {steps}")
         return path
@@ -782,7 +805,7 @@ class Trainer:
         self._check_finite(task, None)
         path = ckpt.checkpoint_path(self.run_dir, task)
         if self.is_main:
-            with _writing(path):
+            with self._writing(path):
                 ckpt.save_checkpoint(path, self._state({"task": task + 1, "stage": "start", "step": 0}, task=task))
                 ckpt.last_path(self.run_dir).unlink(missing_ok=True)
         self._last_ckpt = (path, f"after task {task + 1}/{self.scenario.num_tasks}")
@@ -844,7 +867,7 @@ class Trainer:
 
     def _write(self) -> None:
         if self.is_main:
-            with _writing(self.run_dir / RESULTS_FILENAME):
+            with self._writing(self.run_dir / RESULTS_FILENAME):
                 write_results(self.run_dir / RESULTS_FILENAME, self.results)
 
 
@@ -854,18 +877,6 @@ def _summary_writer():
     except ImportError:
         raise PgpclError("train.tensorboard=true needs tensorboard: pip install tensorboard") from None
     return SummaryWriter
-
-
-@contextlib.contextmanager
-def _writing(path: Path):
-    """Turn a failed write (unwritable folder, disk full) into a one-line user error."""
-    try:
-        yield
-    except OSError as e:
-        raise PgpclError(
-            f"cannot write {path} ({e.strerror or e}); choose a writable folder (--run-dir / output_dir=...) "
-            "or free disk space"
-        ) from None
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ from typing import Any
 
 from pgpcl.config import RESULT_NEUTRAL_KEYS, with_defaults
 from pgpcl.engine.metrics import accuracy_curve, summarize, tasks_done
-from pgpcl.engine.results import Results, collect_results, read_results
+from pgpcl.engine.results import RESULTS_FILENAME, Results, collect_results, read_results
 from pgpcl.errors import PgpclError
 
 IGNORED_KEYS = frozenset({"seed", "name", "data.download"} | RESULT_NEUTRAL_KEYS)
@@ -170,21 +170,54 @@ def _column(key: str) -> tuple[str, str, str, str]:
 
 
 def load_runs(paths: Sequence[str | Path], include_incomplete: bool = False) -> tuple[list[Run], list[str]]:
-    """Read every results file under ``paths``; return the usable runs and a note per skipped one."""
-    runs, skipped = [], []
-    for f in collect_results(list(paths)):
-        r = read_results(f)
-        done, total = tasks_done(r.acc["cil"]), r.num_tasks
-        if done == 0 or (r.status != "complete" and not include_incomplete):
-            skipped.append(f"skipped {f} (status {r.status}, {done}/{total} tasks done)")
+    """Read every results file under ``paths``; return the usable runs and a note per skipped one.
+
+    A path named on its own that is not a readable run is an error (the user meant it); under a folder
+    searched for runs (``pgpcl report runs/``), a foreign or damaged ``results.json`` and an empty
+    folder are skipped with a note, so one stray file does not hide every run beside it.
+    """
+    runs, skipped, unreadable, seen = [], [], [], set()
+    for path in map(Path, paths):
+        searched = path.is_dir() and not (path / RESULTS_FILENAME).is_file()
+        try:
+            files = collect_results([path])
+        except PgpclError as e:
+            if not searched:
+                raise
+            unreadable.append(e)
+            skipped.append(f"skipped {path} (no {RESULTS_FILENAME} below it)")
             continue
-        runs.append(Run(f, r))
+        for f in files:
+            if f in seen:
+                continue
+            seen.add(f)
+            try:
+                r = read_results(f)
+            except PgpclError as e:
+                if not searched:
+                    raise
+                unreadable.append(e)
+                skipped.append(f"skipped {f}, found under {path} ({_reason(e, f)})")
+                continue
+            done, total = tasks_done(r.acc["cil"]), r.num_tasks
+            if done == 0 or (r.status != "complete" and not include_incomplete):
+                skipped.append(f"skipped {f} (status {r.status}, {done}/{total} tasks done)")
+                continue
+            runs.append(Run(f, r))
     if not runs:
+        if len(unreadable) == len(skipped) and unreadable:  # nothing but unreadable files and empty folders
+            raise unreadable[0]
         raise PgpclError(
             f"none of the {len(skipped)} results file(s) is a complete run; "
             "wait for running runs to finish, or continue stopped ones with pgpcl train --resume RUN_DIR"
         )
     return runs, skipped
+
+
+def _reason(e: PgpclError, path: Path) -> str:
+    """What is wrong with the file, without the message's leading 'results file PATH' and its advice."""
+    text = str(e).replace(f"results file {path} ", "", 1)
+    return text.rsplit("; rerun or restore it", 1)[0]
 
 
 # ----------------------------------------------------------------------------------------------------
