@@ -250,8 +250,9 @@ def test_grouping_variants_and_duplicates(tmp_path):
 
 
 def test_variants_tell_every_group_apart_and_a_pgp_group_shows_its_baselines(tmp_path):
-    """Three baselines that differ in four keys, the first three of which did not tell two of them
-    apart (both printed 'batch_size=16, epochs=1, lr=0.01'), and a PGP group beside one of them."""
+    """Three baselines that differ in four keys, and a PGP group beside one of them. Each label shows every
+    key that differs: 'batch_size=16' against 'batch_size=32' alone would credit the difference to the
+    batch size when lr and epochs differ too."""
     root = tmp_path / "runs"
     settings = {"a": dict(lr=0.01, epochs=1, batch_size=16), "b": dict(lr=0.05, epochs=2, batch_size=32),
                 "c": dict(lr=0.01, epochs=1, batch_size=16, weight_decay=0.1)}
@@ -260,11 +261,21 @@ def test_variants_tell_every_group_apart_and_a_pgp_group_shows_its_baselines(tmp
     write_run(root, True, 0, CIL[(True, 0)], name="a-pgp", train=settings["a"])
     table = report_runs([root], plots=False).split("PGP - baseline")
     labels = [line.split("  ")[0] for line in table[0].splitlines() if line.startswith("l2p")]
-    assert labels == ["l2p [train.batch_size=16, train.weight_decay=0.0]",
-                      "l2p [train.batch_size=16, train.weight_decay=0.1]",
-                      "l2p [train.batch_size=32, train.weight_decay=0.0]",
-                      "l2p-PGP [train.batch_size=16, train.weight_decay=0.0]"]  # the variant of its baseline
-    assert "l2p-PGP [train.batch_size=16, train.weight_decay=0.0]" in table[1]
+    a = "train.batch_size=16, train.epochs=1, train.lr=0.01, train.weight_decay=0.0"
+    assert labels == [f"l2p [{a}]",
+                      "l2p [train.batch_size=16, train.epochs=1, train.lr=0.01, train.weight_decay=0.1]",
+                      "l2p [train.batch_size=32, train.epochs=2, train.lr=0.05, train.weight_decay=0.0]",
+                      f"l2p-PGP [{a}]"]  # the variant of its baseline
+    assert f"l2p-PGP [{a}]" in table[1]
+
+
+def test_beyond_four_differing_keys_a_label_shows_those_that_tell_groups_apart_and_counts_the_rest(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root, False, 0, CIL[(False, 0)], name="a", train=dict(lr=0.01, epochs=1, batch_size=16))
+    write_run(root, False, 0, CIL[(False, 0)], name="b", train=dict(lr=0.05, epochs=2, batch_size=32, weight_decay=0.1,
+                                                                      momentum=0.5))
+    labels = [line.split("  ")[0] for line in report_runs([root], plots=False).splitlines() if line.startswith("l2p")]
+    assert labels == ["l2p [train.batch_size=16; 4 more keys differ]", "l2p [train.batch_size=32; 4 more keys differ]"]
 
 
 def test_online_runs_that_differ_in_epochs_only_are_one_group_and_dil_names_its_domains(tmp_path):

@@ -176,42 +176,46 @@ def load_runs(paths: Sequence[str | Path], include_incomplete: bool = False) -> 
     searched for runs (``pgpcl report runs/``), a foreign or damaged ``results.json`` and an empty
     folder are skipped with a note, so one stray file does not hide every run beside it.
     """
-    runs, skipped, unreadable, seen = [], [], [], set()
-    for path in map(Path, paths):
-        searched = path.is_dir() and not (path / RESULTS_FILENAME).is_file()
-        try:
-            files = collect_results([path])
-        except PgpclError as e:
-            if not searched:
-                raise
-            unreadable.append(e)
-            skipped.append(f"skipped {path} (no {RESULTS_FILENAME} below it)")
+    runs, skipped, unreadable = [], [], []
+    for f, r in _read_found(paths, skipped, unreadable):
+        done, total = tasks_done(r.acc["cil"]), r.num_tasks
+        if done == 0 or (r.status != "complete" and not include_incomplete):
+            skipped.append(f"skipped {f} (status {r.status}, {done}/{total} tasks done)")
             continue
-        for f in files:
-            if f in seen:
-                continue
-            seen.add(f)
-            try:
-                r = read_results(f)
-            except PgpclError as e:
-                if not searched:
-                    raise
-                unreadable.append(e)
-                skipped.append(f"skipped {f}, found under {path} ({_reason(e, f)})")
-                continue
-            done, total = tasks_done(r.acc["cil"]), r.num_tasks
-            if done == 0 or (r.status != "complete" and not include_incomplete):
-                skipped.append(f"skipped {f} (status {r.status}, {done}/{total} tasks done)")
-                continue
-            runs.append(Run(f, r))
+        runs.append(Run(f, r))
     if not runs:
-        if len(unreadable) == len(skipped) and unreadable:  # nothing but unreadable files and empty folders
+        if unreadable and len(unreadable) == len(skipped):  # nothing but unreadable files and empty folders
             raise unreadable[0]
         raise PgpclError(
             f"none of the {len(skipped)} results file(s) is a complete run; "
             "wait for running runs to finish, or continue stopped ones with pgpcl train --resume RUN_DIR"
         )
     return runs, skipped
+
+
+def _read_found(paths: Sequence[str | Path], skipped: list[str], unreadable: list[PgpclError]):
+    """Yield (file, Results) for each results file under ``paths``, once; what a searched folder holds
+    that cannot be read goes to ``unreadable`` with a note in ``skipped`` (see :func:`load_runs`)."""
+    def tolerate(e: PgpclError, note: str, searched: bool) -> None:
+        if not searched:
+            raise e
+        unreadable.append(e)
+        skipped.append(note)
+
+    seen: set[Path] = set()
+    for path in map(Path, paths):
+        searched = path.is_dir() and not (path / RESULTS_FILENAME).is_file()
+        try:
+            files = collect_results([path])
+        except PgpclError as e:
+            tolerate(e, f"skipped {path} (no {RESULTS_FILENAME} below it)", searched)
+            continue
+        for f in (f for f in files if f not in seen):
+            seen.add(f)
+            try:
+                yield f, read_results(f)
+            except PgpclError as e:
+                tolerate(e, f"skipped {f}, found under {path} ({_reason(e, f)})", searched)
 
 
 def _reason(e: PgpclError, path: Path) -> str:
@@ -300,12 +304,18 @@ def _sort_key(g: RunGroup) -> tuple:
     return (r.dataset, r.setting, r.method, r.pgp, g.variant)
 
 
+VARIANT_KEYS = 4
+
+
 def _set_variants(groups: list[RunGroup]) -> None:
     """Groups of one method, dataset and setting get the config keys that tell them apart as a variant.
 
     Keys other than pgp.* come first and are shown on PGP and baseline groups alike, so a PGP group
-    carries the variant of the baseline it pairs with; pgp.* keys are added (on PGP groups) only where
-    those leave two PGP groups alike. Of each, only keys that separate groups not yet told apart.
+    carries the variant of the baseline it pairs with: every such key that differs, up to
+    :data:`VARIANT_KEYS` of them (showing one of two keys that both differ would credit the difference to
+    it); beyond that only those a greedy pass needs to tell the groups apart, and a count of the rest.
+    pgp.* keys are added (on PGP groups) only where those leave two PGP groups alike, and only those that
+    separate groups not yet told apart.
     """
     by_base: dict[tuple, list[RunGroup]] = {}
     for g in groups:
@@ -315,12 +325,14 @@ def _set_variants(groups: list[RunGroup]) -> None:
             continue
         dicts = [dict(g.key) for g in same]
         differ = sorted({k for d in dicts for k in d if len({e.get(k) for e in dicts}) > 1})
-        shared = _separating(dicts, [k for k in differ if not k.startswith("pgp.")])
+        others = [k for k in differ if not k.startswith("pgp.")]
+        shared = others if len(others) <= VARIANT_KEYS else _separating(dicts, others)
+        more = f"; {len(others) - len(shared)} more keys differ" if len(shared) < len(others) else ""
         pgp_dicts = [d for g, d in zip(same, dicts) if g.first.pgp]
         pgp_keys = [k for k in differ if k.startswith("pgp.") and k != "pgp.enabled"]
         own = [k for k in _separating(pgp_dicts, shared + pgp_keys) if k.startswith("pgp.")]
         for g, d in zip(same, dicts):
-            g.variant = ", ".join(f"{k}={_show(d.get(k))}" for k in shared + (own if g.first.pgp else []))
+            g.variant = ", ".join(f"{k}={_show(d.get(k))}" for k in shared + (own if g.first.pgp else [])) + more
 
 
 def _separating(dicts: list[dict[str, str]], keys: list[str]) -> list[str]:
