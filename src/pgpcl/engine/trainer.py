@@ -517,7 +517,7 @@ class Trainer:
         loader = sharded_loader(samples, p.sample_batch_size, self.cfg.data, self.dist, seed=seed)
         # A released-size pass (768 ViT-B/16 images) takes minutes on a CPU: show it like training.
         bar = phase_progress(len(loader), f"task {task + 1}/{self.scenario.num_tasks} PGP basis",
-                        self.cfg.train.progress and self.is_main)
+                             self.cfg.train.progress and self.is_main)
 
         def on_batch() -> None:
             bar.update()
