@@ -172,3 +172,41 @@ def test_dualprompt_memory_queries_are_those_of_the_training_forward(tmp_path):
     assert set(reps) == {"g_key.l0", "e_key.l1", "e_key.l2"}
     for name, _, _, layer in method._prefixed_layers():
         torch.testing.assert_close(reps[name], full[layer], rtol=0, atol=1e-6)
+
+
+def test_l2p_projects_a_task_out_of_the_earlier_tasks_spaces_only(tmp_path):
+    """L2P builds task t's basis at task t's start, from task t's data; as released it serves from task
+    t+1 on: task t itself moves freely inside its own new directions (it used to be projected out of
+    them, which kept its keys from moving towards its own queries)."""
+    tr = _trainer(tmp_path, "tiny_l2p", True, "sgd-gradient", extra=("pgp.eps={prompt: 0.99, key: 0.999}",))
+    tr.run_task(0)
+    before, ranks0 = tr.method.pool.prompts.detach().clone(), tr.pgp.pgp.ranks()
+    keys0 = tr.method.pool.keys.detach().clone()
+    tr.run_task(1)
+    ranks1 = tr.pgp.pgp.ranks()
+    for group, param, start in (("prompt", tr.method.pool.prompts, before), ("key", tr.method.pool.keys, keys0)):
+        r0, r1 = ranks0[group], ranks1[group]
+        assert 0 < r0 < r1, (group, r0, r1)  # task 1's build added directions
+        basis = tr.pgp.pgp.memory.basis(group)
+        delta = (param.detach() - start).reshape(-1, D).double()
+        assert float((delta @ basis[:, :r0]).norm() / delta.norm()) < 1e-5  # out of task 0's space
+        assert float((delta @ basis[:, r0:r1]).norm() / delta.norm()) > 1e-2  # free in task 1's own
+        record = [p for p in tr.results.projection if p["task"] == 1 and p["group"] == group]
+        assert record[0]["rank"] == r0  # the rank in force, as results.json reports it
+
+
+@pytest.mark.parametrize("preset, tasks_with_extra", [("tiny_l2p_pgp", [1, 2]), ("tiny_clip_pgp", [0, 1, 2])])
+def test_the_prompt_joins_the_sum_space_from_the_task_the_method_declares(tmp_path, monkeypatch, preset,
+                                                                           tasks_with_extra):
+    """As released, L2P adds the pool from the second task on (at task 0's start it is its random
+    initialisation); CLIP adds its prompt at every task."""
+    from pgpcl.projection.pgp import PGP
+
+    seen, real = [], PGP.collect_extra
+    tr = Trainer(load_config(preset, ["train.progress=false", "data.num_tasks=5", "data.train_per_class=8",
+                                      "data.test_per_class=2", "pgp.num_samples=16"]), tmp_path / "run")
+    monkeypatch.setattr(PGP, "collect_extra", lambda self, name, rows: (seen.append(tr.method.current_task),
+                                                                          real(self, name, rows))[1])
+    for task in range(3):
+        tr.run_task(task)
+    assert sorted(set(seen)) == tasks_with_extra

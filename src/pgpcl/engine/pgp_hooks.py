@@ -86,8 +86,9 @@ class PGPHooks:
         if stopped:
             self.method.train(was_training)
             raise BasisInterrupted(f"stopped while building the basis of task {task}")
-        for name, rows in self.method.extra_representations().items():
-            self.pgp.collect_extra(name, rows)
+        if task >= self.method.extra_from_task:
+            for name, rows in self.method.extra_representations().items():
+                self.pgp.collect_extra(name, rows)
         for name, info in self.pgp.build().items():
             self.basis_log.append(
                 {"task": task, "group": name, "rank_before": info.rank_before, "rank_after": info.rank_after,
@@ -99,7 +100,17 @@ class PGPHooks:
         # No projection on the first task, even when the method builds its basis at task start (L2P).
         self.active = task > 0
         if self.active:
-            self.pgp.begin_task()
+            self.pgp.begin_task(self.ranks_in_force(task))
+
+    def ranks_in_force(self, task: int) -> dict[str, int]:
+        """Per group, the basis rank that projects task ``task``: all of it, except that a basis built
+        at this task's start from its own data (L2P, as released) serves from the next task on, so the
+        ranks from before that build (its log entry's ``rank_before``) are in force."""
+        ranks = self.pgp.ranks()
+        for rec in self.basis_log:
+            if rec["task"] == task:
+                ranks[rec["group"]] = rec["rank_before"]
+        return ranks
 
     def before_step(self) -> None:
         if self.active:
@@ -152,4 +163,4 @@ class PGPHooks:
                     f"{tuple(ref.shape)}; resume with the config the run was started with"
                 )
             out[name] = value.to(ref.device, ref.dtype)
-        self.pgp.projector.set_task_start(out)
+        self.pgp.projector.set_task_start(out, self.ranks_in_force(task))

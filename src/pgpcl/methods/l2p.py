@@ -52,6 +52,7 @@ class L2P(PromptedViTMethod, Method):
 
     default_eps = {"prompt": 0.50, "key": 0.97}
     basis_timing = "task_start"
+    extra_from_task = 1
     ddp_find_unused_parameters = False  # prompt pools are whole tensors: always used
 
     def __init__(self, params: Params, backbone: nn.Module, num_classes: int, task_classes):

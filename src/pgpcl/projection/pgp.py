@@ -145,8 +145,11 @@ class PGP:
 
     # ------------------------------------------------------------------ training hooks
 
-    def begin_task(self) -> None:
-        self.projector.begin_task()
+    def begin_task(self, in_force: Mapping[str, int] | None = None) -> None:
+        """Start projecting a task. ``in_force``: per group, the basis rank to use (default: all of it);
+        where the basis is built at a task's start from that task's data, pass :meth:`ranks` from
+        before that build, so the task is projected out of the earlier tasks' spaces only."""
+        self.projector.begin_task(in_force)
 
     def end_task(self) -> dict[str, dict[str, float]]:
         return self.projector.end_task()

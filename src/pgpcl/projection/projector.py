@@ -13,7 +13,7 @@ the memory update (the leak is measured against the basis that was in force duri
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -30,7 +30,7 @@ Target = Literal["gradient", "update"]
 class _Operator:
     """Cached projection data for one group on the parameter's device."""
 
-    version: int
+    version: tuple[int, int]  # (memory version, rank in force)
     basis: Tensor  # (D, k) compute dtype
     outer: Tensor | None  # U U^T (D, D) when one matmul with it is cheaper than two thin ones
 
@@ -155,18 +155,32 @@ class Projector:
         self._per_param = target == "update" and not measure_step_leak
         self._step_leak: dict[str, tuple[Tensor, Tensor]] = {}
         self._task_start: dict[str, Tensor] | None = None  # None: outside a task
+        # Per group, how many of the basis's leading columns are in force (None: all). A basis built at a
+        # task's start from that task's data (L2P) protects the tasks after it, not the task itself; the
+        # memory only appends columns, so the earlier tasks' basis is the leading block.
+        self._in_force: dict[str, int] | None = None
+
+    def rank_in_force(self, name: str) -> int:
+        """Columns of group ``name``'s basis that the projection uses now."""
+        rank = self.memory.rank(name)
+        limit = None if self._in_force is None else self._in_force.get(name)
+        return rank if limit is None else min(rank, limit)
+
+    def _basis_in_force(self, name: str) -> Tensor | None:
+        rank = self.rank_in_force(name)
+        return None if rank == 0 else self.memory.basis(name)[:, :rank]
 
     # ------------------------------------------------------------------ operators
 
     def _operator(self, group: ProtectedGroup) -> _Operator | None:
         """The group's cached operator, refreshed when the memory changed; None if U is empty."""
-        if self.memory.rank(group.name) == 0:
+        basis = self._basis_in_force(group.name)
+        if basis is None:
             return None
-        version = self.memory.version(group.name)
+        version = (self.memory.version(group.name), basis.shape[1])
         op = self._ops.get(group.name)
         if op is not None and op.version == version:
             return op
-        basis = self.memory.basis(group.name)
         if basis.shape[0] != group.dim:
             raise ValueError(
                 f"group '{group.name}': basis is {basis.shape[0]}-D, the parameter view is {group.dim}-D"
@@ -183,7 +197,7 @@ class Projector:
     def _block_operator(self, members: list[ProtectedGroup]) -> _BlockOperator | None:
         """The cached operator of one set of block groups, refreshed when any basis changed; None while
         all are empty."""
-        versions = tuple((self.memory.version(g.name), self.memory.rank(g.name)) for g in members)
+        versions = tuple((self.memory.version(g.name), self.rank_in_force(g.name)) for g in members)
         if all(rank == 0 for _, rank in versions):
             return None
         key = members[0].block.key
@@ -195,8 +209,8 @@ class Projector:
         dtype, device = _compute_dtype(first.param.dtype), first.param.device
         outer, full = None, []
         for g in members:
-            basis = self.memory.basis(g.name)
-            if basis is None or basis.shape[1] == 0:
+            basis = self._basis_in_force(g.name)
+            if basis is None:
                 continue
             if basis.shape[0] != g.dim:
                 raise ValueError(f"group '{g.name}': basis is {basis.shape[0]}-D, the parameter view is {g.dim}-D")
@@ -212,7 +226,7 @@ class Projector:
 
     def active(self) -> bool:
         """True when at least one group has a non-empty basis (from the second task on)."""
-        return any(self.memory.rank(g.name) > 0 for g in self.groups)
+        return any(self.rank_in_force(g.name) > 0 for g in self.groups)
 
     # ------------------------------------------------------------------ per step
 
@@ -248,7 +262,7 @@ class Projector:
             self.project_gradients()
         self._step_before.clear()
         if self._per_param:
-            params = {id(g.param): g.param for g in self.groups if self.memory.rank(g.name) > 0}
+            params = {id(g.param): g.param for g in self.groups if self.rank_in_force(g.name) > 0}
             self._param_before = {key: p.detach().clone() for key, p in params.items()}
         elif self.target == "update" or self.measure_step_leak:
             for group in self.groups:
@@ -332,16 +346,23 @@ class Projector:
     # ------------------------------------------------------------------ per task
 
     @torch.no_grad()
-    def begin_task(self) -> None:
-        """Remember every group's protected part, to measure the task's total change."""
+    def begin_task(self, in_force: Mapping[str, int] | None = None) -> None:
+        """Remember every group's protected part, to measure the task's total change.
+
+        ``in_force``: per group, the basis rank to project with during this task (default: the whole
+        basis). A method that builds the basis at a task's start passes the ranks from before that
+        build, so the task is projected only out of the earlier tasks' spaces.
+        """
+        self._in_force = None if in_force is None else dict(in_force)
         self._task_start = {g.name: snapshot(g) for g in self.groups}
 
     def task_start(self) -> dict[str, Tensor]:
         """The snapshot taken by :meth:`begin_task` (group name -> protected part); empty outside a task."""
         return dict(self._task_start or {})
 
-    def set_task_start(self, snapshots: dict[str, Tensor]) -> None:
-        """Re-enter a task mid-way (resume) with the snapshots its :meth:`begin_task` took."""
+    def set_task_start(self, snapshots: dict[str, Tensor], in_force: Mapping[str, int] | None = None) -> None:
+        """Re-enter a task mid-way (resume) with the snapshots and ranks its :meth:`begin_task` took."""
+        self._in_force = None if in_force is None else dict(in_force)
         self._task_start = dict(snapshots)
 
     @torch.no_grad()
@@ -363,10 +384,10 @@ class Projector:
                 comp = op.component(delta)
                 leak = float(_ratio(comp.norm(), delta.norm().to(comp.dtype)))
             report[group.name] = {
-                "rank": self.memory.rank(group.name),
+                "rank": self.rank_in_force(group.name),
                 "dim": group.dim,
                 "leak": leak,
                 "change": change,
             }
-        self._task_start = None
+        self._task_start, self._in_force = None, None
         return report
