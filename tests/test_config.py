@@ -23,7 +23,7 @@ def test_released_hyperparameters():
     assert (c.train.epochs, c.train.lr, c.train.batch_size, c.seed) == (50, 0.005, 16, 59)
     d = load_config("cifar100_10_dualprompt")
     assert (d.train.epochs, d.train.batch_size, d.seed, d.method.params.pull_lambda) == (20, 24, 59, 1.0)
-    assert d.backbone.pretrained_tag == "augreg_in21k"
+    assert d.backbone.pretrained_tag == "orig_in21k"  # the released code's imagenet21k/ViT-B_16.npz
     assert not load_config("imagenet_r_10_dualprompt").method.params.batchwise_prompt
 
 

@@ -36,7 +36,7 @@ def write_run(root, pgp, seed, A, status="complete", name=None, eps=None, datase
             setattr(getattr(cfg, section), k, v)
     cfg.backbone.weights = weights
     if weights == "hub":
-        cfg.backbone.pretrained_tag = "augreg_in21k"  # the released presets' ImageNet-21k weights
+        cfg.backbone.pretrained_tag = "orig_in21k"  # the released presets' ImageNet-21k weights
     cfg.pgp.enabled = pgp
     cfg.data.num_tasks = len(A)
     cfg.data.dataset = dataset

@@ -1,10 +1,11 @@
 """The frozen timm ViT backbone and the prompted forward pass that drives its modules.
 
 Weights used for the published PGP / L2P / DualPrompt numbers: ViT-B/16 pretrained on ImageNet-21k,
-timm ``vit_base_patch16_224.augreg_in21k`` (``backbone.weights=hub backbone.pretrained_tag=augreg_in21k``).
-The original Google ``ViT-B_16.npz`` is timm's ``vit_base_patch16_224.orig_in21k`` and loads from the
-``.npz`` directly. Note that timm's *default* tag for ``vit_base_patch16_224`` is
-``augreg2_in21k_ft_in1k`` (fine-tuned on ImageNet-1k), which is not what the papers used: set the tag.
+the original Google ``ViT-B_16.npz`` that the released code downloads, which is timm's
+``vit_base_patch16_224.orig_in21k`` (``backbone.weights=hub backbone.pretrained_tag=orig_in21k``, the
+presets' default) and loads from the ``.npz`` directly; ``augreg_in21k`` is a later 21k pretraining.
+Note that timm's *default* tag for ``vit_base_patch16_224`` is ``augreg2_in21k_ft_in1k`` (fine-tuned
+on ImageNet-1k), which is not what the papers used: set the tag.
 
 :class:`PromptedViT` never forks timm's ``vision_transformer.py``: it calls the timm modules
 (``patch_embed``, ``_pos_embed``, each block's ``norm1``, ``attn.qkv``, ``q_norm``/``k_norm``,
