@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from pgpcl.config import apply_overrides, config_from_dict, list_presets, load_config, load_raw
 from pgpcl.errors import ConfigError
@@ -180,3 +181,23 @@ def test_pgpcl_configs_names_the_preset_that_does_not_load(tmp_path, monkeypatch
     assert err.startswith("pgpcl: error: preset tiny_mine_pgp does not load: unknown method 'vpt_shallow'"), err
     with pytest.raises(ConfigError, match="method.text_init_std must be >= 0, got -1.0"):
         load_config("tiny_clip", ["method.text_init_std=-1"])
+
+
+def test_released_dualprompt_starts_each_e_prompt_from_the_previous_tasks(tmp_path):
+    """--shared_prompt_pool of the released configs: before task t, E-prompt t-1's key- and value-prefixes
+    are copied into E-prompt t (not its matching key); the default keeps independent initialisations."""
+    from pgpcl.engine.trainer import Trainer
+
+    for preset in ("cifar100_10_dualprompt", "cifar100_20_dualprompt_pgp", "cub200_5_dualprompt",
+                   "imagenet_r_10_dualprompt_pgp", "tiny_imagenet_10_dualprompt"):
+        assert load_config(preset).method.params.shared_prompt_pool, preset
+    small = ["train.progress=false", "data.train_per_class=8", "data.test_per_class=2"]
+    for shared in (True, False):
+        tr = Trainer(load_config("tiny_dualprompt", [*small, f"method.shared_prompt_pool={str(shared).lower()}"]),
+                     tmp_path / str(shared))
+        tr.run_task(0)
+        pool = tr.method.pool
+        trained, fresh, key = pool.prompts[0].detach().clone(), pool.prompts[1].detach().clone(), pool.keys[1].clone()
+        tr.method.begin_task(1)
+        assert torch.equal(pool.prompts[1], trained if shared else fresh)
+        assert not torch.equal(trained, fresh) and torch.equal(pool.keys[1], key)

@@ -55,6 +55,10 @@ class DualPrompt(PromptedViTMethod, Method):
         """'token': the [CLS] token's output (as released); 'prompt': the mean of the image tokens' outputs
         (prefixes add no tokens to average, so this is the patch tokens, without [CLS] and register tokens)."""
         prompt_init: Literal["uniform", "zero", "normal"] = "uniform"
+        shared_prompt_pool: bool = False
+        """Before training task t > 0, copy E-prompt t-1 (key- and value-prefixes, not its matching key)
+        into E-prompt t, as the released configs do (``--shared_prompt_pool``); the released-benchmark
+        presets set it."""
         key_basis: Literal["layer", "head"] = "layer"
         """PGP's key-prefix bases: one per layer over full-width queries (as released), or one per layer and
         attention head, which keeps each head's logits rather than their sum (docs/pgp.md, section 14)."""
@@ -94,6 +98,12 @@ class DualPrompt(PromptedViTMethod, Method):
         e_shape = (len(params.e_layers), 2, params.e_length, d)
         self.pool = PromptPool(pool_size, e_shape, d, init=params.prompt_init)
         self.head = init_head(nn.Linear(d, num_classes))
+
+    def begin_task(self, task: int) -> None:
+        super().begin_task(task)
+        if self.params.shared_prompt_pool and task > 0:
+            with torch.no_grad():  # a new task starts from what the previous one learned
+                self.pool.prompts[task].copy_(self.pool.prompts[task - 1])
 
     def _prefixes(self, x: Tensor, task: Tensor | None, query: Tensor | None = None):
         """E-prompt selection (forced to ``task`` when given; ``query`` (B, D) given or computed) and the
