@@ -364,3 +364,40 @@ def test_eval_of_a_dil_run_shows_cil_only(tmp_path, capsys, data_write_image):
     lines = capsys.readouterr().out.splitlines()
     assert any(line.startswith("CIL per task") for line in lines)
     assert not any(line.startswith("TIL") for line in lines)
+
+
+def test_a_cosine_schedule_per_epoch_holds_the_lr_within_each_epoch(tmp_path, monkeypatch):
+    """train.scheduler_every=epoch (the released CLIP code: T_max = epochs, one step per epoch): every
+    step of epoch e trains at peak * (1 + cos(pi e / E)) / 2; per step, the rate falls within the epoch."""
+    import math
+
+    from pgpcl.engine import trainer as trainer_module
+
+    seen = {}
+    real = trainer_module.make_optimizer
+
+    def capture(*args, **kwargs):
+        seen["opt"] = real(*args, **kwargs)
+        return seen["opt"]
+
+    monkeypatch.setattr(trainer_module, "make_optimizer", capture)
+    for every in ("epoch", "step"):
+        tr = Trainer(load_config("tiny_l2p", ["train.progress=false", "data.train_per_class=16", "train.epochs=3",
+                                              "train.batch_size=40", "train.scheduler=cosine",
+                                              f"train.scheduler_every={every}"]), tmp_path / every)
+        lrs = []
+
+        def recording(*a, _train_step=tr.train_step, _lrs=lrs, **k):
+            _lrs.append(seen["opt"].param_groups[0]["lr"])
+            return _train_step(*a, **k)
+
+        monkeypatch.setattr(tr, "train_step", recording)
+        tr.run_task(0)
+        peak = trainer_module.effective_lr(tr.cfg, tr.cfg.train.lr, 80)
+        assert len(lrs) == 6  # 80 images, batch 40, 3 epochs
+        if every == "epoch":
+            expected = [peak * (1 + math.cos(math.pi * e / 3)) / 2 for e in (0, 0, 1, 1, 2, 2)]
+        else:
+            expected = [peak * (1 + math.cos(math.pi * s / 6)) / 2 for s in range(6)]
+        assert lrs == pytest.approx(expected)
+    assert load_config("cifar100_10_clip_pgp").train.scheduler_every == "epoch"

@@ -106,6 +106,9 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     scheduler: Literal["constant", "cosine"] = "constant"
+    scheduler_every: Literal["step", "epoch"] = "step"
+    """How often the cosine schedule moves: every training step (over the task's steps) or once per epoch
+    (over its epochs, constant within one: the released CLIP code)."""
     clip_grad: float | None = 1.0
     max_steps_per_task: int | None = None
     """Stop a task after this many steps (smoke tests); None = full epochs."""

@@ -551,8 +551,10 @@ class Trainer:
         if cfg.train.max_steps_per_task is not None:
             total = min(total, cfg.train.max_steps_per_task)
         scheduler = None
+        by_epoch = cfg.train.scheduler_every == "epoch"
         if cfg.train.scheduler == "cosine":
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1))
+            periods = math.ceil(total / per_epoch) if by_epoch else total
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(periods, 1))
         steps, images = int(timing.get("steps", 0)), int(timing.get("images", 0))
         if pending is not None:
             optimizer.load_state_dict(pending["optimizer"])
@@ -603,9 +605,9 @@ class Trainer:
                     n_global = plan.global_size(first + k)
                     loss, correct = self.train_step(*batch, class_mask, optimizer, params, model=model,
                                                     real=real[k], task=task, step=steps + 1)
-                    if scheduler is not None:
-                        scheduler.step()
                     steps, images = steps + 1, images + n_global
+                    if scheduler is not None and (not by_epoch or steps % per_epoch == 0):
+                        scheduler.step()
                     self._log_step(bar, task, steps, loss, correct / n_global)
                     if (every and steps % every == 0) or steps == total:
                         save_checkpoint()
