@@ -401,3 +401,32 @@ def test_a_cosine_schedule_per_epoch_holds_the_lr_within_each_epoch(tmp_path, mo
             expected = [peak * (1 + math.cos(math.pi * s / 6)) / 2 for s in range(6)]
         assert lrs == pytest.approx(expected)
     assert load_config("cifar100_10_clip_pgp").train.scheduler_every == "epoch"
+
+
+def test_dualprompt_tasks_past_a_smaller_pool_choose_their_e_prompt_by_key_matching(tmp_path, monkeypatch):
+    """The released 20-split config has 10 E-prompts for 20 tasks: a task with a prompt of its own trains
+    it (forced); a later task trains the one the batch's queries pick, in training and in the PGP pass,
+    with the old tasks' key spaces still projected out of its change."""
+    from pgpcl.models.prompts import PromptPool
+
+    forced, real = [], PromptPool.select
+
+    def spy(self, query, top_k, batchwise=False, force_idx=None):
+        forced.append(None if force_idx is None else sorted(set(force_idx.tolist())))
+        return real(self, query, top_k, batchwise, force_idx)
+
+    monkeypatch.setattr(PromptPool, "select", spy)
+    cfg = load_config("tiny_dualprompt_pgp", ["train.progress=false", "data.num_tasks=5", "method.pool_size=2",
+                                              "method.shared_prompt_pool=true", "data.train_per_class=8",
+                                              "data.test_per_class=4", "pgp.num_samples=16", "pgp.target=update",
+                                              "pgp.eps={prefix: 0.99}"])
+    tr = Trainer(cfg, tmp_path / "run")
+    for task in range(3):
+        tr.method.train()
+        forced.clear()
+        tr.run_task(task)
+        chosen = [f for f in forced if f is not None]
+        assert (chosen == [[task]] * len(chosen) and chosen) if task < 2 else not chosen, (task, forced[:3])
+    leaks = [p["leak"] for p in tr.results.projection if p["task"] == 2]
+    assert leaks and max(leaks) < 1e-4  # target update: the protected key-prefixes stay out of the old spaces
+    assert tr.results.acc["cil"][2][2] is not None

@@ -3,7 +3,9 @@
 Prefix-tuning: at each prompted layer a prompt is a key-prefix and a value-prefix (L tokens each)
 joined to that layer's attention keys and values; queries are the image tokens only. A task-shared
 G-prompt sits at ``g_layers`` and a pool of E-prompts (one per task, picked top-1 by key matching, forced
-to the true task in training) at ``e_layers``. The classifier reads the CLS output.
+to the true task in training) at ``e_layers``. A pool smaller than the number of tasks (the released
+20-split config: 10 E-prompts) forces only the tasks it has a prompt for; a later task picks among them
+by key matching in training too (batch-wise with ``batchwise_prompt``), as the released prompt mask does. The classifier reads the CLS output.
 
 Unlike the released code, key- and value-prefixes are split by indexing their own axis, never by a
 reshape that mixes them across the batch.
@@ -43,12 +45,14 @@ class DualPrompt(PromptedViTMethod, Method):
         e_length: int = 5
         e_layers: list[int] = field(default_factory=lambda: [2, 3, 4])
         pool_size: int | None = None
-        """Number of E-prompts; None = one per task."""
+        """Number of E-prompts; None = one per task. Fewer than the tasks: tasks past the pool pick theirs by
+        key matching (released 20-split config: 10)."""
         top_k: int = 1
         """Must be 1: one E-prompt per image (a key of the released configs)."""
         batchwise_prompt: bool = True
-        """Has no effect: training uses the true task's E-prompt (the released prompt mask); kept so the
-        released configs load. Evaluation follows ``test_batchwise``."""
+        """Training of a task past the pool (``pool_size`` below the number of tasks): one E-prompt for the
+        whole batch, the most chosen. Otherwise inert: training uses the true task's E-prompt (the released
+        prompt mask). Evaluation follows ``test_batchwise``."""
         test_batchwise: bool = False
         pull_lambda: float = 1.0
         head: Literal["token", "prompt"] = "token"
@@ -86,11 +90,6 @@ class DualPrompt(PromptedViTMethod, Method):
         check_blocks_exist(params.g_layers, depth, "g_layers")
         check_blocks_exist(params.e_layers, depth, "e_layers")
         pool_size = params.pool_size or len(task_classes)
-        if pool_size < len(task_classes):
-            raise ConfigError(
-                f"method.pool_size ({pool_size}) is smaller than the number of tasks ({len(task_classes)}); "
-                "DualPrompt needs one E-prompt per task"
-            )
         g_shape = (len(params.g_layers), 2, params.g_length, d)
         self.g_prompt = nn.Parameter(torch.empty(g_shape)) if params.g_layers else None
         if self.g_prompt is not None:
@@ -101,7 +100,7 @@ class DualPrompt(PromptedViTMethod, Method):
 
     def begin_task(self, task: int) -> None:
         super().begin_task(task)
-        if self.params.shared_prompt_pool and task > 0:
+        if self.params.shared_prompt_pool and 0 < task < self.pool.pool_size:
             with torch.no_grad():  # a new task starts from what the previous one learned
                 self.pool.prompts[task].copy_(self.pool.prompts[task - 1])
 
@@ -111,8 +110,21 @@ class DualPrompt(PromptedViTMethod, Method):
         p = self.params
         batchwise = p.batchwise_prompt if self.training else p.test_batchwise
         q = self.backbone.query(x) if query is None else query
-        sel = self.pool.select(q, 1, batchwise=batchwise, force_idx=task)
+        sel = self.pool.select(q, 1, batchwise=batchwise, force_idx=self._forced(task))
         return sel, self._prefix_dict(self.pool.gather(sel.idx)[:, 0])
+
+    def _forced(self, task: Tensor | None) -> Tensor | None:
+        """The E-prompt ids to force for a batch of ``task`` ids (B,): the true task's, or None (choose by
+        key matching) for a task past the pool, like the released prompt mask. One task per batch."""
+        if task is None:
+            return None
+        past = task >= self.pool.pool_size
+        if not bool(past.any()):
+            return task
+        if not bool(past.all()):
+            raise ValueError(f"a batch mixes tasks with and without an E-prompt of their own (pool of "
+                             f"{self.pool.pool_size}); give one task per batch")
+        return None
 
     def _prefix_dict(self, e: Tensor) -> dict[int, tuple[Tensor, Tensor]]:
         """Chosen E-prompts e (B, n_e_layers, 2, L, D) and the G-prompt -> {layer: (key, value)}."""
@@ -156,11 +168,16 @@ class DualPrompt(PromptedViTMethod, Method):
     def representations(self, x: Tensor, task: Tensor) -> dict[str, Tensor]:
         """Per prefixed layer, the queries W_q LN(x) of the prompted forward: (B, T, D).
 
-        The E-prompt is the true task's, as in training, so no query pass is needed; the blocks run only
-        up to the last prefixed layer (``PromptedViT.queries``).
+        The E-prompt is chosen as in training: the true task's, so no query pass is needed, or for a task
+        past the pool the one key matching picks (batch-wise with ``batchwise_prompt``). The blocks run
+        only up to the last prefixed layer (``PromptedViT.queries``).
         """
         layers = [layer for *_, layer in self._prefixed_layers()]
-        idx = self.pool.forced_ids(task, x.shape[0])
+        force = self._forced(task)
+        if force is None:
+            idx = self.pool.select(self.backbone.query(x), 1, batchwise=self.params.batchwise_prompt).idx
+        else:
+            idx = self.pool.forced_ids(force, x.shape[0])
         queries = self.backbone.queries(x, layers, prefixes=self._prefix_dict(self.pool.gather(idx)[:, 0]))
         return self._keys().rows(queries)
 
