@@ -136,3 +136,16 @@ def test_demo_refuses_bad_arguments_before_any_run(tmp_path, capsys, args, messa
     assert main(["demo", "--quick", "--out", str(out), *args]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_finished_run_of_another_config_is_not_reused(tmp_path, capsys):
+    """The demo reuses finished runs; one that trained something else (older pgpcl, other overrides)
+    would be reported as this demo's. It is refused in one line, and --overwrite retrains it."""
+    out = tmp_path / "demo"
+    argv = ["demo", "--quick", "--out", str(out), "--methods", "l2p", *TINY]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main([*argv, "train.epochs=2"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a finished run with train.epochs=1, this demo trains 2; pass --overwrite" in err
+    assert main([*argv, "train.epochs=2", "--overwrite"]) == 0

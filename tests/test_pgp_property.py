@@ -210,3 +210,33 @@ def test_the_prompt_joins_the_sum_space_from_the_task_the_method_declares(tmp_pa
     for task in range(3):
         tr.run_task(task)
     assert sorted(set(seen)) == tasks_with_extra
+
+
+def test_l2p_runs_written_before_the_fix_keep_their_semantics(tmp_path):
+    """method.pgp_basis=v0.1 is what pgpcl's L2P-PGP computed before 2026-12-03: task t projected out of
+    its own new directions too, and the pool in task 0's basis. A stored config without the key (a run
+    of that code) reads as v0.1, so it resumes, evaluates and reports as it ran."""
+    import yaml
+
+    from pgpcl.config import with_defaults, with_legacy_values
+    from pgpcl.engine.evaluate import load_run_config
+
+    tr = _trainer(tmp_path, "tiny_l2p", True, "sgd-gradient",
+                  extra=("pgp.eps={prompt: 0.99, key: 0.999}", "method.pgp_basis=v0.1"))
+    tr.run_task(0)
+    before, r0 = tr.method.pool.prompts.detach().clone(), tr.pgp.pgp.ranks()["prompt"]
+    tr.run_task(1)
+    r1, basis = tr.pgp.pgp.ranks()["prompt"], tr.pgp.pgp.memory.basis("prompt")
+    delta = (tr.method.pool.prompts.detach() - before).reshape(-1, D).double()
+    assert r1 >= r0 > 0 and float((delta @ basis[:, :r1]).norm() / delta.norm()) < 1e-5  # out of its own too
+    assert [p["rank"] for p in tr.results.projection if p["group"] == "prompt"] == [r1]
+
+    old = load_config("tiny_l2p_pgp").to_dict()
+    del old["method"]["pgp_basis"]
+    assert with_legacy_values(old)["method"]["pgp_basis"] == "v0.1"
+    assert with_defaults(old)["method"]["pgp_basis"] == "v0.1"
+    assert with_defaults(load_config("tiny_l2p_pgp").to_dict())["method"]["pgp_basis"] == "released"
+    assert "pgp_basis" not in with_legacy_values(load_config("tiny_dualprompt_pgp").to_dict())["method"]
+    (tmp_path / "old_run").mkdir()
+    (tmp_path / "old_run" / "config.yaml").write_text(yaml.safe_dump(old))
+    assert load_run_config(tmp_path / "old_run").method.params.pgp_basis == "v0.1"

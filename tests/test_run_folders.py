@@ -110,7 +110,7 @@ def test_resume_commands_in_messages_are_quoted_for_the_shell(tmp_path):
     (run / "results.json").write_text(json.dumps({"status": "running"}))
     with pytest.raises(PgpclError) as e:
         check_run_dir(run, overwrite=False)
-    assert f"'pgpcl train --resume '{run}'' to continue it" in str(e.value)
+    assert f", pgpcl train --resume '{run}' to continue it" in str(e.value)
 
 
 @pytest.mark.parametrize("how", ["new run", "--overwrite", "--resume"])

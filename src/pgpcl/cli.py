@@ -353,8 +353,11 @@ class _OneLineWarnings:
         if text in self.seen:
             return
         self.seen.add(text)
-        print(f"pgpcl: warning: {text} ({category.__name__} from {os.path.basename(filename)}:{lineno})",
-              file=sys.stderr if file is None else file)
+        try:  # as Python's own: a warning must not fail the command when stderr is gone
+            print(f"pgpcl: warning: {text} ({category.__name__} from {os.path.basename(filename)}:{lineno})",
+                  file=sys.stderr if file is None else file)
+        except (OSError, ValueError):
+            pass
 
 
 def _exit_on_early_interrupt(signum: int, frame: object) -> None:

@@ -227,12 +227,29 @@ def config_difference(a: dict, b: dict, ignore=RESULT_NEUTRAL_KEYS) -> tuple[str
     return None
 
 
+LEGACY_METHOD_VALUES: dict[str, dict[str, Any]] = {"l2p": {"pgp_basis": "v0.1"}}
+"""Method keys whose default changed what the code computes, with the value that reproduces what a run
+written before the key existed computed. A stored config without such a key reads as that value."""
+
+
+def with_legacy_values(config: dict[str, Any]) -> dict[str, Any]:
+    """A stored config (a run's config.yaml or results.json) with :data:`LEGACY_METHOD_VALUES` filled
+    in where the key is missing, so an old run resumes, evaluates and reports as it ran."""
+    method = config.get("method")
+    legacy = LEGACY_METHOD_VALUES.get(method.get("name")) if isinstance(method, dict) else None
+    if not legacy or all(k in method for k in legacy):
+        return config
+    return {**config, "method": {**legacy, **method}}
+
+
 def with_defaults(config: dict[str, Any]) -> dict[str, Any]:
     """A stored ``Config.to_dict()`` laid over today's defaults, the method's own too when it is
     registered: a key added to pgpcl after a results file was written reads as its default, which by
-    this project's rule reproduces the earlier behaviour."""
+    this project's rule reproduces the earlier behaviour (or as its legacy value, where the default
+    changed the behaviour: :func:`with_legacy_values`)."""
     from pgpcl.methods import METHODS
 
+    config = with_legacy_values(config)
     defaults = Config().to_dict()
     name = (config.get("method") or {}).get("name", defaults["method"]["name"])
     defaults["method"] = {"name": name}

@@ -109,6 +109,20 @@ def linear_probe(cfg: Config, epochs: int = 500) -> float:
     return 100.0 * float((head(xte).argmax(1) == yte).float().mean())
 
 
+def _check_reused(run_dir: Path, cfg) -> None:
+    """A finished run is reused only if it trained what this demo would: one left by an older pgpcl
+    (whose L2P-PGP projected differently) or by other overrides would be reported as this demo's."""
+    from pgpcl.config import config_difference
+    from pgpcl.engine.evaluate import load_run_config
+    from pgpcl.errors import PgpclError
+
+    diff = config_difference(load_run_config(run_dir).to_dict(), cfg.to_dict())
+    if diff is not None:
+        key, was, now = diff
+        raise PgpclError(f"{run_dir} holds a finished run with {key}={was!r}, this demo trains {now!r}; pass "
+                         "--overwrite to retrain it, or choose another --out")
+
+
 def run_demo(
     out_dir: Path, seeds=DEFAULT_SEEDS, quick: bool = False, overwrite: bool = False, extra: list[str] | None = None,
     methods=DEFAULT_METHODS,
@@ -129,6 +143,8 @@ def run_demo(
         status = run_status(run_dir)
         if status != "complete" or overwrite:
             train(cfg, run_dir, overwrite=status is not None, task_lines=False)
+        else:
+            _check_reused(run_dir, cfg)
         bar.update()
     bar.close()
     probe = linear_probe(configs[0])

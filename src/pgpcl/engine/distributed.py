@@ -16,7 +16,9 @@ Contract:
   ``--batch-size`` per GPU; to mirror an 8-GPU release run set ``train.batch_size`` to 8x theirs.)
 - Operations that couple the samples of a batch see only the rank's share of it: L2P's batch-wise
   prompt vote (``method.batchwise_prompt=true``, the released default) votes per rank (as the released
-  code does when run on several GPUs). With it off (and DualPrompt, whose training selection is forced by the task),
+  code does when run on several GPUs), and so does DualPrompt's for a task past a smaller E-prompt pool
+  (``method.pool_size`` below the number of tasks). With it off (and DualPrompt, whose training selection
+  is otherwise forced by the task),
   N processes reproduce one process to float precision.
 - Augmentation is seeded per sample from (epoch seed, position in the permutation), so it does not
   depend on the number of processes or on where a resumed run skipped to.

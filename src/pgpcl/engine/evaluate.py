@@ -34,11 +34,11 @@ def load_run_config_raw(run_dir: Path) -> dict:
 def load_run_config(run_dir: Path, raw: dict | None = None):
     """The run's config from ``run_dir/config.yaml`` (``raw``: that file's data, when already read); a
     ConfigError names the file."""
-    from pgpcl.config import config_from_dict
+    from pgpcl.config import config_from_dict, with_legacy_values
 
     raw = load_run_config_raw(run_dir) if raw is None else raw
     try:
-        return config_from_dict(raw)
+        return config_from_dict(with_legacy_values(raw))
     except ConfigError as e:
         raise ConfigError(f"{Path(run_dir) / 'config.yaml'}: {e}") from None
 

@@ -107,6 +107,8 @@ class PGPHooks:
         at this task's start from its own data (L2P, as released) serves from the next task on, so the
         ranks from before that build (its log entry's ``rank_before``) are in force."""
         ranks = self.pgp.ranks()
+        if self.method.own_task_basis_in_force:
+            return ranks
         for rec in self.basis_log:
             if rec["task"] == task:
                 ranks[rec["group"]] = rec["rank_before"]

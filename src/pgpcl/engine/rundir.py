@@ -108,7 +108,7 @@ def check_run_dir(run_dir: Path, *, overwrite: bool) -> str | None:
         status = "no results.json, but checkpoints"
     if status is not None and not overwrite:
         what = "a finished run" if status == "complete" else f"an unfinished run (status: {status})"
-        resume = "" if status == "complete" else f", 'pgpcl train --resume {shlex.quote(str(run_dir))}' to continue it"
+        resume = "" if status == "complete" else f", pgpcl train --resume {shlex.quote(str(run_dir))} to continue it"
         raise PgpclError(
             f"{run_dir} already holds {what}; pass --overwrite to replace it{resume}, or choose another "
             "folder with --run-dir or name=..."

@@ -159,10 +159,10 @@ class _TestHooks:
 def resume_config(run_dir: Path, overrides: list[str] | None = None) -> Config:
     """The config of the run in ``run_dir`` (its config.yaml), with overrides of the keys a resume may
     change (:data:`RESUME_MUTABLE`); any other override must equal the run's value."""
-    from pgpcl.config import apply_overrides, config_from_dict
+    from pgpcl.config import apply_overrides, config_from_dict, with_legacy_values
     from pgpcl.engine.evaluate import load_run_config, load_run_config_raw
 
-    raw = load_run_config_raw(run_dir)
+    raw = with_legacy_values(load_run_config_raw(run_dir))
     stored = load_run_config(run_dir, raw)
     if not overrides:
         return stored

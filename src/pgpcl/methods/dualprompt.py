@@ -13,7 +13,8 @@ reshape that mixes them across the batch.
 PGP: the key-prefixes of the G-prompt and of the E-prompts are protected, one basis per layer, spanned
 by that layer's queries W_q LN(x) of the task's data (eps 0.50), built after each task
 (``key_basis=head``: one per layer and head). The memory pass
-selects E-prompts exactly as training does (the true task's prompt).
+selects E-prompts exactly as training does (the true task's prompt, or for a task past the pool the one
+key matching picks).
 """
 
 from __future__ import annotations

@@ -40,6 +40,11 @@ class L2P(PromptedViTMethod, Method):
         head: Literal["prompt", "token"] = "prompt"
         """prompt: classifier on the mean of the prompt-position outputs; token: on the CLS output."""
         prompt_init: Literal["uniform", "zero", "normal"] = "uniform"
+        pgp_basis: Literal["released", "v0.1"] = "released"
+        """PGP only. 'released': task t is projected with tasks 0..t-1's basis (built at each task's start)
+        and the pool joins the sum space from task 1 on, as the released code does. 'v0.1': pgpcl before
+        2026-12-03, which also projected task t with the basis built from its own data and added the
+        initial pool to task 0's; runs written then read as this, so they resume and report as they ran."""
 
         def validate(self) -> None:
             if self.top_k > self.pool_size:
@@ -52,7 +57,6 @@ class L2P(PromptedViTMethod, Method):
 
     default_eps = {"prompt": 0.50, "key": 0.97}
     basis_timing = "task_start"
-    extra_from_task = 1
     ddp_find_unused_parameters = False  # prompt pools are whole tensors: always used
 
     def __init__(self, params: Params, backbone: nn.Module, num_classes: int, task_classes):
@@ -85,6 +89,14 @@ class L2P(PromptedViTMethod, Method):
         return MethodOutput(self.head(feat), aux, {"prompt_idx": sel.idx})
 
     # -- PGP ---------------------------------------------------------------------------------------
+    @property
+    def extra_from_task(self) -> int:
+        return 1 if self.params.pgp_basis == "released" else 0
+
+    @property
+    def own_task_basis_in_force(self) -> bool:
+        return self.params.pgp_basis == "v0.1"
+
     def protected_groups(self, eps: dict[str, float]):
         from pgpcl.projection import ProtectedGroup
 
