@@ -184,6 +184,21 @@ def test_unwritable_output_folder(tmp_path, capsys):
     assert blocker.read_text() == "not a folder"
 
 
+def test_a_full_disk_at_the_first_write_leaves_no_empty_folders(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from pgpcl.engine import trainer
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(trainer, "atomic_write_text", full)
+    (tmp_path / "kept").mkdir()
+    fails(capsys, ["train", "tiny_l2p", *SMALL, "--run-dir", str(tmp_path / "kept" / "a" / "b" / "run")],
+          "No space left on device", "choose a writable folder")
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and not any((tmp_path / "kept").iterdir())
+
+
 def test_a_disk_full_mid_run_says_to_make_room_and_resume(tmp_path, capsys, monkeypatch):
     """The folder holds the run and a checkpoint: starting again elsewhere (--run-dir) would lose it."""
     import errno

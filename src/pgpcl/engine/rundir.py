@@ -88,6 +88,26 @@ def unlock_run_dir(run_dir: Path) -> None:
         os.close(fd)  # closing releases the flock
 
 
+def discard_new_run_dir(run_dir: Path) -> None:
+    """After a set-up that wrote nothing of the run (a full disk at the first write): remove the lock
+    file and the folders :func:`prepare_run_dir` created, as long as they hold nothing else."""
+    run_dir = real_path(run_dir)
+    top = _created.pop(run_dir, None)
+    if top is None:
+        return
+    if [p.name for p in run_dir.iterdir()] == [LOCK_FILE]:
+        (run_dir / LOCK_FILE).unlink(missing_ok=True)
+    folder = run_dir
+    while True:
+        try:
+            folder.rmdir()  # only an empty folder
+        except OSError:
+            return
+        if folder == top:
+            return
+        folder = folder.parent
+
+
 def _refuse_a_file(run_dir: Path) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise PgpclError(f"{run_dir} is a file, not a folder; choose another --run-dir")
@@ -116,11 +136,21 @@ def check_run_dir(run_dir: Path, *, overwrite: bool) -> str | None:
     return status
 
 
+_created: dict[Path, Path] = {}  # run folder -> the topmost folder prepare_run_dir created for it
+
+
 def prepare_run_dir(run_dir: Path, *, overwrite: bool) -> Path:
     """Create and lock the folder, check it, then clear an old run's files (with ``overwrite``)."""
     run_dir = real_path(run_dir)
     _refuse_a_file(run_dir)  # before mkdir, which would fail on it with a less helpful error
+    top = None
+    for folder in (run_dir, *run_dir.parents):
+        if folder.exists():
+            break
+        top = folder
     run_dir.mkdir(parents=True, exist_ok=True)
+    if top is not None:
+        _created[run_dir] = top
     lock_run_dir(run_dir)  # before the check: another process may be starting a run here right now
     try:
         status = check_run_dir(run_dir, overwrite=overwrite)

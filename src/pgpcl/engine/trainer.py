@@ -45,7 +45,13 @@ from pgpcl.engine.distributed import (
     sharded_loader,
 )
 from pgpcl.engine.results import RESULTS_FILENAME, Results, now_iso, write_results
-from pgpcl.engine.rundir import check_run_dir, lock_run_dir, prepare_run_dir, unlock_run_dir
+from pgpcl.engine.rundir import (
+    check_run_dir,
+    discard_new_run_dir,
+    lock_run_dir,
+    prepare_run_dir,
+    unlock_run_dir,
+)
 from pgpcl.engine.seed import bf16_cpu_warning, seed_everything
 from pgpcl.errors import ConfigError, DataError, OutOfMemory, PgpclError, allocation_failure, one_line
 from pgpcl.io import atomic_write_text
@@ -284,6 +290,8 @@ class Trainer:
                     self.tb = self._tensorboard()
             except PgpclError as e:
                 unlock_run_dir(self.run_dir)  # run() never starts, so it cannot release it
+                if not (resume or self._run_written):
+                    discard_new_run_dir(self.run_dir)  # no empty a/b/run/ left behind
                 error = e
         self.dist.agree(error)
 
