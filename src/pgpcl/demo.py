@@ -112,11 +112,10 @@ def linear_probe(cfg: Config, epochs: int = 500) -> float:
 def _check_reused(run_dir: Path, cfg) -> None:
     """A finished run is reused only if it trained what this demo would: one left by an older pgpcl
     (whose L2P-PGP projected differently) or by other overrides would be reported as this demo's."""
-    from pgpcl.config import config_difference
-    from pgpcl.engine.evaluate import load_run_config
+    from pgpcl.engine.evaluate import run_config_difference
     from pgpcl.errors import PgpclError
 
-    diff = config_difference(load_run_config(run_dir).to_dict(), cfg.to_dict())
+    diff = run_config_difference(run_dir, cfg)
     if diff is not None:
         key, was, now = diff
         raise PgpclError(f"{run_dir} holds a finished run with {key}={was!r}, this demo trains {now!r}; pass "

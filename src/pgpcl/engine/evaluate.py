@@ -43,6 +43,14 @@ def load_run_config(run_dir: Path, raw: dict | None = None):
         raise ConfigError(f"{Path(run_dir) / 'config.yaml'}: {e}") from None
 
 
+def run_config_difference(run_dir: Path, cfg) -> tuple[str, object, object] | None:
+    """First (key, the run's value, ``cfg``'s value) where ``cfg`` differs from the run's config.yaml in
+    a key that changes the numbers; None when it trains the same run."""
+    from pgpcl.config import config_difference
+
+    return config_difference(load_run_config(run_dir).to_dict(), cfg.to_dict())
+
+
 def reevaluate_run(run_dir: Path) -> dict:
     """The run's model rebuilt from its config and last end-of-task checkpoint, evaluated again:
     ``{"after_task": t, "num_tasks": T, "cil": [acc % per seen task], "til": [...] or None}`` (til None

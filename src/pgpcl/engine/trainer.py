@@ -186,11 +186,11 @@ def resume_config(run_dir: Path, overrides: list[str] | None = None) -> Config:
 def _check_resume_config(cfg: Config, run_dir: Path) -> None:
     """A resumed run trains what its config.yaml says: a config given from Python that differs in a key
     that changes the numbers is refused before anything is loaded."""
-    from pgpcl.engine.evaluate import load_run_config
+    from pgpcl.engine.evaluate import run_config_difference
 
     if not (run_dir / "config.yaml").is_file():
         return  # nothing to match: the checks on the folder and its checkpoint say what is wrong
-    diff = config_difference(load_run_config(run_dir).to_dict(), cfg.to_dict())
+    diff = run_config_difference(run_dir, cfg)
     if diff is not None:
         key, was, now = diff
         raise ConfigError(

@@ -40,11 +40,11 @@ class Method(nn.Module):
     """When PGP builds a task's basis: before training it on that task's data (L2P as released) or after.
     A basis built at task t's start protects tasks t+1 on: task t is projected with the earlier ones'."""
     extra_from_task: ClassVar[int] = 0
+    """The first task whose basis pass adds ``extra_representations`` (L2P: 1, as released: at task 0's
+    start the pool is its random initialisation, which no old input attends to)."""
     own_task_basis_in_force: ClassVar[bool] = False
     """With ``task_start``: project task t with the basis that already holds task t's own directions
     (pgpcl's L2P before 2026-12-03, kept for its runs: ``method.pgp_basis=v0.1``)."""
-    """The first task whose basis pass adds ``extra_representations`` (L2P: 1, as released: at task 0's
-    start the pool is its random initialisation, which no old input attends to)."""
     ddp_find_unused_parameters: ClassVar[bool] = True
     """Multi-GPU: False when every trainable parameter takes part in every training step (saves DDP a
     graph traversal per step); True when some may not (DDP must then find them)."""

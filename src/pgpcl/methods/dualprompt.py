@@ -5,7 +5,8 @@ joined to that layer's attention keys and values; queries are the image tokens o
 G-prompt sits at ``g_layers`` and a pool of E-prompts (one per task, picked top-1 by key matching, forced
 to the true task in training) at ``e_layers``. A pool smaller than the number of tasks (the released
 20-split config: 10 E-prompts) forces only the tasks it has a prompt for; a later task picks among them
-by key matching in training too (batch-wise with ``batchwise_prompt``), as the released prompt mask does. The classifier reads the CLS output.
+by key matching in training too (batch-wise with ``batchwise_prompt``), as the released prompt mask
+does. The classifier reads the CLS output.
 
 Unlike the released code, key- and value-prefixes are split by indexing their own axis, never by a
 reshape that mixes them across the batch.
