@@ -174,13 +174,14 @@ class Projector:
 
     def _operator(self, group: ProtectedGroup) -> _Operator | None:
         """The group's cached operator, refreshed when the memory changed; None if U is empty."""
-        basis = self._basis_in_force(group.name)
-        if basis is None:
+        rank = self.rank_in_force(group.name)
+        if rank == 0:
             return None
-        version = (self.memory.version(group.name), basis.shape[1])
+        version = (self.memory.version(group.name), rank)
         op = self._ops.get(group.name)
         if op is not None and op.version == version:
-            return op
+            return op  # the per-step path: no basis slicing
+        basis = self.memory.basis(group.name)[:, :rank]
         if basis.shape[0] != group.dim:
             raise ValueError(
                 f"group '{group.name}': basis is {basis.shape[0]}-D, the parameter view is {group.dim}-D"
