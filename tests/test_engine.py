@@ -242,6 +242,20 @@ def test_online_trains_one_pass_per_task_and_says_epochs_are_unused(tmp_path, ca
     assert [t["steps"] for t in timings] == [13, 13]  # 5 digits x 40 images per task, batch 16, one pass
 
 
+def test_a_note_that_every_run_of_a_demo_meets_is_printed_once(tmp_path, capsys):
+    from pgpcl.engine.trainer import each_note_once
+
+    cfg = load_config("tiny_l2p", ["train.progress=false", "data.setting=online", "train.epochs=2"])
+    other = load_config("tiny_l2p", ["train.progress=false", "data.setting=online", "train.epochs=4"])
+    with each_note_once():
+        for k, c in enumerate([cfg, cfg, other, cfg]):
+            Trainer(c, tmp_path / f"run{k}")  # the note is printed while the trainer is set up
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [("train.epochs=2" in e, "train.epochs=4" in e) for e in err] == [(True, False), (False, True)]
+    Trainer(cfg, tmp_path / "run_after")  # outside the block every run says it again
+    assert "train.epochs=2 is not used" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("preset", ["tiny_l2p", "tiny_dualprompt"])
 def test_evaluation_reuses_cached_queries_and_gives_the_same_accuracies(tmp_path, preset):
     from pgpcl.engine.trainer import evaluate_method

@@ -127,7 +127,7 @@ def run_demo(
     methods=DEFAULT_METHODS,
 ) -> str:
     """Train every demo config (finished runs are reused, not overwritten), then report. Returns the text."""
-    from pgpcl.engine.trainer import default_run_dir, train
+    from pgpcl.engine.trainer import default_run_dir, each_note_once, train
     from pgpcl.progress import progress
     from pgpcl.report import report_runs
 
@@ -136,15 +136,16 @@ def run_demo(
     start = time.perf_counter()
     run_dirs = []
     bar = progress(len(configs), "demo runs", leave=True)
-    for cfg in configs:
-        run_dir = default_run_dir(cfg)
-        run_dirs.append(run_dir)
-        status = run_status(run_dir)
-        if status != "complete" or overwrite:
-            train(cfg, run_dir, overwrite=status is not None, task_lines=False)
-        else:
-            _check_reused(run_dir, cfg)
-        bar.update()
+    with each_note_once():  # an override's note (e.g. data.setting=online) reaches every run: say it once
+        for cfg in configs:
+            run_dir = default_run_dir(cfg)
+            run_dirs.append(run_dir)
+            status = run_status(run_dir)
+            if status != "complete" or overwrite:
+                train(cfg, run_dir, overwrite=status is not None, task_lines=False)
+            else:
+                _check_reused(run_dir, cfg)
+            bar.update()
     bar.close()
     probe = linear_probe(configs[0])
     elapsed = time.perf_counter() - start

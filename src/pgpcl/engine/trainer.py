@@ -68,6 +68,29 @@ RESUME_MUTABLE = RESULT_NEUTRAL_KEYS
 """Config keys that may differ on ``--resume`` (where and how fast, never what is computed)."""
 
 
+_notes_printed: set[str] | None = None  # inside each_note_once(): the set-up notes printed so far
+
+
+@contextlib.contextmanager
+def each_note_once():
+    """Within the block a set-up note or warning that a run prints is printed once, however many runs
+    train there with it (``pgpcl demo``: 36 runs of one override would repeat it 36 times)."""
+    global _notes_printed
+    outer, _notes_printed = _notes_printed, set() if _notes_printed is None else _notes_printed
+    try:
+        yield
+    finally:
+        _notes_printed = outer
+
+
+def _print_note(text: str) -> None:
+    if _notes_printed is not None:
+        if text in _notes_printed:
+            return
+        _notes_printed.add(text)
+    print(text, file=sys.stderr)
+
+
 @dataclass
 class TaskEval:
     """Accuracy (%) on each seen task after training one task."""
@@ -254,7 +277,7 @@ class Trainer:
                                 f"{cfg.train.epochs} is not used (one pass per task)")
             for warning in filter(None, warnings):
                 if self.is_main:
-                    print(warning, file=sys.stderr)
+                    _print_note(warning)
             if cfg.train.tensorboard and self.is_main:
                 _summary_writer()  # before anything is written: a missing package must not leave a folder
             self.scenario = build_scenario(cfg.data, cfg.seed)
