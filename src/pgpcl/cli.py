@@ -265,19 +265,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("pretrain", help="pretrain the small offline ViT on Fashion-MNIST")
-    p.add_argument("--out", default="pretrained", help="folder for NAME.safetensors and NAME.json")
-    p.add_argument("--name", default="vit_fmnist_d96")
-    p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="pretrained", help="folder for NAME.safetensors and NAME.json (default: %(default)s)")
+    p.add_argument("--name", default="vit_fmnist_d96", help="file name of the weights (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=6, help="passes over the 60k training images (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights, the batch order and the shifts (default: %(default)s)")
     p.add_argument("--data-root", help="Fashion-MNIST folder (default: Debian's dataset-fashion-mnist)")
     p.add_argument("--overwrite", action="store_true", help="replace NAME.safetensors / NAME.json in --out")
     p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("report", help="tables (mean +- std over seeds) and plots from run folders")
-    p.add_argument("runs", nargs="+", help="run folders or results.json files")
-    p.add_argument("--out", help="folder for plots and summary.json (replaces the files of a previous report there)")
-    p.add_argument("--format", choices=["text", "markdown"], default="text")
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("runs", nargs="+", help="run folders, results.json files, or folders holding runs (searched)")
+    p.add_argument("--out", help="folder for plots and summary.json (replaces the files of a previous report there; default: "
+                        "RUN/report for one run, else ./report)")
+    p.add_argument("--format", choices=["text", "markdown"], default="text",
+                   help="how the tables print (default: %(default)s)")
+    p.add_argument("--no-plots", action="store_true",
+                   help="no PNG plots; without --out nothing is written, only printed")
     p.set_defaults(func=_cmd_report)
     return parser
 
