@@ -149,3 +149,11 @@ def test_a_finished_run_of_another_config_is_not_reused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "holds a finished run with train.epochs=1, this demo trains 2; pass --overwrite" in err
     assert main([*argv, "train.epochs=2", "--overwrite"]) == 0
+
+
+def test_a_note_every_run_meets_is_printed_once(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--methods", "l2p", *TINY, "data.setting=online",
+                 "train.epochs=2"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "train.epochs=2 is not used" in line]
+    assert len(notes) == 1  # two runs, one note
