@@ -242,6 +242,14 @@ def machine(load_before: tuple[float, float, float] | None = None) -> dict[str, 
     return rec
 
 
+def write_sweep(out: Path, name: str, record: dict[str, Any]) -> None:
+    """Write an accuracy sweep's JSON (``record`` plus the command that made it and the UTC date)."""
+    record = {**record, "command": " ".join([f"python benchmarks/{name}.py", *sys.argv[1:]]),
+              "date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime())}
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
 def finish(name: str, args: argparse.Namespace, mach: dict[str, Any], results: Any, notes: list[str]) -> Path:
     """Record the load after the run and write the JSON; returns its path."""
     mach = {**mach, "load_avg_after": [round(v, 2) for v in os.getloadavg()]}

@@ -16,10 +16,9 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from _common import HERE, ROOT, child_failure, comma_list, nonneg_int, run_main
+from _common import HERE, ROOT, child_failure, comma_list, nonneg_int, run_main, write_sweep
 
 # The eps each learner's protected prompts take (L2P's key eps stays at its preset's 0.97).
 EPS_KEY = {"l2p": "prompt", "dualprompt": "prefix"}
@@ -118,11 +117,7 @@ def main() -> None:
                 rows.append({"eps": eps, "target": target, **read_summary(run_demo(cmd), learner)})
     text = table(rows)
     print(text)
-    record = {"seeds": args.seeds, "rows": rows, "table": text,
-              "command": " ".join(["python benchmarks/eps_sweep.py", *sys.argv[1:]]),
-              "date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime())}
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_sweep(args.out, "eps_sweep", {"seeds": args.seeds, "rows": rows, "table": text})
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import HERE, ROOT, child_failure, comma_list, run_main
+from _common import HERE, ROOT, child_failure, comma_list, run_main, write_sweep
 from eps_sweep import out_path, seed
 
 SETTINGS = ("cil", "online", "dil")
@@ -126,12 +126,9 @@ def main() -> None:
             rows += rows_of(run_demo(args.methods, overrides, Path(tmp) / setting, args.seeds), setting)
     text = table(rows)
     print(text)
-    record = {"seeds": args.seeds, "angles": list(ANGLES), "dil_train_per_class": DIL_TRAIN_PER_CLASS,
-              "rows": rows, "table": text, "wall_s": round(time.time() - started),
-              "command": " ".join(["python benchmarks/settings_sweep.py", *sys.argv[1:]]),
-              "date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime())}
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_sweep(args.out, "settings_sweep", {
+        "seeds": args.seeds, "angles": list(ANGLES), "dil_train_per_class": DIL_TRAIN_PER_CLASS,
+        "rows": rows, "table": text, "wall_s": round(time.time() - started)})
 
 
 if __name__ == "__main__":
