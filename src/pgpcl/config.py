@@ -154,6 +154,11 @@ class PGPConfig:
     sample_batch_size: int = 64
     sample_augment: bool = True
     """Draw the sample with the training transform, as released."""
+    protect_head: bool = False
+    """Also protect the linear classifier head (``method.head``; not released PGP): its weight is projected
+    with the span of its inputs on earlier tasks' samples (kind ``head``, eps 0.97 unless
+    ``pgp.eps.head``) and its bias is held from the second task on. Meant for ``data.setting=dil``, where
+    every task trains the same head rows (docs/pgp.md, section 16)."""
 
 
 @dataclass

@@ -18,6 +18,44 @@ class _EpsTable(dict):
         raise ConfigError(f"no eps for protected group kind '{kind}'; set pgp.eps.{kind}=<value in (0, 1]>")
 
 
+HEAD_KIND, HEAD_EPS = "head", 0.97
+"""``pgp.protect_head``: the eps kind of the head's groups and its default."""
+
+
+def head_groups(method, eps: float) -> list:
+    """The classifier head's groups: its weight (C, D), rows = the head's inputs; its bias (C,) as a
+    (C, 1) view whose single input is the constant 1, so one task's basis already holds it."""
+    from torch import nn
+
+    from pgpcl.projection import ProtectedGroup
+
+    head = getattr(method, "head", None)
+    if not isinstance(head, nn.Linear):
+        raise ConfigError(f"pgp.protect_head=true needs a linear classifier head (method.head), and "
+                          f"{type(method).__name__} has none; set pgp.protect_head=false")
+    if method.basis_timing != "task_end":
+        # The head's rows must come from the task's data *after* training it; a basis pass at the
+        # task's start (L2P) sees the head before it has learned the task.
+        raise ConfigError(f"pgp.protect_head=true needs a method that builds its basis at each task's end, and "
+                          f"{type(method).__name__} builds it at the start; set pgp.protect_head=false")
+    groups = [ProtectedGroup("head", HEAD_KIND, head.weight, None, eps)]
+    if head.bias is not None:
+        groups.append(ProtectedGroup("head.bias", HEAD_KIND, head.bias, lambda b: b.unsqueeze(-1), eps))
+    return groups
+
+
+def head_rows(method, x: torch.Tensor, task: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One forward of the method; the head's inputs (B, D), and ones (B, 1) for its bias."""
+    seen: list[torch.Tensor] = []
+    handle = method.head.register_forward_pre_hook(lambda _module, args: seen.append(args[0]))
+    try:
+        method(x, task)
+    finally:
+        handle.remove()
+    rows = seen[-1].reshape(-1, seen[-1].shape[-1])
+    return {"head": rows, "head.bias": torch.ones(rows.shape[0], 1, dtype=rows.dtype, device=rows.device)}
+
+
 class BasisInterrupted(Exception):
     """The representation pass was stopped by a signal before the basis was built (memory unchanged)."""
 
@@ -32,13 +70,17 @@ class PGPHooks:
     def __init__(self, method, cfg: PGPConfig, device: torch.device):
         self.method = method
         self.device = device
-        eps = _EpsTable({**method.default_eps, **cfg.eps})
+        self.protect_head = cfg.protect_head
+        default_eps = {**method.default_eps, **({HEAD_KIND: HEAD_EPS} if cfg.protect_head else {})}
+        eps = _EpsTable({**default_eps, **cfg.eps})
         groups = method.protected_groups(eps)
         if not groups:
             raise ConfigError(f"pgp.enabled=true but the method ({type(method).__name__}) protects no parameters "
                               "(protected_groups() is empty); set pgp.enabled=false")
+        if cfg.protect_head:
+            groups = [*groups, *head_groups(method, eps[HEAD_KIND])]
         # measure_step_leak=False: the task-level leak (end_task) is measured anyway, at no step cost.
-        self.pgp = PGP(groups, cfg, method.default_eps, measure_step_leak=False)
+        self.pgp = PGP(groups, cfg, default_eps, measure_step_leak=False)
         for name, rows in method.extra_representations().items():  # before any training: fail early
             self.pgp.check_extra_rows(name, rows.shape[0])
         self.basis_log: list[dict] = []
@@ -72,8 +114,11 @@ class PGPHooks:
                     break
                 # inference_mode: less per-op bookkeeping than no_grad (~5% of a tiny preset's pass);
                 # the collectors copy the rows into ordinary tensors.
+                x, t = x.to(self.device), t.to(self.device)
                 with torch.inference_mode():
-                    reps = self.method.representations(x.to(self.device), t.to(self.device))
+                    reps = self.method.representations(x, t)
+                    if self.protect_head:
+                        reps = {**reps, **head_rows(self.method, x, t)}
                 self.pgp.collect(reps)
                 if on_batch is not None:
                     on_batch()
