@@ -242,12 +242,13 @@ def test_l2p_runs_written_before_the_fix_keep_their_semantics(tmp_path):
     assert load_run_config(tmp_path / "old_run").method.params.pgp_basis == "v0.1"
 
 
-def head_change(tmp_path, protect: bool, variant: str) -> tuple[float, float, float, Trainer]:
+def head_change(tmp_path, protect: bool, variant: str, preset: str = "tiny_dualprompt"
+                ) -> tuple[float, float, float, Trainer]:
     """pgp.protect_head: relative change over task 2 of the head's logits on the head inputs of task 1's
     basis sample (recorded after task 1), the head weight's relative change and its bias's change."""
     from pgpcl.engine.pgp_hooks import head_rows
 
-    tr = _trainer(tmp_path, "tiny_dualprompt", True, variant,
+    tr = _trainer(tmp_path, preset, True, variant,
                   extra=("pgp.protect_head=true", "pgp.eps.head=1.0") if protect else ())
     tr.run_task(0)
     cfg = tr.cfg
@@ -264,22 +265,24 @@ def head_change(tmp_path, protect: bool, variant: str) -> tuple[float, float, fl
     return _rel(after, before), _rel(head.weight.detach(), weight), float((head.bias.detach() - bias).norm()), tr
 
 
-@pytest.mark.parametrize("variant", ["sgd-gradient", "adam-update"])
-def test_a_protected_head_keeps_its_logits_on_old_inputs(tmp_path, variant):
-    rel, moved, bias_moved, tr = head_change(tmp_path, True, variant)
+@pytest.mark.parametrize("preset, variant", [("tiny_dualprompt", "sgd-gradient"), ("tiny_dualprompt", "adam-update"),
+                                             ("tiny_l2p", "sgd-gradient")])
+def test_a_protected_head_keeps_its_logits_on_old_inputs(tmp_path, preset, variant):
+    rel, moved, bias_moved, tr = head_change(tmp_path, True, variant, preset)
     assert rel < 1e-3 and moved > 1e-2 and bias_moved == 0.0  # it learns, outside the old inputs' span
-    groups = {r["group"] for r in tr.pgp.basis_log}
-    assert {"head", "head.bias"} <= groups and {p["group"] for p in tr.results.projection} >= {"head", "head.bias"}
-    rel_off, moved_off, bias_off, _ = head_change(tmp_path / "off", False, variant)
+    groups = [(r["task"], r["group"]) for r in tr.pgp.basis_log]
+    # L2P builds its own groups at a task's start and the head's at its end, after training the task
+    assert [g for g in groups if g[1].startswith("head")] == [(0, "head"), (0, "head.bias"), (1, "head"), (1, "head.bias")]
+    assert {p["group"] for p in tr.results.projection} >= {"head", "head.bias"}
+    rel_off, moved_off, bias_off, _ = head_change(tmp_path / "off", False, variant, preset)
     assert rel_off > 100 * rel and rel_off > 0.1 and bias_off > 0
 
 
-def test_protect_head_is_refused_where_it_cannot_hold(tmp_path):
+def test_protect_head_is_refused_without_a_linear_head(tmp_path):
     from pgpcl.errors import ConfigError
 
-    cases = [("tiny_l2p_pgp", "builds it at the start"), ("tiny_clip_pgp", "needs a linear classifier head")]
-    for preset, message in cases:
-        with pytest.raises(ConfigError, match=message):
-            Trainer(load_config(preset, ["train.progress=false", "pgp.protect_head=true"]), tmp_path / preset)
+    with pytest.raises(ConfigError, match="needs a linear classifier head .* CLIPPrompt has none"):
+        Trainer(load_config("tiny_clip_pgp", ["train.progress=false", "pgp.protect_head=true"]), tmp_path / "clip")
+    assert not (tmp_path / "clip").exists()
     with pytest.raises(ConfigError, match="group kind 'head', which this method does not know"):
         Trainer(load_config("tiny_dualprompt_pgp", ["train.progress=false", "pgp.eps.head=0.9"]), tmp_path / "eps")

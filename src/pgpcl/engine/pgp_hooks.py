@@ -33,11 +33,6 @@ def head_groups(method, eps: float) -> list:
     if not isinstance(head, nn.Linear):
         raise ConfigError(f"pgp.protect_head=true needs a linear classifier head (method.head), and "
                           f"{type(method).__name__} has none; set pgp.protect_head=false")
-    if method.basis_timing != "task_end":
-        # The head's rows must come from the task's data *after* training it; a basis pass at the
-        # task's start (L2P) sees the head before it has learned the task.
-        raise ConfigError(f"pgp.protect_head=true needs a method that builds its basis at each task's end, and "
-                          f"{type(method).__name__} builds it at the start; set pgp.protect_head=false")
     groups = [ProtectedGroup("head", HEAD_KIND, head.weight, None, eps)]
     if head.bias is not None:
         groups.append(ProtectedGroup("head.bias", HEAD_KIND, head.bias, lambda b: b.unsqueeze(-1), eps))
@@ -77,8 +72,10 @@ class PGPHooks:
         if not groups:
             raise ConfigError(f"pgp.enabled=true but the method ({type(method).__name__}) protects no parameters "
                               "(protected_groups() is empty); set pgp.enabled=false")
+        self.method_groups = [g.name for g in groups]
         if cfg.protect_head:
             groups = [*groups, *head_groups(method, eps[HEAD_KIND])]
+        self.head_groups = [g.name for g in groups[len(self.method_groups):]]
         # measure_step_leak=False: the task-level leak (end_task) is measured anyway, at no step cost.
         self.pgp = PGP(groups, cfg, default_eps, measure_step_leak=False)
         for name, rows in method.extra_representations().items():  # before any training: fail early
@@ -95,17 +92,23 @@ class PGPHooks:
         should_stop: Callable[[], bool] | None = None,
         agree: Callable[[BaseException | None, bool], bool] | None = None,
         on_batch: Callable[[], None] | None = None,
+        part: str = "all",
     ) -> None:
-        """Collect the task's representations (batched, no grad) and grow every group's basis.
+        """Collect the task's representations (batched, no grad) and grow the groups' bases.
+
+        ``part``: ``all`` groups, the ``method``'s own, or the classifier ``head``'s
+        (``pgp.protect_head``). A method that builds its basis at a task's start builds its own groups
+        there and the head's at the task's end, once the head has learned the task.
 
         Under torch.distributed ``loader`` holds this rank's share of the samples; the collectors
         combine all ranks' statistics in ``build()`` and every rank ends with the same bases.
         ``should_stop`` is polled per batch; ``agree(error, stopped)`` is the ranks' sync point before
         the collective build (it raises on any rank's error and returns True if any rank stopped).
         """
+        own, head = part in ("all", "method"), part in ("all", "head") and self.protect_head
         was_training = self.method.training
         self.method.eval()
-        self.pgp.collectors()
+        self.pgp.collectors([*(self.method_groups if own else []), *(self.head_groups if head else [])])
         error, stopped = None, False
         try:
             for x, _, t in loader:
@@ -116,8 +119,8 @@ class PGPHooks:
                 # the collectors copy the rows into ordinary tensors.
                 x, t = x.to(self.device), t.to(self.device)
                 with torch.inference_mode():
-                    reps = self.method.representations(x, t)
-                    if self.protect_head:
+                    reps = self.method.representations(x, t) if own else {}
+                    if head:
                         reps = {**reps, **head_rows(self.method, x, t)}
                 self.pgp.collect(reps)
                 if on_batch is not None:
@@ -131,7 +134,7 @@ class PGPHooks:
         if stopped:
             self.method.train(was_training)
             raise BasisInterrupted(f"stopped while building the basis of task {task}")
-        if task >= self.method.extra_from_task:
+        if own and task >= self.method.extra_from_task:
             for name, rows in self.method.extra_representations().items():
                 self.pgp.collect_extra(name, rows)
         for name, info in self.pgp.build().items():

@@ -510,7 +510,7 @@ class Trainer:
             method.begin_task(task)
             if self.pgp is not None and method.basis_timing == "task_start":
                 self._set_phase(task, "the PGP basis pass", "pgp.sample_batch_size")
-                timing["basis_s"] += self._build_basis(task)
+                timing["basis_s"] += self._build_basis(task, "method")
             if self.pgp is not None:
                 self.pgp.begin_task(task)
         else:
@@ -521,9 +521,10 @@ class Trainer:
         if self.pgp is not None:
             for group, rec in self.pgp.end_task(task).items():
                 self.results.add_projection(task, group, rec["rank"], rec["dim"], rec["leak"])
-        if self.pgp is not None and method.basis_timing == "task_end":
+        end_part = "all" if method.basis_timing == "task_end" else "head"
+        if self.pgp is not None and (end_part == "all" or self.pgp.protect_head):
             self._set_phase(task, "the PGP basis pass", "pgp.sample_batch_size")
-            timing["basis_s"] += self._build_basis(task)
+            timing["basis_s"] += self._build_basis(task, end_part)
         method.end_task(task)
         self._set_phase(task, "evaluation", "train.eval_batch_size")
         start = time.perf_counter()
@@ -538,7 +539,7 @@ class Trainer:
     def _set_phase(self, task: int, phase: str, size_key: str) -> None:
         self._phase = (f"task {task + 1}/{self.scenario.num_tasks}'s {phase}", size_key)
 
-    def _build_basis(self, task: int) -> float:
+    def _build_basis(self, task: int, part: str = "all") -> float:
         from pgpcl.engine.pgp_hooks import BasisInterrupted
 
         start = time.perf_counter()
@@ -556,7 +557,7 @@ class Trainer:
 
         try:
             self.pgp.build_basis(
-                task, loader, should_stop=self._stop_requested, agree=self.dist.agree, on_batch=on_batch,
+                task, loader, should_stop=self._stop_requested, agree=self.dist.agree, on_batch=on_batch, part=part,
             )
         except BasisInterrupted:
             self._interrupted(f"while building the PGP basis of task {task + 1}/{self.scenario.num_tasks}")

@@ -93,9 +93,13 @@ class PGP:
             return SampleCollector(group.dim, int(group.components))
         return GramCollector(group.dim, self.weighting, self.extra_weight)
 
-    def collectors(self) -> dict[str, RepresentationCollector]:
-        """Fresh collectors, one per group name, which the next ``build()`` will use."""
-        self._collectors = {g.name: self._new_collector(g) for g in self.groups}
+    def collectors(self, names: Sequence[str] | None = None) -> dict[str, RepresentationCollector]:
+        """Fresh collectors, one per group name (only ``names`` if given), which the next ``build()``
+        will use; the other groups' bases stay as they are."""
+        unknown = sorted(set(names or ()) - set(self._by_name))
+        if unknown:
+            raise KeyError(f"no protected group named '{unknown[0]}' (groups: {', '.join(self._by_name)})")
+        self._collectors = {g.name: self._new_collector(g) for g in self.groups if names is None or g.name in names}
         return self._collectors
 
     def _collector(self, name: str) -> RepresentationCollector:
@@ -126,9 +130,10 @@ class PGP:
         self._collector(name).add_extra(rows)
 
     def build(self) -> dict[str, UpdateInfo]:
-        """Grow every group's basis from the collected representations; clears the collectors.
+        """Grow the basis of every group that has a collector (all, unless ``collectors(names)`` chose
+        some) from the collected representations; clears the collectors.
 
-        Every group must have received rows: a group left out would silently stay unprotected.
+        Every such group must have received rows: a group left out would silently stay unprotected.
         """
         if self._collectors is None:
             raise RuntimeError("PGP.build() called before any representation was collected")
@@ -138,7 +143,7 @@ class PGP:
         if empty:
             raise RuntimeError(f"no representations collected for group(s) {', '.join(empty)}")
         infos = {
-            g.name: self.memory.update(g.name, self._collectors[g.name], float(g.eps)) for g in self.groups
+            name: self.memory.update(name, c, float(self._by_name[name].eps)) for name, c in self._collectors.items()
         }
         self._collectors = None
         return infos
