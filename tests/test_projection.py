@@ -631,6 +631,22 @@ def test_reference_mode_rejects_a_short_sample_at_build():
 # -------------------------------------------------------------------------------- facade
 
 
+def test_facade_builds_only_the_groups_it_was_asked_to():
+    a, b = nn.Parameter(torch.randn(3, 8)), nn.Parameter(torch.randn(3, 8))
+    pgp = PGP([ProtectedGroup("a", "w", a), ProtectedGroup("b", "w", b)], PGPConfig(), {"w": 0.9})
+    pgp.collectors(["b"])
+    with pytest.raises(KeyError, match="no protected group named 'a'"):
+        pgp.collect({"a": torch.randn(4, 8)})  # not asked for: its rows would be lost silently
+    pgp.collect({"b": torch.randn(4, 8)})
+    assert set(pgp.build()) == {"b"} and pgp.ranks()["a"] == 0 < pgp.ranks()["b"]
+    pgp.collectors(["a", "b"])
+    pgp.collect({"a": torch.randn(4, 8)})
+    with pytest.raises(RuntimeError, match="no representations collected for group"):
+        pgp.build()  # every group asked for needs rows
+    with pytest.raises(KeyError, match="no protected group named 'c'"):
+        pgp.collectors(["c"])
+
+
 def test_facade_resolves_eps_and_runs_a_task_cycle():
     prompt = nn.Parameter(torch.randn(10, 5, 12))
     key = nn.Parameter(torch.randn(10, 12))

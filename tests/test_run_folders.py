@@ -87,9 +87,11 @@ def test_a_killed_trainers_forked_workers_do_not_keep_its_folder_locked(tmp_path
             lock_run_dir({str(run)!r})
             child = os.fork()
             if child == 0:  # the "worker": lives on after its parent is gone
+                # fork() returns here after the at-fork hooks ran; saying so only now keeps the
+                # test from racing a child that a busy machine has not scheduled yet
+                print(os.getpid(), flush=True)
                 time.sleep(60)
                 os._exit(0)
-            print(child, flush=True)
             os._exit(0)  # the trainer dies without unlocking, as under SIGKILL
         """)],
         stdout=subprocess.PIPE, text=True,
