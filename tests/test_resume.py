@@ -115,6 +115,21 @@ def test_dualprompt_killed_while_building_the_task_end_basis(tmp_path):
     assert_same_run(ref, run)
 
 
+def test_l2p_with_a_protected_head_killed_in_its_task_end_head_pass(tmp_path):
+    overrides = [*SMALL, "pgp.protect_head=true"]
+    ref = reference(tmp_path, "tiny_l2p_pgp", overrides)
+    run = tmp_path / "killed"
+    # L2P builds its own groups at a task's start and the head's after training: the last step's
+    # checkpoint is the fallback, and the head pass runs again on resume
+    assert run_cli(["train", "tiny_l2p_pgp", *overrides, "--run-dir", str(run)], "head_basis:0=KILL") == -9
+    assert load_checkpoint(last_path(run))["position"] == {"task": 0, "stage": "train", "step": 10}
+    assert run_cli(["train", "--resume", str(run)], "head_basis:1=KILL") == -9
+    assert run_cli(["train", "--resume", str(run)]) == 0
+    assert_same_run(ref, run)
+    groups = [(b["task"], b["group"]) for b in json.loads((run / "results.json").read_text())["basis"]]
+    assert groups.count((0, "head")) == groups.count((1, "head")) == 1
+
+
 def test_ctrl_c_saves_a_checkpoint_exits_130_and_resumes(tmp_path, capsys):
     run = tmp_path / "run"
     env = {**os.environ, TEST_HOOK_ENV: "step:0:4=INT", "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}

@@ -61,7 +61,8 @@ from pgpcl.progress import progress as phase_progress
 TEST_HOOK_ENV = "PGPCL_TEST_HOOK"
 """``POINT=SIG[,POINT=SIG...]``: the process sends itself SIG (KILL, INT or TERM) at POINT. For tests of
 resume and interrupts only. Points: ``step:T:K`` (after step K of task T, and its checkpoint, if any),
-``basis:T`` (during the representation pass of task T), ``task_end:T`` (after task T's checkpoint and
+``basis:T`` (during the representation pass of task T; ``head_basis:T``: the task-end pass that builds
+only the head's groups, ``pgp.protect_head`` with L2P), ``task_end:T`` (after task T's checkpoint and
 results). Tasks count from 0, steps from 1."""
 
 RESUME_MUTABLE = RESULT_NEUTRAL_KEYS
@@ -553,7 +554,7 @@ class Trainer:
 
         def on_batch() -> None:
             bar.update()
-            self.hooks.fire(f"basis:{task}")
+            self.hooks.fire(f"{'head_basis' if part == 'head' else 'basis'}:{task}")
 
         try:
             self.pgp.build_basis(
