@@ -21,16 +21,13 @@ An accuracy sweep, not a timing: the numbers do not depend on the machine's load
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import HERE, ROOT, child_failure, comma_list, run_main, write_sweep
-from eps_sweep import out_path, seed
+from _common import HERE, ROOT, comma_list, run_main, write_sweep
+from eps_sweep import out_path, run_demo, seed
 
 SETTINGS = ("cil", "online", "dil", "dil_head")
 DEFAULT_SETTINGS = ("cil", "online", "dil")
@@ -66,15 +63,9 @@ def setting_overrides(setting: str, dil_root: Path | None) -> list[str]:
     return []
 
 
-def run_demo(learners: list[str], overrides: list[str], out: Path, seeds: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "pgpcl", "demo", "--methods", ",".join(learners), "--out", str(out), *overrides,
-           "train.progress=false", "--seeds", *seeds]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise child_failure(" ".join(cmd[2:5]), proc)
-    return json.loads((out / "report" / "summary.json").read_text())
+def demo_summary(learners: list[str], overrides: list[str], out: Path, seeds: list[str]) -> dict:
+    return run_demo([sys.executable, "-m", "pgpcl", "demo", "--methods", ",".join(learners), "--out", str(out),
+                     *overrides, "train.progress=false", "--seeds", *seeds])
 
 
 def rows_of(summary: dict, setting: str) -> list[dict]:
@@ -130,7 +121,7 @@ def main() -> None:
         for setting in args.settings:
             overrides = setting_overrides(setting, dil_root)
             print(" ".join(["pgpcl demo --methods", ",".join(args.methods), *overrides]).replace(tmp, "TMPDIR"), flush=True)
-            rows += rows_of(run_demo(args.methods, overrides, Path(tmp) / setting, args.seeds), setting)
+            rows += rows_of(demo_summary(args.methods, overrides, Path(tmp) / setting, args.seeds), setting)
     text = table(rows)
     print(text)
     write_sweep(args.out, "settings_sweep", {

@@ -104,28 +104,29 @@ def test_l2p_killed_mid_epoch_between_tasks_and_during_basis_resumes_exactly(tmp
     assert [r["from"] for r in resumes] == ["task 1/2, step 6", "after task 1/2", "task 2/2, step 6"]
 
 
-def test_dualprompt_killed_while_building_the_task_end_basis(tmp_path):
-    ref = reference(tmp_path, "tiny_dualprompt_pgp", SMALL)
+def killed_in_each_task_end_pass_resumes_exactly(tmp_path, preset: str, overrides: list[str], point: str) -> Path:
+    """Kill the run in task 1's and again in task 2's end-of-task basis pass (test hook ``point``), then
+    resume it to the end: the checkpoint of the last step is the fallback, and the result is exact."""
+    ref = reference(tmp_path, preset, overrides)
     run = tmp_path / "killed"
-    # DualPrompt builds the basis after training: the checkpoint of the last step is the fallback
-    assert run_cli(["train", "tiny_dualprompt_pgp", *SMALL, "--run-dir", str(run)], "basis:0=KILL") == -9
+    assert run_cli(["train", preset, *overrides, "--run-dir", str(run)], f"{point}:0=KILL") == -9
     assert load_checkpoint(last_path(run))["position"] == {"task": 0, "stage": "train", "step": 10}
-    assert run_cli(["train", "--resume", str(run)], "basis:1=KILL") == -9
+    assert run_cli(["train", "--resume", str(run)], f"{point}:1=KILL") == -9
     assert run_cli(["train", "--resume", str(run)]) == 0
     assert_same_run(ref, run)
+    return run
+
+
+def test_dualprompt_killed_while_building_the_task_end_basis(tmp_path):
+    # DualPrompt builds the basis after training
+    killed_in_each_task_end_pass_resumes_exactly(tmp_path, "tiny_dualprompt_pgp", SMALL, "basis")
 
 
 def test_l2p_with_a_protected_head_killed_in_its_task_end_head_pass(tmp_path):
-    overrides = [*SMALL, "pgp.protect_head=true"]
-    ref = reference(tmp_path, "tiny_l2p_pgp", overrides)
-    run = tmp_path / "killed"
-    # L2P builds its own groups at a task's start and the head's after training: the last step's
-    # checkpoint is the fallback, and the head pass runs again on resume
-    assert run_cli(["train", "tiny_l2p_pgp", *overrides, "--run-dir", str(run)], "head_basis:0=KILL") == -9
-    assert load_checkpoint(last_path(run))["position"] == {"task": 0, "stage": "train", "step": 10}
-    assert run_cli(["train", "--resume", str(run)], "head_basis:1=KILL") == -9
-    assert run_cli(["train", "--resume", str(run)]) == 0
-    assert_same_run(ref, run)
+    # L2P builds its own groups at a task's start and the head's after training; the head pass runs
+    # again on resume
+    run = killed_in_each_task_end_pass_resumes_exactly(tmp_path, "tiny_l2p_pgp", [*SMALL, "pgp.protect_head=true"],
+                                                       "head_basis")
     groups = [(b["task"], b["group"]) for b in json.loads((run / "results.json").read_text())["basis"]]
     assert groups.count((0, "head")) == groups.count((1, "head")) == 1
 

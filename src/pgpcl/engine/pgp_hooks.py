@@ -65,23 +65,32 @@ class PGPHooks:
     def __init__(self, method, cfg: PGPConfig, device: torch.device):
         self.method = method
         self.device = device
-        self.protect_head = cfg.protect_head
         default_eps = {**method.default_eps, **({HEAD_KIND: HEAD_EPS} if cfg.protect_head else {})}
         eps = _EpsTable({**default_eps, **cfg.eps})
         groups = method.protected_groups(eps)
         if not groups:
             raise ConfigError(f"pgp.enabled=true but the method ({type(method).__name__}) protects no parameters "
                               "(protected_groups() is empty); set pgp.enabled=false")
-        self.method_groups = [g.name for g in groups]
-        if cfg.protect_head:
-            groups = [*groups, *head_groups(method, eps[HEAD_KIND])]
-        self.head_groups = [g.name for g in groups[len(self.method_groups):]]
+        head = head_groups(method, eps[HEAD_KIND]) if cfg.protect_head else []
+        self.method_groups, self.head_groups = [g.name for g in groups], [g.name for g in head]
         # measure_step_leak=False: the task-level leak (end_task) is measured anyway, at no step cost.
-        self.pgp = PGP(groups, cfg, default_eps, measure_step_leak=False)
+        self.pgp = PGP([*groups, *head], cfg, default_eps, measure_step_leak=False)
         for name, rows in method.extra_representations().items():  # before any training: fail early
             self.pgp.check_extra_rows(name, rows.shape[0])
         self.basis_log: list[dict] = []
         self.active = False
+
+    @property
+    def protect_head(self) -> bool:
+        return bool(self.head_groups)
+
+    def part_built_at(self, when: str) -> str | None:
+        """Which groups the basis pass at a task's ``when`` (``task_start`` / ``task_end``) builds, for
+        :meth:`build_basis`'s ``part``; None: no pass then. The head's groups are always built at the
+        task's end, once the head has learned the task."""
+        if self.method.basis_timing == when:
+            return "all" if when == "task_end" else "method"
+        return "head" if when == "task_end" and self.protect_head else None
 
     @torch.no_grad()
     def build_basis(
@@ -97,8 +106,7 @@ class PGPHooks:
         """Collect the task's representations (batched, no grad) and grow the groups' bases.
 
         ``part``: ``all`` groups, the ``method``'s own, or the classifier ``head``'s
-        (``pgp.protect_head``). A method that builds its basis at a task's start builds its own groups
-        there and the head's at the task's end, once the head has learned the task.
+        (``pgp.protect_head``); :meth:`part_built_at` says which, when.
 
         Under torch.distributed ``loader`` holds this rank's share of the samples; the collectors
         combine all ranks' statistics in ``build()`` and every rank ends with the same bases.

@@ -509,9 +509,10 @@ class Trainer:
         if pending is None:
             timing = {"task": task, "basis_s": 0.0, "train_s": 0.0, "steps": 0, "images": 0}
             method.begin_task(task)
-            if self.pgp is not None and method.basis_timing == "task_start":
+            part = None if self.pgp is None else self.pgp.part_built_at("task_start")
+            if part is not None:
                 self._set_phase(task, "the PGP basis pass", "pgp.sample_batch_size")
-                timing["basis_s"] += self._build_basis(task, "method")
+                timing["basis_s"] += self._build_basis(task, part)
             if self.pgp is not None:
                 self.pgp.begin_task(task)
         else:
@@ -522,10 +523,10 @@ class Trainer:
         if self.pgp is not None:
             for group, rec in self.pgp.end_task(task).items():
                 self.results.add_projection(task, group, rec["rank"], rec["dim"], rec["leak"])
-        end_part = "all" if method.basis_timing == "task_end" else "head"
-        if self.pgp is not None and (end_part == "all" or self.pgp.protect_head):
+        part = None if self.pgp is None else self.pgp.part_built_at("task_end")
+        if part is not None:
             self._set_phase(task, "the PGP basis pass", "pgp.sample_batch_size")
-            timing["basis_s"] += self._build_basis(task, end_part)
+            timing["basis_s"] += self._build_basis(task, part)
         method.end_task(task)
         self._set_phase(task, "evaluation", "train.eval_batch_size")
         start = time.perf_counter()
