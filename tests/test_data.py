@@ -506,7 +506,7 @@ def test_missing_and_oversized_images(tmp_path, data_write_image, monkeypatch):
 
 def test_unknown_dataset_suggests_name():
     with pytest.raises(ConfigError, match="did you mean 'cifar100'"):
-        load_dataset(DataConfig(dataset="cifar10O"))
+        load_dataset(DataConfig(dataset="cifar100O"))
     assert {"cifar100", "imagenet_r", "tiny_imagenet", "cub200", "fashion_mnist", "mnist", "mnist5k",
             "image_folder"} <= set(DATASETS.names())  # fmt: skip
 

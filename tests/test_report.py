@@ -4,6 +4,7 @@ import os
 import stat
 import statistics
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -148,6 +149,24 @@ def test_plots_and_summary(runs, tmp_path):
     assert len(summary["paired"]) == 1 and summary["paired"][0]["seeds"] == [0, 1]
     assert (out / "table.txt").read_text() in text
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+    assert "runs.csv" in summary["files"]
+
+
+def test_runs_csv_has_one_row_per_run_with_its_metrics(runs, tmp_path):
+    import csv
+
+    out = tmp_path / "rep"
+    report_runs(runs, out_dir=out, plots=False)
+    rows = list(csv.DictReader((out / "runs.csv").open()))
+    assert len(rows) == 4 and {(r["pgp"], r["seed"]) for r in rows} == {(p, s) for p in ("true", "false") for s in "01"}
+    for row in rows:
+        A = CIL[(row["pgp"] == "true", int(row["seed"]))]
+        assert float(row["cil_final"]) == pytest.approx(final(A))
+        assert float(row["cil_avg_inc"]) == pytest.approx(avg_inc(A))
+        assert float(row["til_final"]) == pytest.approx(final(til_of(A)))
+        assert row["dataset"] == "cifar100" and row["setting"] == "cil" and row["run"].endswith("results.json")
+    base = [r for r in rows if r["pgp"] == "false"]
+    assert len({r["group"] for r in base}) == 1  # the seeds of one configuration share the table's label
 
 
 def test_curves_pair_each_baseline_with_its_pgp_variants_by_colour(tmp_path):
@@ -534,19 +553,20 @@ def test_a_report_replaces_the_previous_report_in_its_folder(runs, tmp_path):
     for name in ("notes.txt", "mine.png"):
         (out / name).write_text("mine")
     (tmp_path / "outside.png").write_text("mine")
-    # a summary from before the "files" list names its plots only
+    # a summary from before the "files" list names its plots only (and that report wrote no runs.csv)
     edit_json(out / "summary.json", lambda d: d.pop("files", None))
+    (out / "runs.csv").unlink()
     report_runs([r for r in runs if "pgp" in r.name], out_dir=out)
     pngs = {p.name for p in out.glob("*.png")}
     assert pngs == {"00_l2p-pgp-cifar100-cil_acc_matrix.png", "accuracy_curves.png", "mine.png"}
     edit_json(out / "summary.json", lambda d: d["files"].extend(["../outside.png", "notes.txt"]))
     report_runs(runs, out_dir=out, plots=False, fmt="markdown")
-    assert sorted(p.name for p in out.iterdir()) == ["mine.png", "notes.txt", "summary.json", "table.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["mine.png", "notes.txt", "runs.csv", "summary.json", "table.md"]
     assert (tmp_path / "outside.png").exists()
-    assert json.loads((out / "summary.json").read_text())["files"] == ["table.md", "summary.json"]
+    assert json.loads((out / "summary.json").read_text())["files"] == ["table.md", "runs.csv", "summary.json"]
 
 
-@pytest.mark.parametrize("name", ["table.txt", "summary.json", "accuracy_curves.png"])
+@pytest.mark.parametrize("name", ["table.txt", "summary.json", "accuracy_curves.png", "runs.csv"])
 def test_a_report_refuses_to_replace_a_file_no_report_wrote(name, runs, tmp_path, capsys):
     out = tmp_path / "mine"
     out.mkdir()
@@ -585,6 +605,21 @@ def test_a_report_from_before_file_lists_may_be_replaced_but_never_deletes_a_tab
     out = tmp_path / "rep"
     report_runs(runs, out_dir=out, plots=False)  # table.txt
     edit_json(out / "summary.json", lambda d: d.pop("files"))  # as written before summaries listed files
+    (out / "runs.csv").unlink()  # (nor runs.csv)
     (out / "table.md").write_text("mine")
     report_runs(runs, out_dir=out, plots=False)  # replaces that report's table.txt
     assert (out / "table.md").read_text() == "mine" and (out / "table.txt").exists()
+
+
+def test_a_dil_heatmap_names_each_tasks_domain():
+    from matplotlib.figure import Figure
+
+    from pgpcl.report.plots import _heatmap
+
+    fig = Figure()
+    ax, plain = fig.subplots(1, 2)
+    m = np.array([[90.0, 80.0], [np.nan, 70.0]])
+    _heatmap(fig, ax, m, "CIL", ["clipart", "sketch"])
+    _heatmap(fig, plain, m, "CIL")
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["0 clipart", "1 sketch"]
+    assert "clipart" not in " ".join(t.get_text() for t in plain.get_yticklabels())

@@ -58,6 +58,17 @@ def test_new_results_fields():
     assert d["weights"] == {"source": "builtin:tiny", "sha256": "ab" * 32}
 
 
+def test_domain_names_are_written_for_dil_runs_only(tmp_path):
+    assert "domain_names" not in make_results().to_dict()
+    r = make_results()
+    r.domain_names = ["photo", "sketch"]
+    fill(r)
+    write_results(tmp_path / "results.json", r)
+    back = read_results(tmp_path / "results.json")
+    assert back.domain_names == ["photo", "sketch"]
+    assert list(back.to_dict()).index("domain_names") == list(back.to_dict()).index("class_names") + 1
+
+
 def test_package_versions():
     v = package_versions()
     assert {"pgpcl", "python", "torch", "numpy"} <= set(v)
@@ -159,6 +170,8 @@ def test_missing_keys(tmp_path):
         (lambda d: d["acc"].update(til=[[1.0]]), "different sizes"),
         (lambda d: d["acc"].update(dil=None), "unknown setting"),
         (lambda d: d.update(task_classes=[[0, 1]]), "task_classes lists 1"),
+        (lambda d: d.update(domain_names=["photo"]), "domain_names must be 2 strings"),
+        (lambda d: d.update(domain_names="photo,sketch"), "key 'domain_names'"),
         (lambda d: d.update(status="complete"), "status is complete"),
         (lambda d: d.update(timings=[1]), "timings"),
         ([], "top level is a list"),

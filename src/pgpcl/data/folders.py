@@ -1,4 +1,4 @@
-"""Datasets stored as image files: ImageNet-R, TinyImageNet, CUB-200-2011 and a generic image folder."""
+"""Datasets stored as image files: ImageNet-R, TinyImageNet, CUB-200-2011, DomainNet and a generic image folder."""
 
 from __future__ import annotations
 
@@ -264,6 +264,82 @@ def read_cub200(root: str | None, download: bool) -> DatasetSplits:
     train_split, test_split = _split_of(paths, y, test)
     names = [_cub_name(classes[k]) for k in sorted(classes)]
     return DatasetSplits("cub200", train_split, test_split, names)
+
+
+# ----------------------------------------------------------------------------------------------------
+# DomainNet
+
+DOMAINNET_URL = "http://ai.bu.edu/M3SDA/"
+DOMAINNET_DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
+
+
+def _domainnet_folder(base: Path) -> tuple[Path, list[str]] | None:
+    """The folder holding ``<domain>_{train,test}.txt`` and the domains whose two split files are there."""
+    for cand in (base / "domainnet", base / "DomainNet", base):
+        found = [d for d in DOMAINNET_DOMAINS if all((cand / f"{d}_{r}.txt").is_file() for r in ("train", "test"))]
+        if found:
+            return cand, found
+    return None
+
+
+def _domainnet_list(path: Path, domain: str, class_of: dict[int, str]) -> tuple[list[str], list[int]]:
+    """``<domain>/<class>/<file> <label>`` lines; every label must name the same class folder everywhere."""
+    rels, labels = [], []
+    for line in read_lines(path, "DomainNet"):
+        rel, _, label = line.rpartition(" ")
+        parts = rel.split("/")
+        if not label.isdigit() or len(parts) != 3 or parts[0] != domain:
+            raise DataError(f"{path}: bad line {line[:80]!r} (want '{domain}/<class>/<file> <label>'); "
+                            "download the split file again")
+        held = class_of.setdefault(int(label), parts[1])
+        if held != parts[1]:
+            raise DataError(f"{path}: label {label} is class {parts[1]!r} here but {held!r} elsewhere; "
+                            "use the split files of one DomainNet release")
+        rels.append(rel)
+        labels.append(int(label))
+    if not rels:
+        raise DataError(f"{path} lists no images; download the split file again")
+    return rels, labels
+
+
+@DATASETS.register("domainnet")
+def read_domainnet(root: str | None, download: bool) -> DatasetSplits:
+    """DomainNet: ``<domain>/<class>/*.jpg`` with the official ``<domain>_{train,test}.txt`` split files, for
+    every domain whose two split files are present (345 classes; domains in the official order).
+
+    Each image carries its domain: ``data.setting=dil`` makes one task per domain, the class-split settings
+    pool the domains.
+    """
+    base = resolve_root(root)
+    located = _domainnet_folder(base)
+    if located is None:
+        if download:
+            raise _no_download("DomainNet", DOMAINNET_URL, base)
+        raise DataError(f"DomainNet not found under {base}: extract the domains' zips there and put each domain's "
+                        "<domain>_train.txt and <domain>_test.txt beside them")
+    folder, domains = located
+    class_of: dict[int, str] = {}
+    parts: dict[str, tuple[list[str], list[int], list[int]]] = {"train": ([], [], []), "test": ([], [], [])}
+    for k, domain in enumerate(domains):
+        for role, (paths, labels, doms) in parts.items():
+            rels, ys = _domainnet_list(folder / f"{domain}_{role}.txt", domain, class_of)
+            paths += [str(folder / r) for r in rels]
+            labels += ys
+            doms += [k] * len(rels)
+    if sorted(class_of) != list(range(len(class_of))):
+        gap = min(set(range(max(class_of) + 1)) - set(class_of))
+        raise DataError(f"DomainNet: no split file lists label {gap}; use complete split files")
+    missing = [p for paths, _, _ in parts.values() for p in paths if not Path(p).is_file()]
+    if missing:
+        raise DataError(f"DomainNet: {len(missing)} listed image(s) are missing (e.g. {missing[0]}); "
+                        "re-extract that domain's zip")
+    splits = {
+        role: DatasetSplit(images=None, paths=p, targets=np.asarray(y, dtype=np.int64),
+                           domains=np.asarray(d, dtype=np.int64))
+        for role, (p, y, d) in parts.items()
+    }
+    names = [class_of[i] for i in range(len(class_of))]
+    return DatasetSplits("domainnet", splits["train"], splits["test"], names, list(domains))
 
 
 # ----------------------------------------------------------------------------------------------------

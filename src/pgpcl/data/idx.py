@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -25,25 +26,35 @@ _UBYTE = 0x08
 
 
 def read_idx(path: Path, ndim: int) -> np.ndarray:
-    """Parse an IDX file (optionally gzipped) of unsigned bytes with ``ndim`` dimensions.
+    """Parse an IDX file (optionally gzipped) of unsigned bytes with ``ndim`` dimensions."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path} cannot be read ({e}); delete it and fetch it again") from None
+    return parse_idx(raw, str(path), ndim, gzipped=path.suffix == ".gz")
+
+
+def parse_idx(raw: bytes, name: str, ndim: int, gzipped: bool) -> np.ndarray:
+    """The array in IDX bytes ``raw`` (of the file or archive member ``name``, for messages).
 
     Layout: 2 zero bytes, type code 0x08, ndim, ndim big-endian uint32 sizes, then the raw bytes.
     """
-    try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, zlib.error) as e:
-        raise DataError(f"{path} cannot be read ({e}); delete it and fetch it again") from None
+    if gzipped:
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{name} cannot be read ({e}); delete it and fetch it again") from None
     head = 4 + 4 * ndim
     if len(raw) < head or raw[0] != 0 or raw[1] != 0 or raw[2] != _UBYTE or raw[3] != ndim:
         raise DataError(
-            f"{path} is not an IDX file of {ndim}-d unsigned bytes (bad magic number); delete it and fetch it again"
+            f"{name} is not an IDX file of {ndim}-d unsigned bytes (bad magic number); delete it and fetch it again"
         )
     dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     if 0 in dims[1:]:
-        raise DataError(f"{path} holds images of size {dims[1:]}; the file is damaged, fetch it again")
+        raise DataError(f"{name} holds images of size {dims[1:]}; the file is damaged, fetch it again")
     if len(raw) != head + int(np.prod(dims)):
         raise DataError(
-            f"{path} is truncated or padded (dims {dims}, {len(raw) - head} data bytes); fetch it again"
+            f"{name} is truncated or padded (dims {dims}, {len(raw) - head} data bytes); fetch it again"
         )
     return np.frombuffer(raw, dtype=np.uint8, offset=head).reshape(dims)
 
@@ -139,3 +150,159 @@ def read_fashion_mnist(root: str | None, download: bool) -> DatasetSplits:
 def read_mnist(root: str | None, download: bool) -> DatasetSplits:
     """MNIST: 60000 / 10000 gray 28x28 digits. Offline alternative: dataset mnist5k."""
     return _read("mnist", "MNIST", root, download, "use dataset=mnist5k offline, ", DIGIT_CLASSES)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kuzushiji-MNIST: the same four IDX files as MNIST, or the official .npz arrays
+
+KMNIST_CLASSES = ["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"]
+KMNIST_NPZ = {
+    "train": ("kmnist-train-imgs.npz", "kmnist-train-labels.npz"),
+    "test": ("kmnist-test-imgs.npz", "kmnist-test-labels.npz"),
+}
+
+
+def _npz_array(path: Path) -> np.ndarray:
+    """``arr_0`` of an .npz file, read without pickles."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return np.asarray(z["arr_0"])
+    except (OSError, ValueError, KeyError, EOFError, zlib.error) as e:
+        raise DataError(f"{path} is not a KMNIST .npz file ({describe(e)}); delete it and fetch it again") from None
+
+
+def _kmnist_npz(folder: Path) -> DatasetSplits:
+    splits = []
+    for img_name, lbl_name in KMNIST_NPZ.values():
+        images, labels = _npz_array(folder / img_name), _npz_array(folder / lbl_name)
+        if images.dtype != np.uint8 or images.ndim != 3:
+            raise DataError(f"{folder / img_name}: images have shape {images.shape} {images.dtype}, expected uint8 "
+                            "(N, 28, 28); fetch it again")
+        if labels.ndim != 1 or len(labels) != len(images) or labels.dtype.kind not in "iu":
+            raise DataError(f"{folder / lbl_name}: {labels.shape} {labels.dtype} labels for {len(images)} images, "
+                            "expected one integer each; fetch it again")
+        if labels.size and labels.max() >= len(KMNIST_CLASSES):
+            raise DataError(f"{folder / lbl_name}: label {labels.max()} >= 10; the file is not KMNIST")
+        splits.append(DatasetSplit(images=images, paths=None, targets=labels.astype(np.int64)))
+    return DatasetSplits("kmnist", splits[0], splits[1], list(KMNIST_CLASSES))
+
+
+@DATASETS.register("kmnist")
+def read_kmnist(root: str | None, download: bool) -> DatasetSplits:
+    """Kuzushiji-MNIST: 60000 / 10000 gray 28x28 cursive hiragana, 10 classes (romanised names).
+
+    Reads the four IDX .gz files (as MNIST) or the four ``kmnist-{train,test}-{imgs,labels}.npz`` files.
+    """
+    base = resolve_root(root)
+    for folder in (base, base / "kmnist"):
+        if all((folder / f).is_file() for pair in KMNIST_NPZ.values() for f in pair):
+            return _kmnist_npz(folder)
+    return _read("kmnist", "KMNIST", root, download, "or the four kmnist-*.npz files, ", KMNIST_CLASSES)
+
+
+# ----------------------------------------------------------------------------------------------------
+# EMNIST: emnist-<split>-{train,test}-{images-idx3,labels-idx1}-ubyte[.gz], or the official gzip.zip
+
+EMNIST_ZIP = "gzip.zip"
+EMNIST_SPLITS = ("balanced", "byclass", "bymerge", "digits", "letters", "mnist")
+_UPPER = [chr(c) for c in range(ord("A"), ord("Z") + 1)]
+_MERGED_LOWER = list("abdefghnqrt")  # the lower-case letters that bymerge/balanced keep apart from upper case
+EMNIST_CLASSES = {
+    "balanced": DIGIT_CLASSES + _UPPER + _MERGED_LOWER,
+    "bymerge": DIGIT_CLASSES + _UPPER + _MERGED_LOWER,
+    "byclass": DIGIT_CLASSES + _UPPER + [c.lower() for c in _UPPER],
+    "digits": DIGIT_CLASSES,
+    "mnist": DIGIT_CLASSES,
+    "letters": [f"{c}{c.lower()}" for c in _UPPER],  # upper and lower case share a class
+}
+
+
+def _emnist_stem(split: str, role: str, kind: str) -> str:
+    part = "images-idx3" if kind == "images" else "labels-idx1"
+    return f"emnist-{split}-{role}-{part}-ubyte"
+
+
+class _EmnistFiles:
+    """The split's IDX members, from a folder (.gz or not) or straight from the official zip."""
+
+    def __init__(self, base: Path, split: str):
+        self.split, self.folder, self.zip = split, None, None
+        stems = [_emnist_stem(split, r, k) for r in ("train", "test") for k in ("images", "labels")]
+        for cand in (base, base / "gzip", base / "emnist", base / "emnist" / "gzip", base / "EMNIST" / "raw"):
+            if all(_find(cand, s) for s in stems):
+                self.folder = cand
+                return
+        for cand in (base / EMNIST_ZIP, base / "emnist" / EMNIST_ZIP, base / "EMNIST" / "raw" / EMNIST_ZIP):
+            if cand.is_file():
+                self.zip = cand
+                return
+
+    @property
+    def found(self) -> bool:
+        return self.folder is not None or self.zip is not None
+
+    def read(self, role: str, kind: str) -> np.ndarray:
+        stem = _emnist_stem(self.split, role, kind)
+        ndim = 3 if kind == "images" else 1
+        if self.folder is not None:
+            return read_idx(_find(self.folder, stem), ndim)
+        member = f"gzip/{stem}.gz"
+        try:
+            with zipfile.ZipFile(self.zip) as z:
+                raw = z.read(member)  # checks the member's CRC-32
+        except KeyError:
+            raise DataError(f"{self.zip} lacks {member}; it is not the EMNIST gzip.zip, download it again") from None
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{self.zip} cannot be read ({describe(e)}); delete it and download it again") from None
+        return parse_idx(raw, f"{self.zip}:{member}", ndim, gzipped=True)
+
+
+def _emnist_split(files: _EmnistFiles, role: str, num_classes: int) -> DatasetSplit:
+    images, labels = files.read(role, "images"), files.read(role, "labels").astype(np.int64)
+    if len(images) != len(labels):
+        raise DataError(f"EMNIST {files.split} {role}: {len(images)} images but {len(labels)} labels; fetch it again")
+    if files.split == "letters":  # the files number the 26 letters from 1
+        labels = labels - 1
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(f"EMNIST {files.split} {role}: labels span {labels.min()}..{labels.max()} for "
+                        f"{num_classes} classes; the files are not this split, fetch them again")
+    # The files store each character transposed (column-major); hand out upright images.
+    return DatasetSplit(images=np.ascontiguousarray(images.transpose(0, 2, 1)), paths=None, targets=labels)
+
+
+def read_emnist(root: str | None, download: bool, split: str) -> DatasetSplits:
+    """EMNIST ``split``: gray 28x28 handwritten characters (upright), classes as the split defines them."""
+    base = resolve_root(root)
+    files = _EmnistFiles(base, split)
+    if not files.found and download:
+        _download_emnist(base, split)
+        files = _EmnistFiles(base, split)
+    if not files.found:
+        raise DataError(
+            f"EMNIST not found under {base}: put the official {EMNIST_ZIP} (or its gzip/ folder with "
+            f"{_emnist_stem(split, 'train', 'images')}.gz and the other three files) there, or set data.download=true"
+        )
+    names = EMNIST_CLASSES[split]
+    train, test = (_emnist_split(files, role, len(names)) for role in ("train", "test"))
+    return DatasetSplits(f"emnist_{split}", train, test, list(names))
+
+
+def _download_emnist(root: Path, split: str) -> None:
+    try:
+        from torchvision.datasets import EMNIST
+
+        EMNIST(str(root), split=split, train=True, download=True)
+    except Exception as e:  # network/IO failure -> one actionable line
+        raise DataError(f"EMNIST download into {root} failed ({describe(e)}); put {EMNIST_ZIP} there by hand") from None
+
+
+def _register_emnist(split: str) -> None:
+    def reader(root: str | None, download: bool) -> DatasetSplits:
+        return read_emnist(root, download, split)
+
+    reader.__doc__ = f"EMNIST {split}: {len(EMNIST_CLASSES[split])} classes of handwritten characters."
+    DATASETS.register(f"emnist_{split}")(reader)
+
+
+for _split_name in EMNIST_SPLITS:
+    _register_emnist(_split_name)

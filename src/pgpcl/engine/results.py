@@ -52,7 +52,7 @@ _REQUIRED: dict[str, tuple[type, ...]] = {
     "created": (str,),
     "updated": (str,),
 }
-_OPTIONAL: dict[str, tuple[type, ...]] = {"error": (str, type(None))}
+_OPTIONAL: dict[str, tuple[type, ...]] = {"error": (str, type(None)), "domain_names": (list,)}
 
 # Distribution name, module name: metadata first (no import needed), else an already-imported module.
 _VERSIONED = {
@@ -109,6 +109,8 @@ class Results:
     class_order: list[int] = field(default_factory=list)
     task_classes: list[list[int]] = field(default_factory=list)
     class_names: list[str] = field(default_factory=list)
+    domain_names: list[str] | None = None
+    """DIL: the domain each task trains on, in task order; None (and left out of the file) otherwise."""
     versions: dict[str, str] = field(default_factory=dict)
     weights: dict[str, Any] = field(default_factory=lambda: {"source": None, "sha256": None})
     device: str = "cpu"
@@ -172,6 +174,8 @@ class Results:
 
     def to_dict(self) -> dict[str, Any]:
         order = ["schema_version", "status", "error", *[k for k in _REQUIRED if k not in ("schema_version", "status")]]
+        if self.domain_names is not None:
+            order.insert(order.index("class_names") + 1, "domain_names")
         return _plain({**{k: getattr(self, k) for k in order}, **self.extra})
 
     @classmethod
@@ -189,6 +193,7 @@ def new_results(
     class_order: list[int] | None = None,
     task_classes: list[list[int]] | None = None,
     class_names: list[str] | None = None,
+    domain_names: list[str] | None = None,
     weights: dict[str, Any] | None = None,
     device: str = "cpu",
     eval_til: bool = True,
@@ -210,6 +215,7 @@ def new_results(
         class_order=list(class_order or []),
         task_classes=[list(c) for c in task_classes or []],
         class_names=list(class_names or []),
+        domain_names=None if domain_names is None else [str(n) for n in domain_names],
         versions=package_versions(),
         weights=dict(weights or {"source": None, "sha256": None}),
         device=str(device),
@@ -314,6 +320,9 @@ def _check_sizes(d: dict[str, Any], sizes: dict[str, int]) -> str | None:
         return f"acc matrices have different sizes {sizes}"
     if d["task_classes"] and len(d["task_classes"]) != T:
         return f"task_classes lists {len(d['task_classes'])} tasks but acc.cil has {T}"
+    names = d.get("domain_names")
+    if names is not None and (len(names) != T or not all(isinstance(n, str) for n in names)):
+        return f"domain_names must be {T} strings, one per task, got {names!r:.80}"
     if d["status"] == "complete":
         for s, m in d["acc"].items():
             if m is not None and tasks_done(m) != T:

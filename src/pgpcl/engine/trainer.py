@@ -363,6 +363,7 @@ class Trainer:
             class_order=sc.class_order,
             task_classes=sc.task_classes,
             class_names=sc.class_names,
+            domain_names=sc.domain_names if sc.setting == "dil" else None,
             weights={"source": getattr(info, "source", None), "sha256": getattr(info, "sha256", None)},
             device=self._device_label(),
             eval_til=sc.has_til,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,7 +14,7 @@ import numpy as np
 from pgpcl.engine.results import now_iso
 from pgpcl.errors import PgpclError
 from pgpcl.io import atomic_write_json, atomic_write_text
-from pgpcl.report.outdir import SUMMARY, TABLES, write_report_folder
+from pgpcl.report.outdir import RUNS_CSV, SUMMARY, TABLES, write_report_folder
 from pgpcl.report.plots import SETTINGS, curve_stats, mean_matrix, plot_curves, plot_matrices
 from pgpcl.report.published import published_for
 from pgpcl.report.runs import (
@@ -90,12 +92,31 @@ def write_outputs(
     def write(stage: Path) -> list[str]:
         table = TABLES[1] if fmt == "markdown" else TABLES[0]
         atomic_write_text(stage / table, text)
+        atomic_write_text(stage / RUNS_CSV, runs_csv(groups))
         plot_names = _write_plots(stage, groups) if plots else {}
-        files = [table, *(name for names in plot_names.values() for name in names), SUMMARY]
+        files = [table, RUNS_CSV, *(name for names in plot_names.values() for name in names), SUMMARY]
         atomic_write_json(stage / SUMMARY, summary_dict(groups, pairs, notes, plot_names, files))
         return files
 
     return write_report_folder(out_dir, write)
+
+
+RUN_FIELDS = ("group", "method", "pgp", "dataset", "setting", "variant", "seed", "run")
+
+
+def runs_csv(groups: Sequence[RunGroup]) -> str:
+    """One row per run, in the report's group order: what the table averages, for pandas or a spreadsheet.
+    Metrics are in % (empty where a run has none, e.g. TIL in DIL); ``run`` is the run's results file."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow([*RUN_FIELDS, *(key for key, *_ in COLUMNS)])
+    for g in groups:
+        for run in g.runs:
+            r = run.results
+            values = [run.value(key) for key, *_ in COLUMNS]
+            writer.writerow([g.label, r.method, str(r.pgp).lower(), r.dataset, r.setting, g.variant, r.seed,
+                             str(run.path), *("" if v is None else repr(float(v)) for v in values)])
+    return buf.getvalue()
 
 
 def _write_plots(out_dir: Path, groups: Sequence[RunGroup]) -> dict[str, list[str]]:

@@ -23,6 +23,7 @@ from pgpcl.errors import PgpclError
 
 SUMMARY = "summary.json"
 TABLES = ("table.txt", "table.md")
+RUNS_CSV = "runs.csv"
 
 
 def write_report_folder(out_dir: Path, write: Callable[[Path], list[str]]) -> list[Path]:
@@ -98,7 +99,7 @@ def _is_report_file(name: Any) -> bool:
     # A damaged or hand-edited summary must not make the report delete anything outside its own files.
     if not isinstance(name, str) or name != Path(name).name or name.startswith("."):
         return False
-    return name.endswith(".png") or name in (*TABLES, SUMMARY)
+    return name.endswith(".png") or name in (*TABLES, SUMMARY, RUNS_CSV)
 
 
 def _move_in(stage: Path, out_dir: Path, names: list[str]) -> None:

@@ -74,14 +74,17 @@ def plot_matrices(group: RunGroup, path: Path) -> bool:
     side = min(2.0 + 0.45 * T, 14.0)
     fig = Figure(figsize=(side * len(mats) + 1.5, side + 0.6), layout="constrained")
     axes = fig.subplots(1, len(mats), squeeze=False)[0]
+    names = {tuple(r.results.domain_names or ()) for r in group.runs}
+    domains = list(next(iter(names))) if len(names) == 1 and len(next(iter(names))) == T else None
     for ax, (setting, m) in zip(axes, mats.items()):
-        _heatmap(fig, ax, m, setting.upper())
+        _heatmap(fig, ax, m, setting.upper(), domains)
     fig.suptitle(f"{group.label} (mean of {len(group.runs)} run(s))", fontsize=10)
     _save(fig, path)
     return True
 
 
-def _heatmap(fig: Any, ax: Any, m: np.ndarray, title: str) -> None:
+def _heatmap(fig: Any, ax: Any, m: np.ndarray, title: str, domains: list[str] | None = None) -> None:
+    """``domains``: a DIL run's domain per task, shown beside the task numbers."""
     T = m.shape[0]
     im = ax.imshow(np.ma.masked_invalid(m), vmin=0.0, vmax=100.0, cmap="viridis")
     fig.colorbar(im, ax=ax, shrink=0.8, label="top-1 accuracy (%)")
@@ -92,7 +95,7 @@ def _heatmap(fig: Any, ax: Any, m: np.ndarray, title: str) -> None:
                 color = "white" if m[i, t] < 60 else "black"
                 ax.text(t, i, f"{m[i, t]:.1f}", ha="center", va="center", fontsize=size, color=color)
     ax.set_xticks(range(T))
-    ax.set_yticks(range(T))
+    ax.set_yticks(range(T), [f"{i} {d}" for i, d in enumerate(domains)] if domains else None)
     ax.set_xlabel("after training task t")
     ax.set_ylabel("evaluated task i")
     ax.set_title(title)
