@@ -303,3 +303,21 @@ def test_domainnet_is_never_downloaded(tmp_path):
     with pytest.raises(DataError) as err:
         read_dataset("domainnet", str(tmp_path), download=True)
     assert "DomainNet cannot be downloaded by pgpcl: fetch it from http://ai.bu.edu/M3SDA/" in _one_line(err)
+
+
+def test_a_run_over_two_datasets_trains_one_per_task(tmp_path, capsys):
+    """As the 5-datasets benchmark does (CIFAR-10, MNIST, SVHN, ...): each task one dataset."""
+    _write_cifar10(tmp_path / "c10")
+    _write_svhn(tmp_path / "svhn", n_train=20, n_test=10)
+    run = tmp_path / "run"
+    argv = ["train", "tiny_l2p_pgp", f"data.datasets=[cifar10={tmp_path / 'c10'}, svhn={tmp_path / 'svhn'}]",
+            "data.num_tasks=2", "data.train_per_class=null", "data.test_per_class=null", "train.progress=false",
+            "--run-dir", str(run)]  # fmt: skip
+    assert main(argv) == 0
+    results = json.loads((run / "results.json").read_text())
+    assert results["status"] == "complete" and results["task_classes"] == [[0, 1, 2], list(range(3, 13))]
+    assert results["class_names"][:3] == ["airplane", "automobile", "bird"]
+    assert results["acc"]["til"][0][1] is not None  # TIL is defined: the tasks' classes are disjoint
+    capsys.readouterr()
+    assert main(["report", str(run), "--no-plots"]) == 0
+    assert "cifar10+svhn" in capsys.readouterr().out

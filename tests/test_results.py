@@ -209,3 +209,12 @@ def test_find_and_collect(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ResultsError, match="no results.json under"):
         collect_results([tmp_path / "empty"])
+
+
+def test_a_run_over_several_datasets_is_labelled_by_its_readers():
+    r = make_results()
+    r.config["data"]["datasets"] = ["cifar10=/data/c10", "mnist", "image_folder=/data/notmnist/"]
+    assert r.dataset == "cifar10+mnist+notmnist"
+    r.config["data"]["datasets"] = []
+    r.config["data"]["domains"] = ["image_folder=/d/photo", "image_folder=/d/sketch"]
+    assert r.dataset == "photo+sketch"

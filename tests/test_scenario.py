@@ -280,3 +280,43 @@ def test_dil_domains_entries_are_one_domain_each(mnist_root, tmp_path, data_writ
         build_scenario(_cfg(None, setting="dil", num_tasks=2, domains=nested), seed=0)
     with pytest.raises(ConfigError, match=f"lists 'mnist={mnist_root}' twice"):
         build_scenario(_cfg(None, setting="dil", num_tasks=2, domains=[f"mnist={mnist_root}"] * 2), seed=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# data.datasets: one dataset per task, classes side by side
+
+
+def test_one_dataset_per_task_numbers_classes_after_the_datasets_before(tmp_path, data_write_idx, data_write_image):
+    digits = data_write_idx(tmp_path / "digits", np.tile(np.arange(10), 2), np.arange(10))
+    for role in ("train", "test"):
+        for cls in ("cat", "dog", "owl"):
+            data_write_image(tmp_path / "pets" / role / cls / "a.png")
+    cfg = _cfg(None, num_tasks=2, datasets=[f"mnist={digits}", f"image_folder={tmp_path / 'pets'}"])
+    sc = build_scenario(cfg, seed=0)
+    assert sc.num_classes == 13 and sc.task_classes == [list(range(10)), [10, 11, 12]]
+    assert sc.class_names == [str(d) for d in range(10)] + ["cat", "dog", "owl"]
+    x, y, t = _all(sc.train_loader(0, 8, generator_seed=0))
+    assert sorted(y.tolist()) == sorted(_orig_labels(x)) and len(y) == 20 and (t == 0).all()
+    x, y, t = _all(sc.test_loader(1, 8))
+    assert x.shape == (3, 1, 28, 28) and sorted(y.tolist()) == [10, 11, 12] and (t == 1).all()
+    assert sc.describe()["dataset"] == ["mnist", "image_folder"]
+    shuffled = build_scenario(_cfg(None, num_tasks=2, datasets=cfg.datasets, class_order="random"), seed=3)
+    assert sorted(shuffled.class_order[:10]) == list(range(10)) and shuffled.class_order[:10] != list(range(10))
+    assert sorted(shuffled.class_order[10:]) == [10, 11, 12]  # shuffled within each dataset, never across
+    x, y, _ = _all(shuffled.train_loader(0, 8, generator_seed=0))
+    assert [shuffled.class_order[int(c)] for c in y] == _orig_labels(x)
+
+
+def test_dataset_list_errors(mnist_root):
+    two = [f"mnist={mnist_root}", f"fashion_mnist={mnist_root}"]
+    cases = [
+        (dict(num_tasks=3, datasets=two), "data.datasets lists 2 datasets but data.num_tasks=3"),
+        (dict(num_tasks=2, datasets=two, setting="dil"), "list them under data.domains"),
+        (dict(num_tasks=2, datasets=two, first_task_classes=4), "first_task_classes does not apply"),
+        (dict(num_tasks=2, datasets=two, domains=two), "cannot both be set"),
+        (dict(num_tasks=2, datasets=[two[0], two[0]]), f"data.datasets lists {two[0]!r} twice"),
+    ]
+    for kw, phrase in cases:
+        with pytest.raises(ConfigError) as err:
+            build_scenario(_cfg(None, **kw), seed=0)
+        assert phrase in str(err.value)

@@ -51,6 +51,9 @@ class DataConfig:
     """Seed of the random class order; None = the run seed."""
     domains: list[str] = field(default_factory=list)
     """DIL: one dataset name per task, when the dataset has no domain labels of its own."""
+    datasets: list[str] = field(default_factory=list)
+    """cil/til/online: one dataset per task, their classes side by side (e.g. [cifar10, mnist, svhn]); each
+    entry ``name`` (read from ``root``) or ``name=/path``. Replaces ``dataset``."""
     img_size: int = 224
     channels: int = 3
     """Channels fed to the model: gray images are repeated to 3, RGB converted to 1 if set to 1."""

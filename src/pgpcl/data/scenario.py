@@ -3,7 +3,8 @@
 Labels are remapped so that ``class_order[i]`` (an original label) becomes class ``i``; task ``t`` of a
 class-split scenario owns the contiguous remapped range ``task_classes[t]``. In DIL every task holds all
 classes and task ``t`` is domain ``t``: either the dataset's own domain labels (``DatasetSplit.domains``)
-or the ``t``-th dataset of ``data.domains``.
+or the ``t``-th dataset of ``data.domains``. With ``data.datasets`` (class-split settings) task ``t`` is the
+``t``-th dataset, its classes numbered after those of the datasets before it.
 
 Seeds: the class order uses ``data.order_seed`` (else the run seed); ``train_per_class`` /
 ``test_per_class`` subsampling uses the run seed; a train loader's shuffling and augmentation use its
@@ -120,7 +121,7 @@ def _groups(split: DatasetSplit, per_domain: bool) -> np.ndarray:
     return split.targets
 
 
-def _parse_domain(entry: str, root: str | None) -> tuple[str, str | None]:
+def _parse_entry(entry: str, root: str | None) -> tuple[str, str | None]:
     """'name' -> (name, data.root); 'name=/path' -> (name, /path)."""
     name, sep, path = entry.partition("=")
     return name.strip(), ((path.strip() or None) if sep else root)
@@ -131,7 +132,19 @@ def _domain_count(data: DatasetSplits) -> int:
     return max((len(np.unique(d)) for d in domains), default=1)
 
 
+def _read_entries(cfg: Any, key: str, what: str) -> list[DatasetSplits]:
+    """The datasets that ``data.<key>`` lists, one per task; each entry once."""
+    listed = getattr(cfg, key)
+    entries = [_parse_entry(d, cfg.root) for d in listed]
+    twice = next((d for i, d in enumerate(listed) if entries[i] in entries[:i]), None)
+    if twice is not None:  # the same files twice: two identical tasks under one name
+        raise ConfigError(f"data.{key} lists {twice!r} twice; give each {what} once")
+    return [read_dataset(name, root, cfg.download) for name, root in entries]
+
+
 def _load_sources(cfg: Any) -> list[DatasetSplits]:
+    if cfg.datasets:
+        return _load_dataset_list(cfg)
     if cfg.domains and cfg.setting != "dil":
         raise ConfigError("data.domains only applies to data.setting=dil; remove it or set data.setting=dil")
     if not cfg.domains:
@@ -140,11 +153,7 @@ def _load_sources(cfg: Any) -> list[DatasetSplits]:
         raise ConfigError(
             f"data.domains lists {len(cfg.domains)} datasets but data.num_tasks={cfg.num_tasks}; make them equal"
         )
-    entries = [_parse_domain(d, cfg.root) for d in cfg.domains]
-    twice = next((d for i, d in enumerate(cfg.domains) if entries[i] in entries[:i]), None)
-    if twice is not None:  # the same files twice: two identical tasks under one name
-        raise ConfigError(f"data.domains lists {twice!r} twice; give each domain once")
-    sources = [read_dataset(name, root, cfg.download) for name, root in entries]
+    sources = _read_entries(cfg, "domains", "domain")
     for entry, src in zip(cfg.domains, sources):
         found = _domain_count(src)
         if found > 1:  # one task would mix them, and a[i][t] would no longer be one domain's accuracy
@@ -158,6 +167,23 @@ def _load_sources(cfg: Any) -> list[DatasetSplits]:
             f"DIL domains must have the same number of classes, got {counts}; choose matching datasets"
         )
     return sources
+
+
+def _load_dataset_list(cfg: Any) -> list[DatasetSplits]:
+    """``data.datasets``: one dataset per task of a class-split setting."""
+    if cfg.setting == "dil":
+        raise ConfigError("data.datasets is for the class-split settings (one dataset per task, new classes each); "
+                          "for domain-incremental learning list them under data.domains")
+    if cfg.domains:
+        raise ConfigError("data.datasets and data.domains cannot both be set; keep one")
+    if len(cfg.datasets) != cfg.num_tasks:
+        raise ConfigError(
+            f"data.datasets lists {len(cfg.datasets)} datasets but data.num_tasks={cfg.num_tasks}; make them equal"
+        )
+    if cfg.first_task_classes is not None:
+        raise ConfigError("data.first_task_classes does not apply with data.datasets (each task is one "
+                          "dataset, with all its classes); unset it")
+    return _read_entries(cfg, "datasets", "dataset")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -178,6 +204,7 @@ class Scenario:
         class_order: list[int],
         task_classes: list[list[int]],
         domain_names: list[str] | None,
+        class_names: list[str],
     ):
         self.cfg = cfg
         self.setting: str = cfg.setting
@@ -188,8 +215,7 @@ class Scenario:
         self.num_tasks: int = len(tasks)
         self.class_order = class_order
         self.num_classes: int = len(class_order)
-        names = sources[0].data.class_names
-        self.class_names: list[str] = [names[c] for c in class_order]
+        self.class_names: list[str] = class_names  # remapped order
         self.task_classes = task_classes
         self.domain_names = domain_names
         self.dataset_names = [s.data.name for s in sources]
@@ -424,8 +450,10 @@ def build_scenario(data_cfg: Any, seed: int) -> Scenario:
     if cfg.num_tasks < 1:
         raise ConfigError(f"data.num_tasks must be >= 1, got {cfg.num_tasks}")
     datasets = _load_sources(cfg)
-    num_classes = datasets[0].num_classes
     order_seed = cfg.order_seed if cfg.order_seed is not None else seed
+    if cfg.datasets:
+        return _dataset_list_scenario(cfg, datasets, seed, order_seed)
+    num_classes = datasets[0].num_classes
     class_order = make_class_order(num_classes, cfg.class_order, order_seed)
     remap = np.empty(num_classes, dtype=np.int64)
     remap[class_order] = np.arange(num_classes)
@@ -451,4 +479,28 @@ def build_scenario(data_cfg: Any, seed: int) -> Scenario:
         else:
             tasks, domain_names = _domain_tasks(sources[0], cfg.num_tasks)
     _check_tasks(tasks)
-    return Scenario(cfg, sources, tasks, class_order, task_classes, domain_names)
+    names = datasets[0].class_names
+    return Scenario(cfg, sources, tasks, class_order, task_classes, domain_names, [names[c] for c in class_order])
+
+
+def _dataset_list_scenario(cfg: Any, datasets: list[DatasetSplits], seed: int, order_seed: int) -> Scenario:
+    """Task ``t`` = dataset ``t`` with all its classes. Dataset ``t``'s original label ``c`` is the global
+    original label ``offset_t + c`` (offset_t = classes of the datasets before it); ``class_order=random``
+    shuffles the classes within each dataset, never across tasks."""
+    class_order, task_classes, sources, tasks, names = [], [], [], [], []
+    offset = 0
+    for k, data in enumerate(datasets):
+        n = data.num_classes
+        order = make_class_order(n, cfg.class_order, derive_seed(order_seed, 20, k))
+        remap = np.empty(n, dtype=np.int64)
+        remap[order] = offset + np.arange(n)
+        class_order += [offset + c for c in order]
+        task_classes.append(list(range(offset, offset + n)))
+        names += [data.class_names[c] for c in order]
+        src = _source(data, remap, cfg, seed, False)
+        sources.append(src)
+        tasks.append(_Task(k, src.train_keep, src.test_keep))
+        offset += n
+    _check_every_class_trains(sources)
+    _check_tasks(tasks)
+    return Scenario(cfg, sources, tasks, class_order, task_classes, None, names)

@@ -92,6 +92,16 @@ def _installed_version(dist: str, module: str) -> str | None:
         return getattr(mod, "__version__", None) if mod is not None else None
 
 
+def _entry_label(entry: str) -> str:
+    """A ``data.datasets`` / ``data.domains`` entry as a report shows it: the reader's name (``svhn`` for
+    ``svhn=/data/svhn``), except for an image folder, whose own name says more (``photo`` for
+    ``image_folder=/data/photo``)."""
+    name, sep, path = entry.partition("=")
+    if not sep or name.strip() == "image_folder":
+        return (path if sep else name).strip().rstrip("/").rsplit("/", 1)[-1]
+    return name.strip()
+
+
 def empty_matrix(num_tasks: int) -> list[list[float | None]]:
     return [[None] * num_tasks for _ in range(num_tasks)]
 
@@ -132,11 +142,12 @@ class Results:
 
     @property
     def dataset(self) -> str:
-        """``data.dataset``; for a DIL run over ``data.domains``, those datasets joined by '+'."""
+        """``data.dataset``; for a run over ``data.domains`` or ``data.datasets``, those joined by '+'."""
         data = self.config.get("data", {})
-        domains = data.get("domains") if isinstance(data, dict) else None
-        if isinstance(domains, list) and domains:
-            return "+".join(str(d).rstrip("/").rsplit("/", 1)[-1] for d in domains)
+        for key in ("datasets", "domains"):
+            listed = data.get(key) if isinstance(data, dict) else None
+            if isinstance(listed, list) and listed:
+                return "+".join(_entry_label(str(d)) for d in listed)
         return str(data.get("dataset", "?"))
 
     def set_acc(self, setting: str, i: int, t: int, value: float) -> None:
