@@ -1,5 +1,5 @@
 """The full-size presets run end to end: the 10- and 20-split CIFAR-100 presets (L2P, DualPrompt,
-CODA-Prompt, and the four CLIP learners, with PGP) on generated files in the official ``cifar-100-python``
+CODA-Prompt, and the five CLIP learners, with PGP) on generated files in the official ``cifar-100-python``
 format, with only the backbone and the image size shrunk (and CODA-Prompt's pool, whose 100 orthogonal
 keys need a width >= 100; the CLIP presets get the small random CLIP)."""
 
@@ -46,7 +46,7 @@ def cifar_root(tmp_path_factory):
     ("cifar100_10_coda_prompt_pgp", ["method.pool_size=30"]),
     ("cifar100_20_l2p_pgp", []),
     ("cifar100_20_dualprompt_pgp", []),
-    *((f"cifar100_10_{name}_pgp", CLIP) for name in ("clip", "clip_adapter", "clip_lora", "clip_prefix")),
+    *((f"cifar100_10_{name}_pgp", CLIP) for name in ("clip", "clip_dual", "clip_adapter", "clip_lora", "clip_prefix")),
 ])
 def test_released_preset_trains_every_task(tmp_path, cifar_root, preset, extra):
     cfg = load_config(preset, [f"data.root={cifar_root}", *SHRINK, *extra])

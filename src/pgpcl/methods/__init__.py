@@ -30,6 +30,7 @@ METHODS: Registry[type[Method]] = Registry("method", check=_check_method)
 from pgpcl.methods import (  # noqa: E402,F401
     adapter,
     clip_adapter,
+    clip_dual_prompt,
     clip_lora,
     clip_prefix,
     clip_prompt,
