@@ -16,7 +16,7 @@ value (docs/pgp.md, section 10):
 
 The free prompt keeps the current task's plasticity, the projected one its predecessors' stability, and
 the consistency term keeps the two from drifting apart on the current task's images. Two image passes per
-step: about twice CLIP-PGP's image-side cost.
+step (a tiny preset's step: 1.3-1.6x CLIP-PGP's, BENCHMARKS.md section 5b).
 """
 
 from __future__ import annotations
