@@ -321,3 +321,82 @@ def test_a_run_over_two_datasets_trains_one_per_task(tmp_path, capsys):
     capsys.readouterr()
     assert main(["report", str(run), "--no-plots"]) == 0
     assert "cifar10+svhn" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------
+# notMNIST (as the 5-datasets benchmark reads it)
+
+
+def _png(value: int, size=(28, 28)) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", size, value).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write_notmnist_zip(root: Path, per_class: int = 2, broken: bool = True) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(root / "notMNIST.zip", "w") as z:
+        for split in ("Train", "Test"):
+            for c, letter in enumerate("ABCDEFGHIJ"):
+                for i in range(per_class):
+                    z.writestr(f"notMNIST/{split}/{letter}/g{i}.png", _png(10 * c + i))
+        if broken:  # the real archive holds a few PNGs that do not decode
+            z.writestr("notMNIST/Train/F/Q3Jvc3NvdmVyIEJvbGRPYmxpcXVlLnR0Zg==.png", b"\x89PNG broken")
+    return root
+
+
+def test_notmnist_from_the_zip_or_its_folder_leaves_out_broken_glyphs(tmp_path):
+    _write_notmnist_zip(tmp_path / "z")
+    ds = read_dataset("notmnist", str(tmp_path / "z"))
+    assert ds.class_names == list("ABCDEFGHIJ") and ds.train.images.shape == (20, 28, 28)
+    assert ds.train.targets.tolist() == [c for c in range(10) for _ in range(2)] and len(ds.test) == 20
+    assert ds.train.images[:, 0, 0].tolist() == [10 * c + i for c in range(10) for i in range(2)]
+    assert len(ds.notes) == 1 and "left out 1 PNG(s)" in ds.notes[0] and "Q3Jvc3Nv" in ds.notes[0]
+    with zipfile.ZipFile(tmp_path / "z" / "notMNIST.zip") as z:
+        z.extractall(tmp_path / "x")
+    folder = read_dataset("notmnist", str(tmp_path / "x"))
+    assert np.array_equal(folder.train.images, ds.train.images) and folder.test.targets.tolist() == ds.test.targets.tolist()
+    assert not read_dataset("notmnist", str(_write_notmnist_zip(tmp_path / "ok", broken=False))).notes
+
+
+def test_notmnist_bad_or_missing_is_one_line(tmp_path, monkeypatch):
+    with pytest.raises(DataError) as err:
+        read_dataset("notmnist", str(tmp_path))
+    assert "put notMNIST.zip" in _one_line(err) and "data.download=true" in str(err.value)
+    root = tmp_path / "big"
+    root.mkdir()
+    with zipfile.ZipFile(root / "notMNIST.zip", "w") as z:
+        z.writestr("notMNIST/Train/A/x.png", _png(1, (32, 32)))
+        z.writestr("notMNIST/Test/A/x.png", _png(1))
+    with pytest.raises(DataError) as err:
+        read_dataset("notmnist", str(root))
+    assert "notMNIST.zip:notMNIST/Train/A/x.png is 32x32, not 28x28" in _one_line(err)
+    (root / "notMNIST.zip").write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(DataError) as err:
+        read_dataset("notmnist", str(root))
+    assert "notMNIST.zip cannot be read" in _one_line(err)
+    import torchvision.datasets.utils as tv_utils
+
+    def offline(*args, **kwargs):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(tv_utils, "download_url", offline)
+    with pytest.raises(DataError) as err:
+        read_dataset("notmnist", str(tmp_path / "none"), download=True)
+    assert "notMNIST download into" in _one_line(err) and "put notMNIST.zip there by hand" in str(err.value)
+
+
+def test_five_datasets_kind_of_run_notes_the_glyphs_it_left_out(tmp_path, data_write_idx, capsys):
+    _write_notmnist_zip(tmp_path / "nm", per_class=3)
+    digits = data_write_idx(tmp_path / "mnist", np.tile(np.arange(10), 3), np.arange(10))
+    run = tmp_path / "run"
+    argv = ["train", "tiny_l2p", f"data.datasets=[notmnist={tmp_path / 'nm'}, mnist={digits}]", "data.num_tasks=2",
+            "data.train_per_class=null", "data.test_per_class=null", "train.progress=false", "--run-dir", str(run)]
+    assert main(argv) == 0
+    assert "pgpcl: note: notMNIST: left out 1 PNG(s)" in capsys.readouterr().err
+    results = json.loads((run / "results.json").read_text())
+    assert results["class_names"][:10] == list("ABCDEFGHIJ") and results["status"] == "complete"

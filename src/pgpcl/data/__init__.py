@@ -1,7 +1,8 @@
 """Datasets, transforms and continual scenarios.
 
 One reader per on-disk format is registered in :data:`DATASETS` (cifar10, cifar100, svhn, imagenet_r,
-tiny_imagenet, cub200, domainnet, fashion_mnist, mnist, kmnist, emnist_<split>, mnist5k, image_folder);
+tiny_imagenet, cub200, domainnet, notmnist, fashion_mnist, mnist, kmnist, emnist_<split>, mnist5k,
+image_folder);
 :func:`build_scenario` cuts a dataset into tasks.
 """
 

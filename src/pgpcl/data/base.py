@@ -110,6 +110,9 @@ class DatasetSplits:
     test: DatasetSplit
     class_names: list[str]
     domain_names: list[str] | None = None
+    notes: list[str] = field(default_factory=list)
+    """One line each for the user about what the reader did (e.g. broken files it left out); the
+    trainer prints them when the run starts."""
 
     @property
     def num_classes(self) -> int:
@@ -156,6 +159,15 @@ def default_root() -> Path:
     """Where readers look (and download to) when ``data.root`` is unset: $PGPCL_DATA_ROOT or ~/.cache."""
     env = os.environ.get(DATA_ROOT_ENV)
     return Path(env).expanduser() if env else Path.home() / ".cache" / "pgpcl" / "data"
+
+
+def find_or_fetch(find: Callable[[], Any], fetch: Callable[[], None], download: bool) -> Any:
+    """``find()``; when it finds nothing (None) and ``download`` is set, ``fetch()`` and look again."""
+    found = find()
+    if found is None and download:
+        fetch()
+        found = find()
+    return found
 
 
 def resolve_root(root: str | None) -> Path:

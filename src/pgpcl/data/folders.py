@@ -1,10 +1,14 @@
-"""Datasets stored as image files: ImageNet-R, TinyImageNet, CUB-200-2011, DomainNet and a generic image folder."""
+"""Datasets stored as image files: ImageNet-R, TinyImageNet, CUB-200-2011, DomainNet, notMNIST and a generic
+image folder."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
+import zipfile
+import zlib
 from importlib import resources
 from pathlib import Path
 
@@ -15,12 +19,13 @@ from pgpcl.data.base import (
     DatasetSplit,
     DatasetSplits,
     find_dir,
+    find_or_fetch,
     list_images,
     read_lines,
     resolve_root,
     subdirs,
 )
-from pgpcl.errors import DataError
+from pgpcl.errors import DataError, describe
 
 IMAGENET_R_SPLIT = "imagenet_r_v1.json"
 IMAGENET_R_URL = "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar"
@@ -421,3 +426,93 @@ def read_image_folder(root: str | None, download: bool) -> DatasetSplits:
         for role, (p, y, dm) in parts.items()
     }
     return DatasetSplits("image_folder", splits["train"], splits["test"], names, domain_names)
+
+
+# ----------------------------------------------------------------------------------------------------
+# notMNIST, as the 5-datasets benchmark reads it
+
+NOTMNIST_ZIP = "notMNIST.zip"
+NOTMNIST_URL = "https://github.com/facebookresearch/Adversarial-Continual-Learning/raw/main/data/notMNIST.zip"
+NOTMNIST_CLASSES = list("ABCDEFGHIJ")
+_NOTMNIST_SPLITS = {"train": "Train", "test": "Test"}
+
+
+def _glyph(raw: bytes, name: str) -> np.ndarray | None:
+    """uint8 (28, 28) of one PNG, or None if it does not decode (the archive holds a few broken ones)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            arr = np.asarray(im.convert("L"), dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
+        return None
+    if arr.shape != (28, 28):
+        raise DataError(f"notMNIST: {name} is {arr.shape[1]}x{arr.shape[0]}, not 28x28; it is not the "
+                        f"5-datasets notMNIST ({NOTMNIST_ZIP}), fetch that one")
+    return arr
+
+
+def _notmnist_members(base: Path) -> dict[str, list[tuple[str, bytes]]] | None:
+    """Per split, (name, bytes) of every glyph file: from ``notMNIST/{Train,Test}/<letter>/`` on disk, else
+    straight from ``notMNIST.zip``; None if neither is there."""
+    for folder in (base / "notMNIST", base):
+        if all((folder / d).is_dir() for d in _NOTMNIST_SPLITS.values()):
+            return {
+                role: [(str(f), f.read_bytes()) for c in NOTMNIST_CLASSES if (folder / d / c).is_dir()
+                       for f in list_images(folder / d / c)]
+                for role, d in _NOTMNIST_SPLITS.items()
+            }  # fmt: skip
+    archive = base / NOTMNIST_ZIP
+    if not archive.is_file():
+        return None
+    out: dict[str, list[tuple[str, bytes]]] = {role: [] for role in _NOTMNIST_SPLITS}
+    try:
+        with zipfile.ZipFile(archive) as z:
+            for n in sorted(n for n in z.namelist() if n.lower().endswith(".png")):
+                parts = n.split("/")
+                role = next((r for r, d in _NOTMNIST_SPLITS.items() if len(parts) >= 3 and parts[-3] == d), None)
+                if role is not None and parts[-2] in NOTMNIST_CLASSES:
+                    out[role].append((f"{archive}:{n}", z.read(n)))  # read() checks the member's CRC-32
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{archive} cannot be read ({e}); delete it and download it again") from None
+    return out
+
+
+def _download_notmnist(base: Path) -> None:
+    try:
+        from torchvision.datasets.utils import download_url
+
+        download_url(NOTMNIST_URL, str(base), NOTMNIST_ZIP)
+    except Exception as e:  # network/IO failure -> one actionable line
+        raise DataError(f"notMNIST download into {base} failed ({describe(e)}); put {NOTMNIST_ZIP} there by hand "
+                        f"({NOTMNIST_URL})") from None
+
+
+@DATASETS.register("notmnist")
+def read_notmnist(root: str | None, download: bool) -> DatasetSplits:
+    """notMNIST as the 5-datasets benchmark reads it: ``notMNIST.zip`` (from Adversarial Continual Learning)
+    with ``notMNIST/{Train,Test}/<A..J>/*.png``, read from the zip or from its extracted folder; glyphs
+    decoded into memory (gray 28x28), classes A..J. A PNG that does not decode is left out, as the
+    benchmark's loaders do, and the run says how many."""
+    base = resolve_root(root)
+    members = find_or_fetch(lambda: _notmnist_members(base), lambda: _download_notmnist(base), download)
+    if members is None:
+        raise DataError(f"notMNIST not found under {base}: put {NOTMNIST_ZIP} ({NOTMNIST_URL}) or its extracted "
+                        "notMNIST/Train and notMNIST/Test there, or set data.download=true")
+    splits, skipped = {}, []
+    for role, files in members.items():
+        images, labels = [], []
+        for name, raw in files:
+            glyph = _glyph(raw, name)
+            if glyph is None:
+                skipped.append(name)
+                continue
+            images.append(glyph)
+            labels.append(NOTMNIST_CLASSES.index(Path(name.split(":")[-1]).parent.name))
+        if not images:
+            raise DataError(f"notMNIST: the {_NOTMNIST_SPLITS[role]} split holds no readable glyphs under {base}; "
+                            f"re-extract {NOTMNIST_ZIP}")
+        splits[role] = DatasetSplit(images=np.stack(images), paths=None, targets=np.asarray(labels, dtype=np.int64))
+    notes = [f"notMNIST: left out {len(skipped)} PNG(s) that do not decode (e.g. {skipped[0]}), as the 5-datasets "
+             "benchmark does"] if skipped else []
+    return DatasetSplits("notmnist", splits["train"], splits["test"], list(NOTMNIST_CLASSES), notes=notes)

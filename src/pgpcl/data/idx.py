@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pgpcl.data.base import DATASETS, DatasetSplit, DatasetSplits, resolve_root
+from pgpcl.data.base import DATASETS, DatasetSplit, DatasetSplits, find_or_fetch, resolve_root
 from pgpcl.errors import DataError, describe
 
 FASHION_MNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"
@@ -237,9 +237,11 @@ class _EmnistFiles:
                 self.zip = cand
                 return
 
-    @property
-    def found(self) -> bool:
-        return self.folder is not None or self.zip is not None
+    @classmethod
+    def at(cls, base: Path, split: str) -> _EmnistFiles | None:
+        """The split's files under ``base``, or None if neither the files nor the zip are there."""
+        files = cls(base, split)
+        return files if files.folder is not None or files.zip is not None else None
 
     def read(self, role: str, kind: str) -> np.ndarray:
         stem = _emnist_stem(self.split, role, kind)
@@ -273,11 +275,8 @@ def _emnist_split(files: _EmnistFiles, role: str, num_classes: int) -> DatasetSp
 def read_emnist(root: str | None, download: bool, split: str) -> DatasetSplits:
     """EMNIST ``split``: gray 28x28 handwritten characters (upright), classes as the split defines them."""
     base = resolve_root(root)
-    files = _EmnistFiles(base, split)
-    if not files.found and download:
-        _download_emnist(base, split)
-        files = _EmnistFiles(base, split)
-    if not files.found:
+    files = find_or_fetch(lambda: _EmnistFiles.at(base, split), lambda: _download_emnist(base, split), download)
+    if files is None:
         raise DataError(
             f"EMNIST not found under {base}: put the official {EMNIST_ZIP} (or its gzip/ folder with "
             f"{_emnist_stem(split, 'train', 'images')}.gz and the other three files) there, or set data.download=true"

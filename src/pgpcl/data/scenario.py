@@ -219,6 +219,7 @@ class Scenario:
         self.task_classes = task_classes
         self.domain_names = domain_names
         self.dataset_names = [s.data.name for s in sources]
+        self.notes: list[str] = [note for s in sources for note in s.data.notes]
         self.train_transform: ImageTransform = build_transform(
             cfg.train_transform, cfg.img_size, cfg.channels, cfg.normalize, True
         )

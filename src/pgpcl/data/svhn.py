@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pgpcl.data.base import DATASETS, DatasetSplit, DatasetSplits, resolve_root
+from pgpcl.data.base import DATASETS, DatasetSplit, DatasetSplits, find_or_fetch, resolve_root
 from pgpcl.errors import DataError, describe
 
 SVHN_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
@@ -68,10 +68,7 @@ def _folder(base: Path) -> Path | None:
 def read_svhn(root: str | None, download: bool) -> DatasetSplits:
     """SVHN: train 73257 / test 26032 RGB 32x32 house-number digits, classes '0'..'9'."""
     base = resolve_root(root)
-    folder = _folder(base)
-    if folder is None and download:
-        _download(base)
-        folder = _folder(base)
+    folder = find_or_fetch(lambda: _folder(base), lambda: _download(base), download)
     if folder is None:
         raise DataError(
             f"SVHN not found under {base}: put train_32x32.mat and test_32x32.mat there "

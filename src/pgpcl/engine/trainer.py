@@ -282,6 +282,8 @@ class Trainer:
             if cfg.train.tensorboard and self.is_main:
                 _summary_writer()  # before anything is written: a missing package must not leave a folder
             self.scenario = build_scenario(cfg.data, cfg.seed)
+            for note in self.scenario.notes if self.is_main else ():
+                _print_note(f"pgpcl: note: {note}")
             self.method = build_method(cfg, self.scenario).to(self.device)
             self.pgp = self._build_pgp()
             self.results = self._new_results()
