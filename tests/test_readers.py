@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import shutil
 import sys
 import tarfile
 import zipfile
@@ -257,6 +258,7 @@ def test_domainnet_domains_labels_and_names(tmp_path, data_write_image):
          "label 0 is class 'zebra' here but 'aircraft_carrier' elsewhere"),
         (lambda r: (r / "sketch_train.txt").write_text("clipart/zebra/a.jpg 1\n"), "bad line"),
         (lambda r: (r / "clipart" / "bee" / "clipart_train_2_0.jpg").unlink(), "1 listed image(s) are missing"),
+        (lambda r: shutil.rmtree(r / "sketch" / "zebra"), "4 listed image(s) are missing"),
         (lambda r: [(r / f"{d}_{s}.txt").unlink() for d in ("clipart", "sketch") for s in ("train", "test")],
          "DomainNet not found under"),
     ],
