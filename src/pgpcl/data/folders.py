@@ -456,41 +456,40 @@ _NOTMNIST_SPLITS = {"train": "Train", "test": "Test"}
 
 
 def _glyph(raw: bytes, name: str) -> np.ndarray | None:
-    """uint8 (28, 28) of one PNG, or None if it does not decode (the archive holds a few broken ones)."""
+    """uint8 (H, W) of one PNG, or None if it does not decode (the archive holds a few broken ones)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(raw)) as im:
-            arr = np.asarray(im.convert("L"), dtype=np.uint8)
+            return np.asarray(im.convert("L"), dtype=np.uint8)
+    except Image.DecompressionBombError as e:
+        raise DataError(f"notMNIST: {name} is too large to decode safely ({e}); it is not a glyph") from None
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
         return None
-    if arr.shape != (28, 28):
-        raise DataError(f"notMNIST: {name} is {arr.shape[1]}x{arr.shape[0]}, not 28x28; it is not the "
-                        f"5-datasets notMNIST ({NOTMNIST_ZIP}), fetch that one")
-    return arr
 
 
-def _notmnist_members(base: Path) -> dict[str, list[tuple[str, bytes]]] | None:
-    """Per split, (name, bytes) of every glyph file: from ``notMNIST/{Train,Test}/<letter>/`` on disk, else
-    straight from ``notMNIST.zip``; None if neither is there."""
+def _notmnist_members(base: Path) -> dict[str, list[tuple[str, int, bytes]]] | None:
+    """Per split, (name, label, bytes) of every glyph file: from ``notMNIST/{Train,Test}/<letter>/`` on
+    disk, else straight from ``notMNIST.zip``; None if neither is there."""
     for folder in (base / "notMNIST", base):
         if all((folder / d).is_dir() for d in _NOTMNIST_SPLITS.values()):
             return {
-                role: [(str(f), f.read_bytes()) for c in NOTMNIST_CLASSES if (folder / d / c).is_dir()
+                role: [(str(f), k, f.read_bytes()) for k, c in enumerate(NOTMNIST_CLASSES) if (folder / d / c).is_dir()
                        for f in list_images(folder / d / c)]
                 for role, d in _NOTMNIST_SPLITS.items()
             }  # fmt: skip
     archive = base / NOTMNIST_ZIP
     if not archive.is_file():
         return None
-    out: dict[str, list[tuple[str, bytes]]] = {role: [] for role in _NOTMNIST_SPLITS}
+    out: dict[str, list[tuple[str, int, bytes]]] = {role: [] for role in _NOTMNIST_SPLITS}
     try:
         with zipfile.ZipFile(archive) as z:
             for n in sorted(n for n in z.namelist() if n.lower().endswith(".png")):
                 parts = n.split("/")
                 role = next((r for r, d in _NOTMNIST_SPLITS.items() if len(parts) >= 3 and parts[-3] == d), None)
                 if role is not None and parts[-2] in NOTMNIST_CLASSES:
-                    out[role].append((f"{archive}:{n}", z.read(n)))  # read() checks the member's CRC-32
+                    # read() checks the member's CRC-32
+                    out[role].append((f"{archive}:{n}", NOTMNIST_CLASSES.index(parts[-2]), z.read(n)))
     except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
         raise DataError(f"{archive} cannot be read ({e}); delete it and download it again") from None
     return out
@@ -510,7 +509,7 @@ def _download_notmnist(base: Path) -> None:
 def read_notmnist(root: str | None, download: bool) -> DatasetSplits:
     """notMNIST as the 5-datasets benchmark reads it: ``notMNIST.zip`` (from Adversarial Continual Learning)
     with ``notMNIST/{Train,Test}/<A..J>/*.png``, read from the zip or from its extracted folder; glyphs
-    decoded into memory (gray 28x28), classes A..J. A PNG that does not decode is left out, as the
+    decoded into memory (gray, 28x28 in that archive), classes A..J. A PNG that does not decode is left out, as the
     benchmark's loaders do, and the run says how many."""
     base = resolve_root(root)
     members = find_or_fetch(lambda: _notmnist_members(base), lambda: _download_notmnist(base), download)
@@ -520,13 +519,17 @@ def read_notmnist(root: str | None, download: bool) -> DatasetSplits:
     splits, skipped = {}, []
     for role, files in members.items():
         images, labels = [], []
-        for name, raw in files:
+        for name, label, raw in files:
             glyph = _glyph(raw, name)
             if glyph is None:
                 skipped.append(name)
                 continue
+            if images and glyph.shape != images[0].shape:
+                raise DataError(f"notMNIST: {name} is {glyph.shape[1]}x{glyph.shape[0]}, the glyphs before it "
+                                f"{images[0].shape[1]}x{images[0].shape[0]}; this is not the 5-datasets notMNIST "
+                                f"({NOTMNIST_ZIP}), fetch that one")
             images.append(glyph)
-            labels.append(NOTMNIST_CLASSES.index(Path(name.split(":")[-1]).parent.name))
+            labels.append(label)
         if not images:
             raise DataError(f"notMNIST: the {_NOTMNIST_SPLITS[role]} split holds no readable glyphs under {base}; "
                             f"re-extract {NOTMNIST_ZIP}")
