@@ -239,3 +239,26 @@ def test_class_names_as_a_numpy_array_are_taken(register):
     register("mine", lambda root, download: splits(class_names=np.array([f"c{i}" for i in range(10)])))
     data = read_dataset("mine", None)
     assert data.class_names == [f"c{i}" for i in range(10)] and type(data.class_names[0]) is str
+
+
+def test_pgpcl_datasets_lists_every_reader_and_ones_own(tmp_path, monkeypatch, capsys):
+    from pgpcl.data import DATASETS as registry
+
+    (tmp_path / "lab_data.py").write_text(textwrap.dedent(MODULE.replace("def read_lab_digits(root, download):",
+                                                                          'def read_lab_digits(root, download):\n'
+                                                                          '    """Lab digits: 12x12 synthetic. More."""')))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        assert main(["datasets"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert [line.split()[0] for line in lines] == registry.names() and "lab_digits" not in registry.names()
+        cifar10 = next(line for line in lines if line.startswith("cifar10 "))
+        assert "CIFAR-10: cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}" in cifar10
+        assert main(["datasets", "--imports", "lab_data"]) == 0
+        assert any(line.split(None, 1) == ["lab_digits", "Lab digits: 12x12 synthetic"]
+                   for line in capsys.readouterr().out.splitlines())
+        assert main(["datasets", "--imports", "no_such_lab"]) == 2
+        assert "imports: cannot import 'no_such_lab'" in capsys.readouterr().err
+    finally:
+        DATASETS._items.pop("lab_digits", None)
+        sys.modules.pop("lab_data", None)

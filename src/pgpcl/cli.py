@@ -105,6 +105,25 @@ def _cmd_configs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_datasets(args: argparse.Namespace) -> int:
+    from pgpcl.config import import_modules
+    from pgpcl.data import DATASETS
+
+    import_modules(args.imports)
+    print(dataset_table(DATASETS))
+    return 0
+
+
+def dataset_table(registry) -> str:
+    """One line per registered reader: its name and the first sentence of its docstring."""
+    rows = []
+    for name in registry.names():
+        doc = " ".join((registry.get(name).__doc__ or "").split()).replace("``", "")
+        rows.append((name, doc.split(". ")[0].rstrip(".")))
+    width = max(len(n) for n, _ in rows)
+    return "\n".join(f"{n.ljust(width)}  {d}".rstrip() for n, d in rows)
+
+
 def _load_preset(name: str):
     from pgpcl.config import load_config
 
@@ -251,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?")
     p.add_argument("--names", action="store_true", help="preset names only, one per line")
     p.set_defaults(func=_cmd_configs)
+
+    p = sub.add_parser("datasets", help="list the dataset readers (data.dataset names) and what each reads")
+    p.add_argument("--imports", nargs="*", default=[], metavar="MODULE",
+                   help="also import these modules first (readers of your own, as the config's imports)")
+    p.set_defaults(func=_cmd_datasets)
 
     p = sub.add_parser("demo", help="offline demo: L2P, DualPrompt (--methods: also CODA-Prompt, LoRA, adapters, prefix), "
                                      "each +-PGP, several seeds, on MNIST digits")

@@ -299,7 +299,8 @@ def _register_emnist(split: str) -> None:
     def reader(root: str | None, download: bool) -> DatasetSplits:
         return read_emnist(root, download, split)
 
-    reader.__doc__ = f"EMNIST {split}: {len(EMNIST_CLASSES[split])} classes of handwritten characters."
+    reader.__doc__ = (f"EMNIST {split}: {len(EMNIST_CLASSES[split])} classes of handwritten characters, gray 28x28, "
+                      f"from the official {EMNIST_ZIP} or its gzip/ folder.")
     DATASETS.register(f"emnist_{split}")(reader)
 
 
