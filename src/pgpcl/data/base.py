@@ -161,6 +161,15 @@ def default_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "pgpcl" / "data"
 
 
+def fetch(name: str, root: Path, by_hand: str, download: Callable[[], None], where: str = "") -> None:
+    """Run ``download`` (a public download into ``root``); any failure becomes one line saying what to put
+    there by hand instead."""
+    try:
+        download()
+    except Exception as e:  # network/IO failure -> one actionable line
+        raise DataError(f"{name} download into {root} failed ({describe(e)}); put {by_hand} there by hand{where}") from None
+
+
 def find_or_fetch(find: Callable[[], Any], fetch: Callable[[], None], download: bool) -> Any:
     """``find()``; when it finds nothing (None) and ``download`` is set, ``fetch()`` and look again."""
     found = find()

@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from pgpcl.data.base import DATASETS, DatasetSplit, DatasetSplits, resolve_root
-from pgpcl.errors import DataError, describe
+from pgpcl.data.base import DATASETS, DatasetSplit, DatasetSplits, fetch, resolve_root
+from pgpcl.errors import DataError
 from pgpcl.io import atomic_write_bytes, md5_file
 
 CIFAR100_DIR = "cifar-100-python"
@@ -184,13 +184,12 @@ def extract_cifar(tgz: Path, dest: Path, fmt: CifarFormat, md5: str | None = Non
 
 
 def _download(root: Path, fmt: CifarFormat) -> None:
-    try:
+    def torchvision_download() -> None:
         from torchvision import datasets
 
         getattr(datasets, fmt.download_class)(str(root), train=True, download=True)
-    except Exception as e:  # any network/IO failure becomes one actionable line
-        msg = describe(e)
-        raise DataError(f"{fmt.name} download into {root} failed ({msg}); put {fmt.tgz} there by hand") from None
+
+    fetch(fmt.name, root, fmt.tgz, torchvision_download)
 
 
 def _locate(root: Path, download: bool, md5: str | None, fmt: CifarFormat) -> Path:

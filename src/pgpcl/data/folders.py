@@ -19,6 +19,7 @@ from pgpcl.data.base import (
     DATASETS,
     DatasetSplit,
     DatasetSplits,
+    fetch,
     find_dir,
     find_or_fetch,
     list_images,
@@ -26,7 +27,7 @@ from pgpcl.data.base import (
     resolve_root,
     subdirs,
 )
-from pgpcl.errors import DataError, describe
+from pgpcl.errors import DataError
 
 IMAGENET_R_SPLIT = "imagenet_r_v1.json"
 IMAGENET_R_URL = "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar"
@@ -496,13 +497,12 @@ def _notmnist_members(base: Path) -> dict[str, list[tuple[str, int, bytes]]] | N
 
 
 def _download_notmnist(base: Path) -> None:
-    try:
+    def torchvision_download() -> None:
         from torchvision.datasets.utils import download_url
 
         download_url(NOTMNIST_URL, str(base), NOTMNIST_ZIP)
-    except Exception as e:  # network/IO failure -> one actionable line
-        raise DataError(f"notMNIST download into {base} failed ({describe(e)}); put {NOTMNIST_ZIP} there by hand "
-                        f"({NOTMNIST_URL})") from None
+
+    fetch("notMNIST", base, NOTMNIST_ZIP, torchvision_download, where=f" ({NOTMNIST_URL})")
 
 
 @DATASETS.register("notmnist")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pgpcl.data.base import DATASETS, DatasetSplit, DatasetSplits, find_or_fetch, resolve_root
+from pgpcl.data.base import DATASETS, DatasetSplit, DatasetSplits, fetch, find_or_fetch, resolve_root
 from pgpcl.errors import DataError, describe
 
 FASHION_MNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"
@@ -93,16 +93,13 @@ def read_idx_splits(folder: Path, num_classes: int = 10) -> tuple[DatasetSplit, 
 
 
 def _download(kind: str, root: Path) -> None:
-    try:
+    def torchvision_download() -> None:
         from torchvision import datasets
 
         getattr(datasets, kind)(str(root), train=True, download=True)
         getattr(datasets, kind)(str(root), train=False, download=True)
-    except Exception as e:  # network/IO failure -> one actionable line
-        msg = describe(e)
-        raise DataError(
-            f"{kind} download into {root} failed ({msg}); put the IDX .gz files there by hand"
-        ) from None
+
+    fetch(kind, root, "the IDX .gz files", torchvision_download)
 
 
 def _read(
@@ -117,10 +114,7 @@ def _read(
     base = resolve_root(root)
     # torchvision keeps its downloads in <root>/<Kind>/raw; accept that layout as well.
     candidates = [*extra, base, base / kind / "raw", base / name]
-    folder = _folder_with_files(candidates)
-    if folder is None and download:
-        _download(kind, base)
-        folder = _folder_with_files(candidates)
+    folder = find_or_fetch(lambda: _folder_with_files(candidates), lambda: _download(kind, base), download)
     if folder is None:
         where = " or ".join(str(p) for p in (*extra, base))
         raise DataError(
@@ -287,12 +281,12 @@ def read_emnist(root: str | None, download: bool, split: str) -> DatasetSplits:
 
 
 def _download_emnist(root: Path, split: str) -> None:
-    try:
+    def torchvision_download() -> None:
         from torchvision.datasets import EMNIST
 
         EMNIST(str(root), split=split, train=True, download=True)
-    except Exception as e:  # network/IO failure -> one actionable line
-        raise DataError(f"EMNIST download into {root} failed ({describe(e)}); put {EMNIST_ZIP} there by hand") from None
+
+    fetch("EMNIST", root, EMNIST_ZIP, torchvision_download)
 
 
 def _register_emnist(split: str) -> None:

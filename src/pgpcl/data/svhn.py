@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pgpcl.data.base import DATASETS, DatasetSplit, DatasetSplits, find_or_fetch, resolve_root
+from pgpcl.data.base import DATASETS, DatasetSplit, DatasetSplits, fetch, find_or_fetch, resolve_root
 from pgpcl.errors import DataError, describe
 
 SVHN_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
@@ -46,15 +46,13 @@ def read_svhn_mat(path: Path) -> DatasetSplit:
 
 
 def _download(root: Path) -> None:
-    try:
+    def torchvision_download() -> None:
         from torchvision.datasets import SVHN
 
         for split in SVHN_FILES:
             SVHN(str(root), split=split, download=True)
-    except Exception as e:  # network/IO failure -> one actionable line
-        raise DataError(
-            f"SVHN download into {root} failed ({describe(e)}); put train_32x32.mat and test_32x32.mat there by hand"
-        ) from None
+
+    fetch("SVHN", root, "train_32x32.mat and test_32x32.mat", torchvision_download)
 
 
 def _folder(base: Path) -> Path | None:
