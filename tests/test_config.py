@@ -138,6 +138,16 @@ def test_a_section_given_whole_adds_to_the_preset():
     assert cfg.train.max_steps_per_task == preset.train.max_steps_per_task
 
 
+def test_a_scalar_for_a_mapping_key_says_how_to_set_an_entry():
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny_l2p_pgp", ["pgp.eps=0.9"])
+    assert str(e.value) == (
+        "config key 'pgp.eps' must be a mapping, got 0.9; set one entry as pgp.eps.NAME=VALUE"
+        ' or all as "pgp.eps={NAME: VALUE}"'
+    )
+    assert load_config("tiny_l2p_pgp", ["pgp.eps.prompt=0.9"]).pgp.eps == {"prompt": 0.9}
+
+
 def test_method_section_that_is_not_a_mapping(tmp_path):
     path = tmp_path / "m.yaml"
     path.write_text("_base_: tiny_l2p\nmethod: l2p\n")

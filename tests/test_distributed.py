@@ -38,12 +38,13 @@ def test_epoch_plan_gives_each_rank_a_disjoint_slice_of_every_global_batch():
     assert shard_batches(10, 3, 1, 2) == [[6, 7, 8], [9]] and shard_batches(10, 3, 0, 2) == [[0, 1, 2], [3, 4, 5]]
 
 
-def two_processes_and_one(root, preset: str):
-    """``preset`` under ``torchrun --nproc_per_node=2`` into root/two, and in this process (one thread)
-    into root/one. Returns (root/one, root/two, the torchrun process)."""
+def two_processes_and_one(root, preset: str, two_only: tuple[str, ...] = ()):
+    """``preset`` under ``torchrun --nproc_per_node=2`` (with the overrides ``two_only`` too) into
+    root/two, and in this process (one thread) into root/one. Returns (root/one, root/two, the torchrun
+    process)."""
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "pgpcl", "train", preset, *OVERRIDES, "--run-dir", str(root / "two")]
+           "-m", "pgpcl", "train", preset, *OVERRIDES, *two_only, "--run-dir", str(root / "two")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     n = torch.get_num_threads()
@@ -133,6 +134,23 @@ def test_lora_pgp_under_two_processes_matches_one(tmp_path):
     assert any("lora_a" in name for name in s1["method"])
     for name, value in s1["method"].items():
         assert torch.allclose(value, s2["method"][name], atol=1e-5, rtol=0), name
+
+
+def test_two_processes_training_in_pieces_match_one_process_training_whole_batches(tmp_path):
+    """train.micro_batches=4 under DDP: each rank's 6 images of a global batch of 12 in pieces of 2, 2, 1, 1,
+    gradients all-reduced once per step; the last global batch (1 image) leaves rank 0 three empty pieces
+    and rank 1 four, each a stand-in weighted 0, so both ranks take four backward passes."""
+    two_processes_and_one(tmp_path, "tiny_dualprompt_pgp", ("train.micro_batches=4",))
+    r1, r2 = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    for setting in ("cil", "til"):
+        for row1, row2 in zip(r1["acc"][setting], r2["acc"][setting]):
+            for a, b in zip(row1, row2):
+                assert (a is None and b is None) or abs(a - b) <= 1e-4
+    task2 = [p for p in r2["projection"] if p["task"] == 1]
+    assert task2 and all(p["rank"] > 0 and p["leak"] < 1e-5 for p in task2)
+    s1, s2 = (load_checkpoint(tmp_path / d / "checkpoints" / "task001.pt") for d in ("one", "two"))
+    for name, value in s1["method"].items():
+        assert torch.allclose(value, s2["method"][name], atol=1e-4, rtol=0), name
 
 
 def test_prefix_pgp_with_per_head_blocks_under_two_processes_matches_one(tmp_path):

@@ -113,6 +113,13 @@ class TrainConfig:
     """How often the cosine schedule moves: every training step (over the task's steps) or once per epoch
     (over its epochs, constant within one: the released CLIP code)."""
     clip_grad: float | None = 1.0
+    micro_batches: int = 1
+    """Split each training batch into this many pieces, run forward and backward on one piece at a time
+    and take one optimizer step on their summed gradient (gradient accumulation): the same step as the
+    whole batch, up to float rounding, with about 1/N of its activation memory (BENCHMARKS.md, section
+    2b). It may change on ``--resume``, e.g. after running out of memory. Under torchrun each process
+    splits its share. Refused where a method chooses for the batch as a whole (L2P's
+    ``method.batchwise_prompt``)."""
     max_steps_per_task: int | None = None
     """Stop a task after this many steps (smoke tests); None = full epochs."""
     checkpoint_every: int = 500
@@ -207,6 +214,7 @@ RESULT_NEUTRAL_KEYS = frozenset(
         "train.log_every",
         "train.tensorboard",
         "train.checkpoint_every",
+        "train.micro_batches",
     }
 )
 """Config keys that say where and how fast a run goes, never what it computes: they may change on
@@ -315,7 +323,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is dict:
         k_tp, v_tp = typing.get_args(tp)
         if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+            raise ConfigError(
+                f"config key '{key}' must be a mapping, got {value!r}; set one entry as {key}.NAME=VALUE"
+                f" or all as \"{key}={{NAME: VALUE}}\""
+            )
         return {_coerce(k, k_tp, key): _coerce(v, v_tp, f"{key}.{k}") for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
@@ -513,6 +524,8 @@ def validate(cfg: Config) -> None:
     if t.lr_scale_by_batch and t.lr * t.batch_size / 256 == float("inf"):
         raise ConfigError(f"train.lr={t.lr} times train.batch_size / 256 is infinite; lower train.lr or "
                           "train.batch_size, or set train.lr_scale_by_batch=false")
+    if not 1 <= t.micro_batches <= t.batch_size:
+        raise ConfigError(f"train.micro_batches must be in 1..train.batch_size ({t.batch_size}), got {t.micro_batches}")
     if t.checkpoint_every < 0:
         raise ConfigError(f"train.checkpoint_every must be >= 0 (0 = only at task ends), got {t.checkpoint_every}")
     if t.num_threads is not None and t.num_threads < 1:

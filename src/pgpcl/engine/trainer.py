@@ -116,6 +116,15 @@ class _EvalStopped(Exception):
     pass
 
 
+def micro_batch_rows(n: int, pieces: int, keep_empty: bool = False) -> list[slice]:
+    """The ``pieces`` near-equal, contiguous row ranges of a batch of ``n`` rows (fewer when ``n < pieces``,
+    unless ``keep_empty``: under DDP every rank must take as many backward passes, so some are empty)."""
+    count = pieces if keep_empty else max(1, min(pieces, n))
+    size, extra = divmod(n, count)
+    bounds = [j * size + min(j, extra) for j in range(count + 1)]  # the first `extra` pieces get one more
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
 def build_method(cfg: Config, scenario):
     from pgpcl.methods import METHODS
 
@@ -223,6 +232,15 @@ def _check_resume_config(cfg: Config, run_dir: Path) -> None:
         )
 
 
+def _check_micro_batches(cfg: Config, method) -> None:
+    coupling = method.batch_coupling() if cfg.train.micro_batches > 1 else None
+    if coupling is not None:
+        raise ConfigError(
+            f"train.micro_batches={cfg.train.micro_batches} would let each piece of a batch make the choice "
+            f"{coupling}=true makes for the whole batch; set {coupling}=false, or train.micro_batches=1"
+        )
+
+
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -285,6 +303,7 @@ class Trainer:
             for note in self.scenario.notes if self.is_main else ():
                 _print_note(f"pgpcl: note: {note}")
             self.method = build_method(cfg, self.scenario).to(self.device)
+            _check_micro_batches(cfg, self.method)
             self.pgp = self._build_pgp()
             self.results = self._new_results()
             if resume:
@@ -641,7 +660,7 @@ class Trainer:
                         )
                     n_global = plan.global_size(first + k)
                     loss, correct = self.train_step(*batch, class_mask, optimizer, params, model=model,
-                                                    real=real[k], task=task, step=steps + 1)
+                                                    real=real[k], task=task, step=steps + 1, n_global=n_global)
                     steps, images = steps + 1, images + n_global
                     if scheduler is not None and (not by_epoch or steps % per_epoch == 0):
                         scheduler.step()
@@ -658,36 +677,30 @@ class Trainer:
     def train_step(
         self, x: Tensor, y: Tensor, t: Tensor, class_mask: Tensor, optimizer, params, *,
         model=None, real: bool = True, task: int | None = None, step: int | None = None,
+        n_global: int | None = None,
     ) -> tuple[float, int]:
-        """One optimizer step on this rank's share of a global batch. Returns (mean loss over the
-        global batch, correct predictions in the global batch)."""
+        """One optimizer step on this rank's share of a global batch of ``n_global`` images (None: counted
+        here), in ``train.micro_batches`` pieces. Returns (mean loss over the global batch, correct
+        predictions in the global batch)."""
         d = self.dist
         model = model if model is not None else self.method
         x, y, t = (v.to(self.device, non_blocking=True) for v in (x, y, t))
-        with self._autocast():
-            out = model(x, t)
-            loss = self.method.loss(out, y, class_mask)
-        masked = out.logits.detach().masked_fill(~class_mask, float("-inf"))
-        correct = (masked.argmax(1) == y).sum()
-        if d.enabled:
-            n_local = len(y) if real else 0
-            finite = bool(torch.isfinite(loss.detach()))
-            stats = torch.tensor(
-                [float(loss.detach()) * n_local if finite else 0.0, float(correct) if real else 0.0,
-                 float(n_local), 0.0 if finite else 1.0], dtype=torch.float64,
-            )
-            stats = d.all_reduce_sum(stats)
-            n_global = int(stats[2])
-            loss_value = float(stats[0]) / max(n_global, 1) if stats[3] == 0 else float("nan")
-            correct_value = int(stats[1])
-            # DDP averages gradients over ranks: weight each rank's mean loss by its share of the batch.
-            weight = n_local * d.world_size / max(n_global, 1)
-        else:
-            loss_value, correct_value, weight = loss.item(), int(correct), 1.0
-        if not math.isfinite(loss_value):
-            raise self._nonfinite_error(task, step, f"the training loss became {loss_value}")
+        if n_global is None:
+            n_local = float(len(y) if real else 0)
+            n_global = int(d.all_reduce_sum(torch.tensor([n_local], dtype=torch.float64))[0])
+        pieces = micro_batch_rows(len(y), self.cfg.train.micro_batches, keep_empty=d.enabled)
         optimizer.zero_grad(set_to_none=True)
-        (loss if weight == 1.0 else loss * weight).backward()
+        loss_sum, correct = 0.0, 0
+        for j, rows in enumerate(pieces):
+            # DDP all-reduces the summed gradients in the last piece's backward only
+            sync = d.enabled and j < len(pieces) - 1 and hasattr(model, "no_sync")
+            n_rows = rows.stop - rows.start if real else 0
+            if rows.stop == rows.start:  # an empty piece of a small share: a stand-in row weighted 0 (DDP)
+                rows = slice(0, 1)
+            with model.no_sync() if sync else contextlib.nullcontext():
+                piece_loss, piece_correct = self._backward_piece(
+                    model, x[rows], y[rows], t[rows], class_mask, n_rows, n_global, task, step)
+            loss_sum, correct = loss_sum + piece_loss, correct + piece_correct
         if self.cfg.train.clip_grad is not None:
             torch.nn.utils.clip_grad_norm_(params, self.cfg.train.clip_grad)
         if self.pgp is not None:
@@ -695,7 +708,39 @@ class Trainer:
         optimizer.step()
         if self.pgp is not None:
             self.pgp.after_step()
-        return loss_value, correct_value
+        return loss_sum / max(n_global, 1), correct
+
+    def _backward_piece(
+        self, model, x: Tensor, y: Tensor, t: Tensor, class_mask: Tensor, n_rows: int, n_global: int,
+        task: int | None, step: int | None,
+    ) -> tuple[float, int]:
+        """Forward and backward of one piece of a step's batch, whose ``n_rows`` real rows (0: a stand-in)
+        carry their share of the mean loss over the ``n_global`` images of the global batch. Returns the
+        summed loss and the correct predictions of this piece on every rank together."""
+        d = self.dist
+        with self._autocast():
+            out = model(x, t)
+            loss = self.method.loss(out, y, class_mask)
+        masked = out.logits.detach().masked_fill(~class_mask, float("-inf"))
+        correct = (masked.argmax(1) == y).sum()
+        if d.enabled:
+            finite = bool(torch.isfinite(loss.detach()))
+            stats = torch.tensor(
+                [float(loss.detach()) * n_rows if finite else 0.0, float(correct) if n_rows else 0.0,
+                 0.0 if finite else 1.0], dtype=torch.float64,
+            )
+            stats = d.all_reduce_sum(stats)  # every rank sees a failure and stops at the same step
+            loss_sum = float(stats[0]) if stats[2] == 0 else float("nan")
+            correct_value = int(stats[1])
+            # DDP averages gradients over ranks: weight each rank's mean loss by its share of the batch.
+            weight = n_rows * d.world_size / max(n_global, 1)
+        else:
+            loss_sum, correct_value = loss.item() * n_rows, int(correct)
+            weight = n_rows / max(n_global, 1)
+        if not math.isfinite(loss_sum):
+            raise self._nonfinite_error(task, step, f"the training loss became {loss_sum / max(n_global, 1)}")
+        (loss if weight == 1.0 else loss * weight).backward()
+        return loss_sum, correct_value
 
     def _wrap_ddp(self):
         """The method under DistributedDataParallel (multi-process), else the method itself.
@@ -771,9 +816,15 @@ class Trainer:
         if asked is None:
             return None
         phase, size_key = self._phase
+        t = self.cfg.train
+        pieces = ","
+        if size_key == "train.batch_size" and t.micro_batches < t.batch_size:
+            m = min(2 * t.micro_batches, t.batch_size)
+            pieces = f", add train.micro_batches={m} to that to train each batch in {m} pieces,"
         return OutOfMemory(
             f"out of memory in {phase} ({asked} on {self.device}); {self._last_checkpoint_text()}; free memory "
-            f"and continue with {self._resume_command()}, or lower {size_key} and start again with --overwrite"
+            f"and continue with {self._resume_command()}{pieces} or lower {size_key} and start again with "
+            "--overwrite"
         )
 
     def _nonfinite_error(self, task: int | None, step: int | None, what: str) -> PgpclError:

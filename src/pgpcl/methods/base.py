@@ -97,6 +97,12 @@ class Method(nn.Module):
         batch and reuses it in every later evaluation (L2P / DualPrompt: the query feature)."""
         return None
 
+    def batch_coupling(self) -> str | None:
+        """The setting (a config key) through which training makes one choice for a batch as a whole, so
+        that a sample's loss depends on the others in its batch; None when every sample stands alone.
+        ``train.micro_batches`` > 1 is refused where there is one: its pieces would each choose their own."""
+        return None
+
     def task_optimizer_settings(self, task: int, lr: float, weight_decay: float) -> tuple[float, float]:
         """(lr, weight decay) for ``task``; methods with per-task schedules (CLIP) override this."""
         return lr, weight_decay

@@ -106,6 +106,11 @@ class DualPrompt(PromptedViTMethod, Method):
             with torch.no_grad():  # a new task starts from what the previous one learned
                 self.pool.prompts[task].copy_(self.pool.prompts[task - 1])
 
+    def batch_coupling(self) -> str | None:
+        # batch-wise only where a task has no E-prompt of its own (past the pool)
+        past_pool = self.pool.pool_size < len(self.task_classes)
+        return "method.batchwise_prompt" if self.params.batchwise_prompt and past_pool else None
+
     def _prefixes(self, x: Tensor, task: Tensor | None, query: Tensor | None = None):
         """E-prompt selection (forced to ``task`` when given; ``query`` (B, D) given or computed) and the
         per-layer prefix dict."""

@@ -68,6 +68,9 @@ class L2P(PromptedViTMethod, Method):
         self.pool = PromptPool(params.pool_size, (params.length, d), d, init=params.prompt_init)
         self.head = init_head(nn.Linear(d, num_classes))
 
+    def batch_coupling(self) -> str | None:
+        return "method.batchwise_prompt" if self.params.batchwise_prompt else None
+
     def _select(self, x: Tensor, query: Tensor | None = None):
         """Query the frozen ViT (unless ``query`` (B, D) is given) and pick prompts: idx (B, k), cosine (B, k)."""
         p = self.params
