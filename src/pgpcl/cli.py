@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import signal
 import sys
@@ -83,11 +84,11 @@ def _print_summary(results, run_dir: Path) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from pgpcl.engine.evaluate import evaluate_run
+    from pgpcl.engine.evaluate import eval_lines, reevaluate_run
 
-    for line in evaluate_run(Path(args.run_dir)):
-        print(line)
-    return 0
+    ev = reevaluate_run(Path(args.run_dir), all_tasks=args.all)
+    print(json.dumps(ev) if args.json else "\n".join(eval_lines(Path(args.run_dir), ev)))
+    return 1 if ev["recorded"].get("differs") else 0  # a script can tell a re-evaluation that disagrees
 
 
 def _cmd_configs(args: argparse.Namespace) -> int:
@@ -262,8 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("eval", help="re-evaluate a run's last checkpoint on every task it has seen")
+    p = sub.add_parser("eval", help="re-evaluate a run's last checkpoint on every task it has seen (--all: "
+                                     "every checkpoint, the whole accuracy matrix), against its results.json",
+                       description="Rebuild the run's model from its config.yaml and end-of-task checkpoints, "
+                                   "evaluate it again on the test sets, and compare with the accuracies "
+                                   "results.json recorded.")
     p.add_argument("run_dir")
+    p.add_argument("--all", action="store_true",
+                   help="evaluate every end-of-task checkpoint: the accuracy matrices and their metrics")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("configs", help="list presets (method, data, backbone), or print one resolved preset")

@@ -51,43 +51,145 @@ def run_config_difference(run_dir: Path, cfg) -> tuple[str, object, object] | No
     return config_difference(load_run_config(run_dir).to_dict(), cfg.to_dict())
 
 
-def reevaluate_run(run_dir: Path) -> dict:
-    """The run's model rebuilt from its config and last end-of-task checkpoint, evaluated again:
-    ``{"after_task": t, "num_tasks": T, "cil": [acc % per seen task], "til": [...] or None}`` (til None
-    where the setting has no task-aware evaluation, e.g. DIL)."""
+def reevaluate_run(run_dir: Path, all_tasks: bool = False) -> dict:
+    """The run's model rebuilt from its config and end-of-task checkpoints, evaluated again.
+
+    Returns ``{"after_task": t, "num_tasks": T, "cil": [acc % per seen task], "til": [...] or None}`` for
+    the last checkpoint (til None where the setting has no task-aware evaluation, e.g. DIL). With
+    ``all_tasks`` every end-of-task checkpoint is evaluated, and ``"acc"`` holds the accuracy matrices
+    rebuilt from them (``acc[setting][i][t]``, None where i > t or no checkpoint after task t is kept),
+    with ``"metrics"`` computed from those. ``"recorded"`` compares with the run's results.json.
+    """
     from pgpcl.data import build_scenario
     from pgpcl.engine import checkpoint as ckpt
     from pgpcl.engine.seed import resolve_device, seed_everything
-    from pgpcl.engine.trainer import build_method, evaluate_method
+    from pgpcl.engine.trainer import build_method
 
     cfg = load_run_config(run_dir)
-    ckpt_path = ckpt.latest_checkpoint(run_dir)
-    if ckpt_path is None:
+    paths = ckpt.task_checkpoints(run_dir)
+    if not paths:
         raise PgpclError(f"{run_dir} has no end-of-task checkpoint yet; train at least one task first")
+    paths = paths if all_tasks else paths[-1:]
     seed_everything(cfg.seed, cfg.train.deterministic)
     device = resolve_device(cfg.train.device)
     scenario = build_scenario(cfg.data, cfg.seed)
     method = build_method(cfg, scenario).to(device)
-    state = ckpt.load_checkpoint(ckpt_path)
-    ckpt.check_matches_run(ckpt_path, state, config=cfg.to_dict(), scenario=ckpt.scenario_record(scenario),
+    T, settings = scenario.num_tasks, ("cil", "til") if scenario.has_til else ("cil",)
+    acc = {s: [[None] * T for _ in range(T)] for s in settings}
+    cache: dict = {}  # the frozen queries of the test batches, the same under every checkpoint
+    tasks = []
+    for path in paths:
+        task, ev = _evaluate_checkpoint(method, scenario, cfg, device, path, run_dir, cache)
+        tasks.append(task)
+        for s in settings:
+            for i, a in enumerate(getattr(ev, s)):
+                acc[s][i][task] = a
+    out = {"after_task": task, "num_tasks": T, "cil": [acc["cil"][i][task] for i in range(task + 1)],
+           "til": [acc["til"][i][task] for i in range(task + 1)] if "til" in acc else None}
+    if all_tasks:
+        from pgpcl.engine.metrics import summarize
+
+        out["acc"] = acc
+        out["missing"] = sorted(set(range(task + 1)) - set(tasks))  # checkpoints deleted by hand
+        out["metrics"] = {s: None if out["missing"] else summarize(m) for s, m in acc.items()}
+    out["recorded"] = compare_with_recorded(run_dir, acc)
+    return out
+
+
+def _evaluate_checkpoint(method, scenario, cfg, device, path: Path, run_dir: Path, cache: dict):
+    """(task, TaskEval) of the end-of-task checkpoint at ``path``, loaded into ``method``."""
+    from pgpcl.engine import checkpoint as ckpt
+    from pgpcl.engine.trainer import evaluate_method
+
+    state = ckpt.load_checkpoint(path)
+    ckpt.check_matches_run(path, state, config=cfg.to_dict(), scenario=ckpt.scenario_record(scenario),
                            weights_sha256=ckpt.weights_sha(method), pgp_enabled=cfg.pgp.enabled, run_dir=run_dir)
     task = state["task"]
     method.begin_task(task)  # first, so that whatever it initialises is overwritten by the checkpoint
-    ckpt.load_method_state(method, state, ckpt_path)
+    ckpt.load_method_state(method, state, path)
     method.eval()
-    ev = evaluate_method(method, scenario, task, cfg, device, progress=cfg.train.progress,
+    ev = evaluate_method(method, scenario, task, cfg, device, progress=cfg.train.progress, query_cache=cache,
                          desc=f"eval after task {task + 1}/{scenario.num_tasks}")
-    return {"after_task": task, "num_tasks": scenario.num_tasks, "cil": list(ev.cil),
-            "til": list(ev.til) if scenario.has_til else None}  # what the run records
+    return task, ev
 
 
-def evaluate_run(run_dir: Path) -> list[str]:
+def compare_with_recorded(run_dir: Path, acc: dict) -> dict:
+    """How the re-evaluated entries of ``acc`` compare with the run's results.json:
+    ``{"compared": n entries, "max_abs_diff": points, "differs": [(setting, i, t, recorded, now), ...]}``,
+    or ``{"compared": 0, "why": ...}`` where there is nothing to compare with."""
+    from pgpcl.engine.results import RESULTS_FILENAME, read_results
+
+    try:
+        recorded = read_results(Path(run_dir) / RESULTS_FILENAME).acc
+    except PgpclError as e:
+        return {"compared": 0, "why": str(e)}
+    n, worst, differs = 0, 0.0, []
+    for s, matrix in acc.items():
+        for i, row in enumerate(matrix):
+            for t, now in enumerate(row):
+                then = (recorded.get(s) or [[None] * len(row)] * len(matrix))[i][t]
+                if now is None or then is None:
+                    continue
+                n, diff = n + 1, abs(now - then)
+                worst = max(worst, diff)
+                if diff > RECORDED_TOLERANCE:
+                    differs.append((s, i, t, then, now))
+    if n == 0:
+        return {"compared": 0, "why": "results.json holds none of the re-evaluated entries"}
+    return {"compared": n, "max_abs_diff": worst, "differs": differs}
+
+
+RECORDED_TOLERANCE = 1e-6
+"""Points of accuracy by which a re-evaluated entry may differ from results.json and still match: the
+same checkpoint on the same data gives the same counts; another device or thread count may move a tie."""
+
+
+def evaluate_run(run_dir: Path, all_tasks: bool = False) -> list[str]:
     """:func:`reevaluate_run` as printable lines (what ``pgpcl eval`` prints)."""
-    ev = reevaluate_run(run_dir)
-    lines = [f"{run_dir}: after task {ev['after_task'] + 1}/{ev['num_tasks']}"]
-    for setting in ("cil", "til"):
-        row = ev[setting]
-        if row is not None:
-            accs = "  ".join(f"{a:6.2f}" for a in row)
-            lines.append(f"{setting.upper()} per task: {accs}   mean {sum(row) / len(row):.2f}")
+    return eval_lines(run_dir, reevaluate_run(run_dir, all_tasks))
+
+
+def eval_lines(run_dir: Path, ev: dict) -> list[str]:
+    """The lines of :func:`reevaluate_run`'s dict ``ev``."""
+    if "acc" in ev:
+        lines = [f"{run_dir}: every end-of-task checkpoint, re-evaluated"]
+        for setting, matrix in ev["acc"].items():
+            lines += _matrix_lines(setting, matrix, ev["metrics"][setting])
+        if ev["missing"]:
+            gone = ", ".join(str(t + 1) for t in ev["missing"])
+            lines.append(f"no checkpoint after task(s) {gone}: those columns and the metrics are left out")
+    else:
+        lines = [f"{run_dir}: after task {ev['after_task'] + 1}/{ev['num_tasks']}"]
+        for setting in ("cil", "til"):
+            row = ev[setting]
+            if row is not None:
+                accs = "  ".join(f"{a:6.2f}" for a in row)
+                lines.append(f"{setting.upper()} per task: {accs}   mean {sum(row) / len(row):.2f}")
+    lines.append(_recorded_line(ev["recorded"]))
     return lines
+
+
+def _matrix_lines(setting: str, matrix: list, metrics: dict | None) -> list[str]:
+    """The accuracy matrix, a row per task i, a column per checkpoint t, and the metrics from it."""
+    T = len(matrix)
+    lines = [f"{setting.upper()} accuracy (%), row: task, column: after task", "        "
+             + "".join(f"{t + 1:>8}" for t in range(T))]
+    for i, row in enumerate(matrix):
+        lines.append(f"task {i + 1:<3}" + "".join("       -" if a is None else f"{a:8.2f}" for a in row))
+    if metrics is not None:
+        names = (("final_acc", "final acc"), ("avg_inc_acc", "avg inc acc"), ("forgetting", "forgetting"),
+                 ("bwt", "BWT"))
+        shown = [f"{label} {metrics[k]:.2f}" for k, label in names if metrics.get(k) is not None]
+        lines.append(f"{setting.upper()}: " + "  ".join(shown))
+    return lines
+
+
+def _recorded_line(cmp: dict) -> str:
+    if cmp["compared"] == 0:
+        return f"not compared with results.json: {cmp['why']}"
+    if not cmp["differs"]:
+        return f"results.json: all {cmp['compared']} re-evaluated entries match (max |difference| {cmp['max_abs_diff']:.2g} points)"
+    s, i, t, then, now = cmp["differs"][0]
+    return (f"results.json: {len(cmp['differs'])} of {cmp['compared']} re-evaluated entries differ, by up to "
+            f"{cmp['max_abs_diff']:.2f} points (e.g. {s.upper()} task {i + 1} after task {t + 1}: {then:.2f} "
+            f"recorded, {now:.2f} now)")
