@@ -40,6 +40,20 @@ def test_coda_prompt_presets_follow_its_own_protocol():
     assert (r.data.dataset, r.train.epochs) == ("imagenet_r", 50)
 
 
+def test_clip_presets_past_cifar100_10_carry_its_settings_over():
+    """No released CLIP setup exists beyond 10-split CIFAR-100: these presets take its settings as they
+    are, with CLIP's input normalisation for the datasets that are not CIFAR-100."""
+    base = load_config("cifar100_10_clip")
+    for name, dataset, tasks, normalize in (("cifar100_20_clip", "cifar100", 20, "cifar100"),
+                                            ("imagenet_r_10_clip", "imagenet_r", 10, "clip"),
+                                            ("tiny_imagenet_10_clip", "tiny_imagenet", 10, "clip"),
+                                            ("cub200_5_clip", "cub200", 5, "clip")):
+        c = load_config(name)
+        assert (c.data.dataset, c.data.num_tasks, c.data.normalize) == (dataset, tasks, normalize), name
+        assert (c.train, c.method, c.backbone, c.seed) == (base.train, base.method, base.backbone, base.seed), name
+        assert (c.data.train_transform, c.data.test_transform) == (base.data.train_transform, base.data.test_transform)
+
+
 def test_every_pgp_preset_differs_from_its_baseline_only_in_pgp():
     names = set(list_presets())
     pairs = [(n[: -len("_pgp")], n) for n in sorted(names) if n.endswith("_pgp")]
