@@ -118,8 +118,8 @@ class TrainConfig:
     and take one optimizer step on their summed gradient (gradient accumulation): the same step as the
     whole batch, up to float rounding, with about 1/N of its activation memory (BENCHMARKS.md, section
     2b). It may change on ``--resume``, e.g. after running out of memory. Under torchrun each process
-    splits its share. Refused where a method chooses for the batch as a whole (L2P's
-    ``method.batchwise_prompt``)."""
+    splits its share. What a method decides for the batch as a whole (L2P's batch-wise prompt vote) is
+    decided once, on the whole batch, at the cost of one more query pass per step."""
     max_steps_per_task: int | None = None
     """Stop a task after this many steps (smoke tests); None = full epochs."""
     checkpoint_every: int = 500

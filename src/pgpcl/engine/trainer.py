@@ -232,15 +232,6 @@ def _check_resume_config(cfg: Config, run_dir: Path) -> None:
         )
 
 
-def _check_micro_batches(cfg: Config, method) -> None:
-    coupling = method.batch_coupling() if cfg.train.micro_batches > 1 else None
-    if coupling is not None:
-        raise ConfigError(
-            f"train.micro_batches={cfg.train.micro_batches} would let each piece of a batch make the choice "
-            f"{coupling}=true makes for the whole batch; set {coupling}=false, or train.micro_batches=1"
-        )
-
-
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -303,7 +294,6 @@ class Trainer:
             for note in self.scenario.notes if self.is_main else ():
                 _print_note(f"pgpcl: note: {note}")
             self.method = build_method(cfg, self.scenario).to(self.device)
-            _check_micro_batches(cfg, self.method)
             self.pgp = self._build_pgp()
             self.results = self._new_results()
             if resume:
@@ -691,16 +681,18 @@ class Trainer:
         pieces = micro_batch_rows(len(y), self.cfg.train.micro_batches, keep_empty=d.enabled)
         optimizer.zero_grad(set_to_none=True)
         loss_sum, correct = 0.0, 0
-        for j, rows in enumerate(pieces):
-            # DDP all-reduces the summed gradients in the last piece's backward only
-            sync = d.enabled and j < len(pieces) - 1 and hasattr(model, "no_sync")
-            n_rows = rows.stop - rows.start if real else 0
-            if rows.stop == rows.start:  # an empty piece of a small share: a stand-in row weighted 0 (DDP)
-                rows = slice(0, 1)
-            with model.no_sync() if sync else contextlib.nullcontext():
-                piece_loss, piece_correct = self._backward_piece(
-                    model, x[rows], y[rows], t[rows], class_mask, n_rows, n_global, task, step)
-            loss_sum, correct = loss_sum + piece_loss, correct + piece_correct
+        whole = self.method.whole_batch(x, t) if len(pieces) > 1 else contextlib.nullcontext()
+        with whole:  # what the method decides for the batch as a whole (a vote), decided once
+            for j, rows in enumerate(pieces):
+                # DDP all-reduces the summed gradients in the last piece's backward only
+                sync = d.enabled and j < len(pieces) - 1 and hasattr(model, "no_sync")
+                n_rows = rows.stop - rows.start if real else 0
+                if rows.stop == rows.start:  # an empty piece of a small share: a stand-in row weighted 0 (DDP)
+                    rows = slice(0, 1)
+                with model.no_sync() if sync else contextlib.nullcontext():
+                    piece_loss, piece_correct = self._backward_piece(
+                        model, x[rows], y[rows], t[rows], class_mask, n_rows, n_global, task, step)
+                loss_sum, correct = loss_sum + piece_loss, correct + piece_correct
         if self.cfg.train.clip_grad is not None:
             torch.nn.utils.clip_grad_norm_(params, self.cfg.train.clip_grad)
         if self.pgp is not None:

@@ -8,6 +8,7 @@ the rest and knows nothing of the method.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Literal
 
@@ -97,11 +98,12 @@ class Method(nn.Module):
         batch and reuses it in every later evaluation (L2P / DualPrompt: the query feature)."""
         return None
 
-    def batch_coupling(self) -> str | None:
-        """The setting (a config key) through which training makes one choice for a batch as a whole, so
-        that a sample's loss depends on the others in its batch; None when every sample stands alone.
-        ``train.micro_batches`` > 1 is refused where there is one: its pieces would each choose their own."""
-        return None
+    def whole_batch(self, x: Tensor, task: Tensor) -> contextlib.AbstractContextManager:
+        """Context around the forward passes of one training step's pieces (``train.micro_batches`` > 1):
+        what training decides for a batch as a whole (L2P's batch-wise prompt vote) is decided here, on
+        the whole of ``x`` (B, C, H, W), and each piece's forward uses it, so that the pieces train what
+        the whole batch trains. Default: nothing is decided for the batch as a whole."""
+        return contextlib.nullcontext()
 
     def task_optimizer_settings(self, task: int, lr: float, weight_decay: float) -> tuple[float, float]:
         """(lr, weight decay) for ``task``; methods with per-task schedules (CLIP) override this."""

@@ -20,6 +20,7 @@ key matching picks).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -99,6 +100,7 @@ class DualPrompt(PromptedViTMethod, Method):
         e_shape = (len(params.e_layers), 2, params.e_length, d)
         self.pool = PromptPool(pool_size, e_shape, d, init=params.prompt_init)
         self.head = init_head(nn.Linear(d, num_classes))
+        self._batch_ids: Tensor | None = None  # (1, 1): past the pool, the whole batch's vote while its pieces train
 
     def begin_task(self, task: int) -> None:
         super().begin_task(task)
@@ -106,10 +108,19 @@ class DualPrompt(PromptedViTMethod, Method):
             with torch.no_grad():  # a new task starts from what the previous one learned
                 self.pool.prompts[task].copy_(self.pool.prompts[task - 1])
 
-    def batch_coupling(self) -> str | None:
-        # batch-wise only where a task has no E-prompt of its own (past the pool)
-        past_pool = self.pool.pool_size < len(self.task_classes)
-        return "method.batchwise_prompt" if self.params.batchwise_prompt and past_pool else None
+    @contextlib.contextmanager
+    def whole_batch(self, x: Tensor, task: Tensor):
+        """A task past the pool: the batch-wise E-prompt vote of a training step taken once, over the
+        whole batch x (B, C, H, W). A task with an E-prompt of its own needs no vote."""
+        if not (self.training and self.params.batchwise_prompt) or self._forced(task) is not None:
+            yield
+            return
+        with torch.no_grad():
+            self._batch_ids = self.pool.select(self.backbone.query(x), 1, batchwise=True).idx[:1]
+        try:
+            yield
+        finally:
+            self._batch_ids = None
 
     def _prefixes(self, x: Tensor, task: Tensor | None, query: Tensor | None = None):
         """E-prompt selection (forced to ``task`` when given; ``query`` (B, D) given or computed) and the
@@ -117,7 +128,10 @@ class DualPrompt(PromptedViTMethod, Method):
         p = self.params
         batchwise = p.batchwise_prompt if self.training else p.test_batchwise
         q = self.backbone.query(x) if query is None else query
-        sel = self.pool.select(q, 1, batchwise=batchwise, force_idx=self._forced(task))
+        forced = self._forced(task)
+        if forced is None and self._batch_ids is not None and self.training:  # a piece of a voted batch
+            forced = self._batch_ids.expand(q.shape[0], -1)
+        sel = self.pool.select(q, 1, batchwise=batchwise, force_idx=forced)
         return sel, self._prefix_dict(self.pool.gather(sel.idx)[:, 0])
 
     def _forced(self, task: Tensor | None) -> Tensor | None:

@@ -12,6 +12,7 @@ basis is built at the start of each task from that task's data, as released.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -67,15 +68,28 @@ class L2P(PromptedViTMethod, Method):
         d = backbone.embed_dim
         self.pool = PromptPool(params.pool_size, (params.length, d), d, init=params.prompt_init)
         self.head = init_head(nn.Linear(d, num_classes))
+        self._batch_ids: Tensor | None = None  # (1, k): the vote of the whole batch, while its pieces train
 
-    def batch_coupling(self) -> str | None:
-        return "method.batchwise_prompt" if self.params.batchwise_prompt else None
+    @contextlib.contextmanager
+    def whole_batch(self, x: Tensor, task: Tensor):
+        """The batch-wise vote of a training step taken once, over the whole batch x (B, C, H, W)."""
+        if not (self.training and self.params.batchwise_prompt):
+            yield
+            return
+        with torch.no_grad():
+            self._batch_ids = self.pool.select(self.backbone.query(x), self.params.top_k, batchwise=True).idx[:1]
+        try:
+            yield
+        finally:
+            self._batch_ids = None
 
     def _select(self, x: Tensor, query: Tensor | None = None):
         """Query the frozen ViT (unless ``query`` (B, D) is given) and pick prompts: idx (B, k), cosine (B, k)."""
         p = self.params
         batchwise = p.batchwise_prompt if self.training else p.test_batchwise
         q = self.backbone.query(x) if query is None else query
+        if self._batch_ids is not None and self.training:  # a piece of a batch voted on as a whole
+            return self.pool.select(q, p.top_k, force_idx=self._batch_ids.expand(q.shape[0], -1))
         return self.pool.select(q, p.top_k, batchwise=batchwise)
 
     def forward(self, x: Tensor, task: Tensor | None = None, query: Tensor | None = None) -> MethodOutput:
