@@ -100,7 +100,6 @@ class DualPrompt(PromptedViTMethod, Method):
         e_shape = (len(params.e_layers), 2, params.e_length, d)
         self.pool = PromptPool(pool_size, e_shape, d, init=params.prompt_init)
         self.head = init_head(nn.Linear(d, num_classes))
-        self._batch_ids: Tensor | None = None  # (1, 1): past the pool, the whole batch's vote while its pieces train
 
     def begin_task(self, task: int) -> None:
         super().begin_task(task)
@@ -108,19 +107,12 @@ class DualPrompt(PromptedViTMethod, Method):
             with torch.no_grad():  # a new task starts from what the previous one learned
                 self.pool.prompts[task].copy_(self.pool.prompts[task - 1])
 
-    @contextlib.contextmanager
     def whole_batch(self, x: Tensor, task: Tensor):
         """A task past the pool: the batch-wise E-prompt vote of a training step taken once, over the
         whole batch x (B, C, H, W). A task with an E-prompt of its own needs no vote."""
         if not (self.training and self.params.batchwise_prompt) or self._forced(task) is not None:
-            yield
-            return
-        with torch.no_grad():
-            self._batch_ids = self.pool.select(self.backbone.query(x), 1, batchwise=True).idx[:1]
-        try:
-            yield
-        finally:
-            self._batch_ids = None
+            return contextlib.nullcontext()
+        return self._vote_on_whole_batch(x, 1)
 
     def _prefixes(self, x: Tensor, task: Tensor | None, query: Tensor | None = None):
         """E-prompt selection (forced to ``task`` when given; ``query`` (B, D) given or computed) and the

@@ -68,20 +68,12 @@ class L2P(PromptedViTMethod, Method):
         d = backbone.embed_dim
         self.pool = PromptPool(params.pool_size, (params.length, d), d, init=params.prompt_init)
         self.head = init_head(nn.Linear(d, num_classes))
-        self._batch_ids: Tensor | None = None  # (1, k): the vote of the whole batch, while its pieces train
 
-    @contextlib.contextmanager
     def whole_batch(self, x: Tensor, task: Tensor):
         """The batch-wise vote of a training step taken once, over the whole batch x (B, C, H, W)."""
         if not (self.training and self.params.batchwise_prompt):
-            yield
-            return
-        with torch.no_grad():
-            self._batch_ids = self.pool.select(self.backbone.query(x), self.params.top_k, batchwise=True).idx[:1]
-        try:
-            yield
-        finally:
-            self._batch_ids = None
+            return contextlib.nullcontext()
+        return self._vote_on_whole_batch(x, self.params.top_k)
 
     def _select(self, x: Tensor, query: Tensor | None = None):
         """Query the frozen ViT (unless ``query`` (B, D) is given) and pick prompts: idx (B, k), cosine (B, k)."""

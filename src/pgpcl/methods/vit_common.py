@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 
@@ -48,6 +50,20 @@ class ViTBackboneMethod:
 class PromptedViTMethod(ViTBackboneMethod, QueryPromptedPredict):
     """Methods that pick or assemble prompts from the frozen ViT's query (L2P, DualPrompt, CODA-Prompt):
     built from a config, and predicting with the cacheable query."""
+
+    _batch_ids: Tensor | None = None
+    """(1, k): the pool's batch-wise vote over a whole training batch, while its pieces train."""
+
+    @contextlib.contextmanager
+    def _vote_on_whole_batch(self, x: Tensor, top_k: int):
+        """Take the pool's batch-wise vote once, over the whole batch x (B, C, H, W), and hold it in
+        ``_batch_ids`` for the pieces' forward passes (``Method.whole_batch``)."""
+        with torch.no_grad():
+            self._batch_ids = self.pool.select(self.backbone.query(x), top_k, batchwise=True).idx[:1]
+        try:
+            yield
+        finally:
+            self._batch_ids = None
 
 
 class TunedModulesPGP:
