@@ -9,6 +9,7 @@ import argparse
 import functools
 import json
 import os
+import shlex
 import signal
 import sys
 import warnings
@@ -28,11 +29,40 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise PgpclError("give a config (a preset name or a YAML path), or --resume RUN_DIR to continue a run")
     if args.run_dir is not None and not args.run_dir.strip():
         raise PgpclError("--run-dir is empty; give a folder, or leave it out for OUTPUT_DIR/NAME/seedSEED")
+    if args.seeds:
+        return _train_seeds(args)
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
     results = train(cfg, run_dir, overwrite=args.overwrite)
     if _is_main_process():
         _print_summary(results, run_dir)
+    return 0
+
+
+def _train_seeds(args: argparse.Namespace) -> int:
+    """``pgpcl train CONFIG --seeds 0 1 2``: one run per seed, one after another, then their report."""
+    from pgpcl.config import load_config
+    from pgpcl.engine.rundir import check_run_dir
+    from pgpcl.engine.trainer import default_run_dir, train
+    from pgpcl.report import report_runs
+
+    seeds, overrides = split_seeds(args.seeds, args.overrides)
+    if any(o.split("=", 1)[0].strip() == "seed" for o in overrides):
+        raise PgpclError("--seeds sets each run's seed; drop the seed=... override")
+    if len(set(seeds)) != len(seeds):
+        raise PgpclError(f"--seeds lists a seed twice ({' '.join(map(str, seeds))}); give each once")
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        raise PgpclError("--seeds trains in one process; under torchrun start one job per seed with seed=N")
+    cfgs = [load_config(args.config, [*overrides, f"seed={s}"]) for s in seeds]
+    run_dirs = [Path(args.run_dir) / f"seed{s}" if args.run_dir else default_run_dir(c) for s, c in zip(seeds, cfgs)]
+    for run_dir in run_dirs:  # every folder before the first run: no refusal after hours of training
+        check_run_dir(run_dir, overwrite=args.overwrite)
+    for seed, cfg, run_dir in zip(seeds, cfgs, run_dirs):
+        print(f"seed {seed} ({len(run_dirs)} seeds): {run_dir}")
+        _print_summary(train(cfg, run_dir, overwrite=args.overwrite), run_dir)
+    print()
+    print(report_runs(run_dirs, plots=False), end="")
+    print(f"plots and summary.json: pgpcl report {' '.join(shlex.quote(str(d)) for d in run_dirs)}")
     return 0
 
 
@@ -42,8 +72,9 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     from pgpcl.engine.trainer import resume_config, train
 
     run_dir = Path(args.resume)
-    if args.run_dir or args.overwrite:
-        raise PgpclError("--resume takes the run folder itself and never overwrites it; drop --run-dir / --overwrite")
+    if args.run_dir or args.overwrite or args.seeds:
+        raise PgpclError("--resume takes the run folder itself and never overwrites it; drop --run-dir / --overwrite"
+                         " / --seeds (resume each seed's folder on its own)")
     overrides = ([args.config] if args.config else []) + list(args.overrides)
     stray = [o for o in overrides if "=" not in o]
     if stray:
@@ -256,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.epochs=1 pgp.enabled=true")
     p.add_argument("--run-dir", help="output folder (default: OUTPUT_DIR/NAME/seedSEED)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in the output folder")
+    p.add_argument("--seeds", nargs="+", action="extend", metavar="SEED",
+                   help="one run per seed, one after another (folders OUTPUT_DIR/NAME/seedSEED, or RUN_DIR/seedSEED "
+                        "with --run-dir), then their report: mean +- std over the seeds")
     p.add_argument(
         "--resume", metavar="RUN_DIR",
         help="continue the run in RUN_DIR from its last checkpoint, with its own config.yaml (overrides may "
