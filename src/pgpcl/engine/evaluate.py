@@ -125,9 +125,12 @@ def compare_with_recorded(run_dir: Path, acc: dict) -> dict:
         return {"compared": 0, "why": str(e)}
     n, worst, differs = 0, 0.0, []
     for s, matrix in acc.items():
+        kept = recorded.get(s)
+        if kept is None:
+            continue
         for i, row in enumerate(matrix):
             for t, now in enumerate(row):
-                then = (recorded.get(s) or [[None] * len(row)] * len(matrix))[i][t]
+                then = kept[i][t]
                 if now is None or then is None:
                     continue
                 n, diff = n + 1, abs(now - then)
