@@ -347,14 +347,27 @@ def maxrss_bytes() -> int:
     parent's high-water mark, so a benchmark that spawns cases after building models would read its
     own peak as the child's.) Elsewhere ru_maxrss (macOS reports bytes, others KiB).
     """
+    peak = _proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r) if sys.platform == "darwin" else int(r) * 1024
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now (``VmRSS``; 0 where /proc/self/status does not exist)."""
+    return _proc_status_bytes("VmRSS") or 0
+
+
+def _proc_status_bytes(field: str) -> int | None:
+    """A ``kB`` field of Linux's /proc/self/status in bytes, or None without it."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(r) if sys.platform == "darwin" else int(r) * 1024
+    return None
 
 
 def run_case_subprocess(script: Path, argv: list[str], timeout: float = 900) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from _common import (
     med,
     mib,
     positive_ints,
+    rss_bytes,
     run_case_subprocess,
     run_main,
     setup,
@@ -62,7 +63,7 @@ def case(args: argparse.Namespace) -> dict:
         cuda = tr.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(tr.device)
-        before = _rss() if not cuda else torch.cuda.memory_allocated(tr.device)
+        before = rss_bytes() if not cuda else torch.cuda.memory_allocated(tr.device)
         for s in range(args.steps):
             t0 = time.perf_counter()
             tr.train_step(x, y, t, mask.to(tr.device), opt, params, task=0, step=s + 1)
@@ -74,13 +75,6 @@ def case(args: argparse.Namespace) -> dict:
             "step_s": med(times[1:]), "peak_mib": mib(peak), "resident_before_steps_mib": mib(before),
             "step_peak_over_resident_mib": mib(peak - before),
             "memory": "cuda max_memory_allocated" if cuda else "cpu VmHWM"}
-
-
-def _rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def main() -> None:
