@@ -99,6 +99,25 @@ def test_only_rank_0_writes(runs):
     assert "Traceback" not in proc.stderr
 
 
+def test_a_killed_torchrun_job_rerun_with_continue_finishes_as_the_uninterrupted_one(runs, tmp_path):
+    """``torchrun ... pgpcl train CONFIG --continue`` twice: rank 0 reads the folder, both ranks resume."""
+    from pgpcl.engine.trainer import TEST_HOOK_ENV
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pgpcl",
+           "train", "tiny_dualprompt_pgp", *OVERRIDES, "train.checkpoint_every=4", "--run-dir", str(run), "--continue"]
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run(cmd, env={**env, TEST_HOOK_ENV: "step:1:6=KILL"}, capture_output=True, text=True,
+                            timeout=400)
+    assert killed.returncode != 0
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["position"] == {"task": 1, "stage": "train", "step": 4}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r, ref = (json.loads((d / "results.json").read_text()) for d in (run, runs[1]))
+    assert [x["from"] for x in r["resumes"]] == ["task 2/2, step 4"]
+    assert r["acc"] == ref["acc"] and r["projection"] == ref["projection"]
+
+
 def test_entry_ends_a_torchrun_process_with_os_exit_and_the_code(monkeypatch):
     """Under torchrun the process exits without interpreter teardown of the process group that
     DistributedDataParallel keeps alive (its teardown at exit aborted finished jobs now and then)."""

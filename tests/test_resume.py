@@ -80,6 +80,24 @@ def assert_killed_mid_task_resumes_exactly(tmp_path: Path, preset: str) -> None:
     assert_same_run(ref, run)
 
 
+def test_the_same_command_with_continue_finishes_a_killed_run_exactly(tmp_path, capfd):
+    """``pgpcl train CONFIG --continue``, the command a preemptible job runs each time it starts."""
+    ref = reference(tmp_path, "tiny_dualprompt_pgp", SMALL)
+    run = tmp_path / "killed"
+    command = ["train", "tiny_dualprompt_pgp", *SMALL, "--run-dir", str(run), "--continue"]
+    assert run_cli(command, "step:1:7=KILL") == -9
+    assert load_checkpoint(last_path(run))["position"] == {"task": 1, "stage": "train", "step": 6}
+    assert run_cli(command) == 0
+    assert_same_run(ref, run)
+    resumes = json.loads((run / "results.json").read_text())["resumes"]
+    assert [r["from"] for r in resumes] == ["task 2/2, step 6"]
+    before = (run / "results.json").read_bytes()
+    capfd.readouterr()
+    assert run_cli(command) == 0
+    assert "already holds this finished run; nothing to train" in capfd.readouterr().out
+    assert (run / "results.json").read_bytes() == before
+
+
 def test_l2p_killed_mid_epoch_between_tasks_and_during_basis_resumes_exactly(tmp_path):
     overrides = [*SMALL, "pgp.target=update"]
     ref = reference(tmp_path, "tiny_l2p_pgp", overrides)

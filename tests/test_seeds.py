@@ -60,3 +60,61 @@ def test_bad_seeds_are_one_line(tmp_path, capsys, extra, phrase):
 def test_seeds_with_resume_is_refused(tmp_path, capsys):
     line = _fails(capsys, ["train", "--resume", str(tmp_path), "--seeds", "0", "1"])
     assert "drop --run-dir / --overwrite / --seeds" in line
+
+
+# --continue: train only what is missing --------------------------------------------------------------
+
+
+def test_continue_keeps_finished_seeds_and_trains_the_rest(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    assert main(["train", "tiny_l2p", *SMALL, "--run-dir", str(sweep / "seed1"), "seed=1"]) == 0
+    kept = (sweep / "seed1" / "results.json").read_bytes()
+    capsys.readouterr()
+    # a result-neutral key (the thread count) may differ from the finished run's
+    assert main(["train", "tiny_l2p", *SMALL, "train.num_threads=1", "--seeds", "0", "1", "--run-dir", str(sweep),
+                 "--continue"]) == 0
+    out = capsys.readouterr().out
+    assert f"seed 0 (2 seeds): {sweep / 'seed0'} (new)" in out
+    assert f"seed 1 (2 seeds): {sweep / 'seed1'} (finished, kept)" in out
+    assert (sweep / "seed1" / "results.json").read_bytes() == kept
+    assert read_results(sweep / "seed0" / "results.json").status == "complete"
+    line = next(ln for ln in out.splitlines() if ln.startswith("l2p "))
+    assert line.split()[3] == "2"  # both seeds reported
+
+
+def test_continue_refuses_a_finished_seed_of_another_config_before_any_run_trains(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    assert main(["train", "tiny_l2p", *SMALL, "train.lr=0.01", "--run-dir", str(sweep / "seed1"), "seed=1"]) == 0
+    capsys.readouterr()
+    line = _fails(capsys, ["train", "tiny_l2p", *SMALL, "--seeds", "0", "1", "--run-dir", str(sweep), "--continue"])
+    assert line.startswith(f"pgpcl: error: {sweep / 'seed1'} holds a finished run of another config (train.lr: "
+                           "the run has 0.01, this command gives ")
+    assert "pass --overwrite to replace it" in line
+    assert not (sweep / "seed0").exists()
+
+
+def test_continue_on_a_single_run_starts_it_then_trains_nothing(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "tiny_dualprompt", *SMALL, "--run-dir", str(run), "--continue"]) == 0
+    before = (run / "results.json").read_bytes()
+    assert read_results(run / "results.json").status == "complete"
+    capsys.readouterr()
+    assert main(["train", "tiny_dualprompt", *SMALL, "--run-dir", str(run), "--continue"]) == 0
+    assert f"{run} already holds this finished run; nothing to train" in capsys.readouterr().out
+    assert (run / "results.json").read_bytes() == before
+
+
+def test_continue_refuses_a_folder_with_a_run_but_no_config(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "tiny_l2p", *SMALL, "--run-dir", str(run)]) == 0
+    (run / "config.yaml").unlink()
+    line = _fails(capsys, ["train", "tiny_l2p", *SMALL, "--run-dir", str(run), "--continue"])
+    assert "holds a finished run but no config.yaml, so --continue cannot tell what it trained" in line
+
+
+@pytest.mark.parametrize(("argv", "phrase"), [
+    (["train", "tiny_l2p", "--continue", "--overwrite"], "--continue keeps what a run folder holds and --overwrite"),
+    (["train", "--resume", "RUN", "--continue"], "drop --run-dir / --overwrite / --seeds / --continue"),
+])
+def test_continue_with_overwrite_or_resume_is_refused(tmp_path, capsys, argv, phrase):
+    assert phrase in _fails(capsys, argv)

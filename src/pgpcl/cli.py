@@ -29,21 +29,33 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise PgpclError("give a config (a preset name or a YAML path), or --resume RUN_DIR to continue a run")
     if args.run_dir is not None and not args.run_dir.strip():
         raise PgpclError("--run-dir is empty; give a folder, or leave it out for OUTPUT_DIR/NAME/seedSEED")
+    if args.keep_going and args.overwrite:
+        raise PgpclError("--continue keeps what a run folder holds and --overwrite replaces it; give one of them")
     if args.seeds:
         return _train_seeds(args)
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
-    results = train(cfg, run_dir, overwrite=args.overwrite)
+    if args.keep_going:
+        from pgpcl.engine.trainer import continue_training
+
+        results, plan = continue_training(cfg, run_dir)
+        if _is_main_process() and plan == "keep":
+            print(f"{run_dir} already holds this finished run; nothing to train")
+    else:
+        results = train(cfg, run_dir, overwrite=args.overwrite)
     if _is_main_process():
         _print_summary(results, run_dir)
     return 0
+
+
+_PLAN_WORDS = {"keep": "finished, kept", "resume": "unfinished, resuming", "start": "new"}
 
 
 def _train_seeds(args: argparse.Namespace) -> int:
     """``pgpcl train CONFIG --seeds 0 1 2``: one run per seed, one after another, then their report."""
     from pgpcl.config import load_config
     from pgpcl.engine.rundir import check_run_dir
-    from pgpcl.engine.trainer import default_run_dir, train
+    from pgpcl.engine.trainer import continue_plan, continue_training, default_run_dir, train
     from pgpcl.report import report_runs
 
     seeds, overrides = split_seeds(args.seeds, args.overrides)
@@ -55,11 +67,17 @@ def _train_seeds(args: argparse.Namespace) -> int:
         raise PgpclError("--seeds trains in one process; under torchrun start one job per seed with seed=N")
     cfgs = [load_config(args.config, [*overrides, f"seed={s}"]) for s in seeds]
     run_dirs = [Path(args.run_dir) / f"seed{s}" if args.run_dir else default_run_dir(c) for s, c in zip(seeds, cfgs)]
-    for run_dir in run_dirs:  # every folder before the first run: no refusal after hours of training
-        check_run_dir(run_dir, overwrite=args.overwrite)
-    for seed, cfg, run_dir in zip(seeds, cfgs, run_dirs):
-        print(f"seed {seed} ({len(run_dirs)} seeds): {run_dir}")
-        _print_summary(train(cfg, run_dir, overwrite=args.overwrite), run_dir)
+    # every folder before the first run: no refusal after hours of training
+    plans = [continue_plan(c, d) if args.keep_going else check_run_dir(d, overwrite=args.overwrite)
+             for c, d in zip(cfgs, run_dirs)]
+    for seed, cfg, run_dir, plan in zip(seeds, cfgs, run_dirs, plans):
+        if args.keep_going:
+            print(f"seed {seed} ({len(run_dirs)} seeds): {run_dir} ({_PLAN_WORDS[plan]})")
+            results, _ = continue_training(cfg, run_dir)
+        else:
+            print(f"seed {seed} ({len(run_dirs)} seeds): {run_dir}")
+            results = train(cfg, run_dir, overwrite=args.overwrite)
+        _print_summary(results, run_dir)
     print()
     print(report_runs(run_dirs, plots=False), end="")
     print(f"plots and summary.json: pgpcl report {' '.join(shlex.quote(str(d)) for d in run_dirs)}")
@@ -72,9 +90,10 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     from pgpcl.engine.trainer import resume_config, train
 
     run_dir = Path(args.resume)
-    if args.run_dir or args.overwrite or args.seeds:
+    if args.run_dir or args.overwrite or args.seeds or args.keep_going:
         raise PgpclError("--resume takes the run folder itself and never overwrites it; drop --run-dir / --overwrite"
-                         " / --seeds (resume each seed's folder on its own)")
+                         " / --seeds / --continue (resume each seed's folder on its own, or give the config and "
+                         "--seeds with --continue)")
     overrides = ([args.config] if args.config else []) + list(args.overrides)
     stray = [o for o in overrides if "=" not in o]
     if stray:
@@ -290,6 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", action="extend", metavar="SEED",
                    help="one run per seed, one after another (folders OUTPUT_DIR/NAME/seedSEED, or RUN_DIR/seedSEED "
                         "with --run-dir), then their report: mean +- std over the seeds")
+    p.add_argument("--continue", dest="keep_going", action="store_true",
+                   help="train only what is missing: keep a finished run of this config, resume an unfinished one "
+                        "from its last checkpoint, start one where there is none (the same command starts a job "
+                        "and, run again after a crash or preemption, finishes it; with --seeds: every seed)")
     p.add_argument(
         "--resume", metavar="RUN_DIR",
         help="continue the run in RUN_DIR from its last checkpoint, with its own config.yaml (overrides may "

@@ -1057,12 +1057,69 @@ def train(
         dist.close()
 
 
+def continue_plan(cfg: Config, run_dir: Path) -> str:
+    """What ``pgpcl train --continue`` does with ``run_dir``; reads only.
+
+    'keep': it holds a finished run of ``cfg``; 'resume': an unfinished run of ``cfg`` (from its newest
+    checkpoint, or from the start if it has none); 'start': no run there. A run of another config (one
+    that differs in a key that changes the numbers) is refused, as is a run with no config.yaml.
+    """
+    from pgpcl.engine.evaluate import run_config_difference
+
+    run_dir = Path(run_dir)
+    status = check_run_dir(run_dir, overwrite=True)  # a file or a loop of links is refused here
+    if status is None:
+        return "start"
+    what = "a finished run" if status == "complete" else f"an unfinished run (status: {status})"
+    if not (run_dir / "config.yaml").is_file():
+        raise PgpclError(f"{run_dir} holds {what} but no config.yaml, so --continue cannot tell what it trained; "
+                         "pass --overwrite to replace it, or choose another folder with --run-dir or name=...")
+    diff = run_config_difference(run_dir, cfg)
+    if diff is not None:
+        key, was, now = diff
+        raise ConfigError(f"{run_dir} holds {what} of another config ({key}: the run has {was!r}, this command "
+                          f"gives {now!r}); pass --overwrite to replace it, or choose another folder with "
+                          "--run-dir or name=...")
+    return "keep" if status == "complete" else "resume"
+
+
+def continue_training(cfg: Config, run_dir: str | Path | None = None, *, task_lines: bool = True):
+    """Train ``cfg`` into ``run_dir`` from wherever that folder stands (see :func:`continue_plan`), so that
+    one command both starts a job and, run again after a crash or a preemption, finishes it.
+
+    Returns ``(results, plan)``, plan being 'keep', 'resume' or 'start'. Under torchrun rank 0 reads the
+    folder and every rank follows its plan.
+    """
+    from pgpcl.engine.results import read_results
+
+    cfg = checked_config(cfg)
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
+    dist = init_distributed(cfg.train.device)
+    try:
+        plan, error = None, None
+        if dist.is_main:
+            try:
+                plan = continue_plan(cfg, run_dir)
+            except PgpclError as e:
+                error = e
+        dist.agree(error)
+        plan = dist.broadcast_object(plan)
+        if plan == "keep":
+            return read_results(run_dir / RESULTS_FILENAME), plan
+        trainer = Trainer(cfg, run_dir, resume=plan == "resume", dist=dist, task_lines=task_lines)
+        return trainer.run(), plan
+    finally:
+        dist.close()
+
+
 __all__ = [
     "Interrupted",
     "RESUME_MUTABLE",
     "Trainer",
     "build_method",
     "config_difference",
+    "continue_plan",
+    "continue_training",
     "default_run_dir",
     "evaluate_method",
     "resume_config",
