@@ -742,6 +742,21 @@ def test_a_tiny_eps_still_asks_for_the_first_direction():
         assert memory.rank("w") == 1, eps
 
 
+def test_eps_one_keeps_every_measurable_direction_and_drops_a_tail_under_the_slack():
+    # eps = 1 stops at 1 - 1e-9 of the energy: a share of 1e-8 is kept, a tail of 1.1e-10 is not.
+    rows = rows_with_spectrum([1.0, 1e-8, 1e-10, 1e-11], orthonormal(6, 4, seed=2), n=10)
+    memory = SubspaceMemory()
+    info = feature_update(memory, "w", rows, 1.0)
+    assert info.rank_after == 2
+    assert 1.0 - info.energy_captured == pytest.approx(1.1e-10, rel=1e-3)
+    # Growing with the same data adds nothing and duplicates nothing.
+    assert feature_update(memory, "w", rows, 1.0).rank_after == 2
+    assert_orthonormal(memory.basis("w"))
+    # Without the tail every direction is needed and kept.
+    full = SubspaceMemory()
+    assert feature_update(full, "w", rows_with_spectrum([1.0, 1e-8, 5e-9], orthonormal(6, 3, seed=3)), 1.0).rank_after == 3
+
+
 def _pgp_with(param, name: str = "w") -> PGP:
     return PGP([ProtectedGroup(name, "w", param, eps=0.9)], PGPConfig(enabled=True))
 

@@ -7,6 +7,8 @@ from torch import Tensor
 
 # Relative slack on the energy target: a cumulative fraction within REACH_TOL of eps counts as having
 # reached it, so boundary cases (eps exactly equal to a cumulative ratio) do not depend on rounding.
+# At eps = 1 this leaves out a tail that carries under 1e-9 of the energy, on purpose: protecting it
+# gains nothing measurable and can freeze a parameter (docs/pgp.md, section 4).
 REACH_TOL = 1e-9
 # Eigenvalues below NULL_TOL * total energy are numerically zero; their eigenvectors are arbitrary and
 # are never added to a basis.

@@ -29,7 +29,8 @@ class UpdateInfo:
     energy_before: float
     """Fraction of this task's energy already inside the old basis."""
     energy_captured: float
-    """Fraction of this task's energy inside the new basis (>= eps unless the basis is full)."""
+    """Fraction of this task's energy inside the new basis: >= eps * (1 - 1e-9) unless the basis is full
+    or the rest is numerically null (under 1e-12 of the total per direction)."""
     num_rows: int
     """Token rows (feature mode) or samples (reference mode) the update was computed from."""
 
