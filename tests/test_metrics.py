@@ -11,6 +11,7 @@ from pgpcl.engine.metrics import (
     final_accuracy,
     forgetting,
     incremental_accuracy,
+    released_forgetting,
     summarize,
     tasks_done,
     validate_matrix,
@@ -50,6 +51,10 @@ def test_forgetting_uses_max_over_earlier_tasks_only():
     assert forgetting(A) == pytest.approx(-5.0)
     assert backward_transfer(A) == pytest.approx(10.0)
     assert final_accuracy(A) == pytest.approx((70 + 80 + 40) / 3)
+    assert released_forgetting(A) == pytest.approx(0.0)  # what the published numbers are computed with
+    assert released_forgetting(RISE_THEN_FALL) == pytest.approx(forgetting(RISE_THEN_FALL))  # equal when it drops
+    assert released_forgetting([[88.0]]) is None
+    assert released_forgetting([[90.0, 95.0, None], [None, 70.0, None], [None, None, None]]) == pytest.approx(0.0)
 
 
 def test_single_task():

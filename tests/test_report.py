@@ -338,6 +338,7 @@ def test_published_numbers_beside_runs_of_the_published_experiment(tmp_path):
     section = text.split("Published numbers (Qiao et al., ICLR 2024 (PGP): CIL, ViT-B/16 ImageNet-21k)")[1]
     line = next(ln for ln in section.splitlines() if ln.startswith("l2p-PGP"))
     assert "84.34" in line and "-14.24" in line and "5.59" in line and "+0.41" in line
+    assert "never negative" in section  # the note on which forgetting is compared
     assert len([ln for ln in section.splitlines() if ln.startswith("l2p")]) == 1  # not the random-backbone group
     groups = json.loads((out / "summary.json").read_text())["groups"]
     assert sorted(str(g["published"] and g["published"]["cil_final"]) for g in groups) == ["84.34", "None"]
@@ -361,6 +362,26 @@ def test_published_numbers_beside_runs_of_the_published_experiment(tmp_path):
     changed.config["train"]["eval_batch_size"] = 7  # a speed / memory setting
     changed.config["pgp"]["sample_batch_size"] = 3
     assert published_for(changed).final_acc == 84.34
+
+
+def test_published_forgetting_is_compared_by_the_released_definition(tmp_path):
+    """Task 0 ends at its best (50 -> 70): pgpcl's forgetting credits that as -20 for it, the released
+    code (and so the paper's number) as 0; the published section must subtract like from like."""
+    ten = [[None] * i + [80.0 - i] + [70.0] * (9 - i) for i in range(10)]  # forgetting 6.0 either way
+    ten[0] = [50.0] + [60.0] * 8 + [70.0]  # task 0 rises: pgpcl max(50, 60) - 70 = -10, released 0
+    root = tmp_path / "runs"
+    write_run(root, True, 0, ten, name="vitb-0", weights="hub", preset="cifar100_10_l2p_pgp")
+    out = tmp_path / "rep"
+    text = report_runs([root], out_dir=out, plots=False)
+    main, section = text.split("Published numbers")
+    # pgpcl: tasks 1..8 forget 80 - i - 70 = 10 - i (mean over them 5.5), task 0 -10: (44 - 10) / 9
+    assert f"{34 / 9:.2f}" in main
+    line = next(ln for ln in section.splitlines() if ln.startswith("l2p-PGP"))
+    assert f"{44 / 9:.2f}" in line and f"{44 / 9 - 5.59:+.2f}" in line and f"{34 / 9:.2f}" not in line
+    group = json.loads((out / "summary.json").read_text())["groups"][0]
+    assert group["metrics"]["cil_forgetting"]["mean"] == pytest.approx(34 / 9)
+    assert group["published"]["this_cil_forgetting_released"]["mean"] == pytest.approx(44 / 9)
+    assert group["published"]["cil_forgetting"] == 5.59
 
 
 def load_results_of(run_dir):

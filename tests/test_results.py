@@ -91,6 +91,22 @@ def test_roundtrip(tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == ["results.json"]  # no temp files left
 
 
+def test_stored_metrics_are_recomputed_from_the_matrix_on_read(tmp_path):
+    """A results file whose metrics disagree with its acc (hand-edited, or from an older pgpcl) must not
+    reach `pgpcl train --resume`'s summary or a report: the matrix is the record, metrics derive from it."""
+    r = make_results()
+    fill(r)
+    path = tmp_path / "results.json"
+    write_results(path, r)
+    d = json.loads(path.read_text())
+    d["metrics"]["cil"]["final_acc"] = 12.0
+    d["metrics"]["til"]["forgetting"] = 99.0
+    path.write_text(json.dumps(d))
+    back = read_results(path)
+    assert back.metrics["cil"]["final_acc"] == pytest.approx(75.0)
+    assert back.metrics["til"]["forgetting"] == pytest.approx(2.0)
+
+
 def test_running_file_with_partial_matrix_and_no_til(tmp_path):
     r = make_results(til=False)
     r.set_acc("cil", 0, 0, 50.0)

@@ -102,6 +102,16 @@ def forgetting(A: Matrix) -> float | None:
     return _mean(drops)
 
 
+def released_forgetting(A: Matrix) -> float | None:
+    """Forgetting as the released code computes it, the definition of the paper's numbers: the max runs
+    over ``t <= T``, so a task whose final accuracy is its best counts 0, never less. Only for comparing
+    with those numbers; pgpcl reports :func:`forgetting`. None with fewer than two tasks done."""
+    T = tasks_done(A) - 1
+    if T < 1:
+        return None
+    return _mean([max(float(A[i][t]) for t in range(i, T + 1)) - float(A[i][T]) for i in range(T)])
+
+
 def backward_transfer(A: Matrix) -> float | None:
     """Mean change of each old task since it was learned; None with fewer than two tasks done."""
     T = tasks_done(A) - 1

@@ -455,7 +455,8 @@ def write_results(path: str | Path, results: Results | dict[str, Any]) -> None:
 
 
 def read_results(path: str | Path) -> Results:
-    """Read and validate a results file; raises :class:`ResultsError` on any problem."""
+    """Read and validate a results file, its metrics recomputed from ``acc``; raises :class:`ResultsError`
+    on any problem."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -470,7 +471,9 @@ def read_results(path: str | Path) -> Results:
     problem = validate_results(d)
     if problem:
         raise ResultsError(f"results file {path} is malformed: {problem}; rerun or restore it")
-    return Results.from_dict(d)
+    r = Results.from_dict(d)
+    r.refresh_metrics()  # derived from acc: a hand-edited or stale copy must not reach a reader
+    return r
 
 
 def find_results(path: str | Path) -> Path:

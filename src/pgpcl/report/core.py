@@ -16,7 +16,7 @@ from pgpcl.errors import PgpclError
 from pgpcl.io import atomic_write_json, atomic_write_text
 from pgpcl.report.outdir import RUNS_CSV, SUMMARY, TABLES, write_report_folder
 from pgpcl.report.plots import SETTINGS, curve_stats, mean_matrix, plot_curves, plot_matrices
-from pgpcl.report.published import published_for
+from pgpcl.report.published import published_for, released_forgetting_stat
 from pgpcl.report.runs import (
     COLUMNS,
     PairedDifference,
@@ -170,7 +170,8 @@ def _group_dict(g: RunGroup, plot_files: list[str]) -> dict[str, Any]:
         "curves": curves,
         "acc_mean": {s: _finite(mean_matrix(g, s)) for s in SETTINGS},
         "pgp_subspaces": [sub.to_dict() for sub in subspace_summaries(g)],
-        "published": None if (pub := published_for(r)) is None else pub.to_dict(),
+        "published": None if (pub := published_for(r)) is None else {
+            **pub.to_dict(), "this_cil_forgetting_released": released_forgetting_stat(g).to_dict()},
         "plots": plot_files,
     }
 

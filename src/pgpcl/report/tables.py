@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pgpcl.report.published import SOURCE, published_for
+from pgpcl.report.published import FORGETTING_NOTE, SOURCE, published_for, released_forgetting_stat
 from pgpcl.report.runs import COLUMNS, PairedDifference, RunGroup, subspace_summaries
 
 FORMATS = ("text", "markdown")
@@ -50,16 +50,16 @@ _PUB_HEAD = ["method", "dataset", "setting", "n", "CIL final", "published", "dif
 
 
 def published_rows(groups: Sequence[RunGroup], fmt: str) -> list[list[str]]:
-    """Groups that are runs of a published experiment: their CIL final accuracy and forgetting beside
-    the paper's (difference = this report's mean minus the published number)."""
+    """Groups that are runs of a published experiment: their CIL final accuracy and forgetting (by the
+    released definition, :data:`FORGETTING_NOTE`) beside the paper's (difference = this report's mean
+    minus the published number)."""
     rows = []
     for g in groups:
         pub = published_for(g.first)
         if pub is None:
             continue
         cells = _labels(g, len(g.runs))
-        for col, value in (("cil_final", pub.final_acc), ("cil_forgetting", pub.forgetting)):
-            stat = g.stat(col)
+        for stat, value in ((g.stat("cil_final"), pub.final_acc), (released_forgetting_stat(g), pub.forgetting)):
             diff = "-" if stat.mean is None else f"{stat.mean - value:+.2f}"
             cells += [stat.format(_pm(fmt)), f"{value:.2f}", diff]
         rows.append(cells)
@@ -113,7 +113,8 @@ def format_report(
     published = published_rows(groups, fmt)
     if published:
         sub = f"Published numbers ({SOURCE}) beside this report's"
-        sections.append(_section(sub, render(published, fmt, _PUB_HEAD), fmt))
+        note = ("\n\n- " if fmt == "markdown" else "\nnote: ") + FORGETTING_NOTE
+        sections.append(_section(sub, render(published, fmt, _PUB_HEAD) + note, fmt))
     if notes:
         bullet = "- " if fmt == "markdown" else "note: "
         sections.append("\n".join(bullet + n for n in notes))
