@@ -157,3 +157,14 @@ def test_a_note_every_run_meets_is_printed_once(tmp_path, capsys):
                  "train.epochs=2"]) == 0
     notes = [line for line in capsys.readouterr().err.splitlines() if "train.epochs=2 is not used" in line]
     assert len(notes) == 1  # two runs, one note
+
+
+def test_linear_probe_accuracy_weighs_tasks_equally_as_final_accuracy_does():
+    """10 of 10 on task 0 and 45 of 90 on task 1: 75% (mean of the tasks), not 55% (per image)."""
+    import torch
+
+    from pgpcl.demo import task_mean_accuracy
+
+    correct = torch.tensor([True] * 10 + [True] * 45 + [False] * 45)
+    task_of = torch.tensor([0] * 10 + [1] * 90)
+    assert task_mean_accuracy(correct, task_of) == pytest.approx(75.0)
