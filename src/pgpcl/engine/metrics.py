@@ -95,21 +95,22 @@ def incremental_accuracy(A: Matrix) -> float | None:
 
 def forgetting(A: Matrix) -> float | None:
     """Mean drop from each old task's best earlier accuracy; None with fewer than two tasks done."""
-    T = tasks_done(A) - 1
-    if T < 1:
-        return None
-    drops = [max(float(A[i][t]) for t in range(i, T)) - float(A[i][T]) for i in range(T)]
-    return _mean(drops)
+    return _mean_drop_from_best(A, best_includes_final=False)
 
 
 def released_forgetting(A: Matrix) -> float | None:
     """Forgetting as the released code computes it, the definition of the paper's numbers: the max runs
     over ``t <= T``, so a task whose final accuracy is its best counts 0, never less. Only for comparing
     with those numbers; pgpcl reports :func:`forgetting`. None with fewer than two tasks done."""
+    return _mean_drop_from_best(A, best_includes_final=True)
+
+
+def _mean_drop_from_best(A: Matrix, best_includes_final: bool) -> float | None:
     T = tasks_done(A) - 1
     if T < 1:
         return None
-    return _mean([max(float(A[i][t]) for t in range(i, T + 1)) - float(A[i][T]) for i in range(T)])
+    stop = T + 1 if best_includes_final else T
+    return _mean([max(float(A[i][t]) for t in range(i, stop)) - float(A[i][T]) for i in range(T)])
 
 
 def backward_transfer(A: Matrix) -> float | None:

@@ -110,13 +110,13 @@ def format_report(
         sub = ("PGP subspaces: basis rank after each task's memory update (mean over seeds) out of D; leak = "
                "||dtheta U U^T|| / ||dtheta|| of each projected task's real change (all seeds and tasks)")
         sections.append(_section(sub, render(pgp, fmt, _PGP_HEAD, labels=4), fmt))
+    bullet = "- " if fmt == "markdown" else "note: "
     published = published_rows(groups, fmt)
     if published:
         sub = f"Published numbers ({SOURCE}) beside this report's"
-        note = ("\n\n- " if fmt == "markdown" else "\nnote: ") + FORGETTING_NOTE
-        sections.append(_section(sub, render(published, fmt, _PUB_HEAD) + note, fmt))
+        gap = "\n\n" if fmt == "markdown" else "\n"  # a Markdown table ends at a blank line
+        sections.append(_section(sub, render(published, fmt, _PUB_HEAD) + gap + bullet + FORGETTING_NOTE, fmt))
     if notes:
-        bullet = "- " if fmt == "markdown" else "note: "
         sections.append("\n".join(bullet + n for n in notes))
     return "\n\n".join(sections) + "\n"
 
