@@ -137,6 +137,9 @@ SETUP_CASES = {
     "scaled lr infinite": (lambda t: ["tiny_l2p", "train.lr=1.7e308", "train.batch_size=512"],
                            ["train.lr=1.7e+308 times train.batch_size / 256 is infinite", "lr_scale_by_batch=false"]),
     "no threads": (lambda t: ["tiny_l2p", "train.num_threads=0"], ["train.num_threads must be >= 1 or null"]),
+    "negative workers": (lambda t: ["tiny_l2p", "data.num_workers=-1"], ["data.num_workers must be >= 0 (0 = load in the main process), got -1"]),
+    "unknown compile backend": (lambda t: ["tiny_l2p", "backbone.compile=true", "backbone.compile_backend=bogus"],
+                                ["backbone.compile_backend='bogus' is not a torch.compile backend", "inductor, eager"]),
     "uneven split": (lambda t: ["tiny_l2p", "data.num_tasks=3"], ["cannot be split into 3 equal tasks"]),
     "more tasks than classes": (lambda t: ["tiny_l2p", "data.num_tasks=20"], ["set data.num_tasks <= 10"]),
     "missing dataset": (lambda t: ["tiny_l2p", f"data.root={t / 'nothing'}"], ["mnist_5k.csv.gz not found", "data.root"]),
@@ -170,6 +173,35 @@ def test_existing_run_is_not_overwritten(area, capsys):
           "already holds a finished run", "--overwrite")
     fails(capsys, ["train", "tiny_l2p", *SMALL, "--run-dir", str(area / "partial")],
           "unfinished run", "--resume")
+
+
+@pytest.mark.parametrize("flag", ["--overwrite", "--resume", None])
+def test_a_bad_override_leaves_a_finished_run_as_it_was(area, tmp_path, capsys, flag):
+    """The config is checked before the folder is touched: --overwrite deletes nothing, --resume marks no failure
+    (the area fixture checks both runs byte for byte)."""
+    bad = "data.num_workers=-1"
+    if flag == "--resume":
+        argv = ["train", "--resume", str(area / "partial"), bad]
+    else:
+        argv = ["train", "tiny_l2p", *SMALL, bad, "--run-dir", str(area / "done"), *([flag] if flag else [])]
+    fails(capsys, argv, "data.num_workers must be >= 0")
+
+
+def test_a_results_json_of_another_run_is_refused(area, tmp_path, capsys):
+    """A results.json copied in from a run of another config must not pass for this run's numbers."""
+    from pgpcl.engine.results import read_results, write_results
+
+    run = copy_run(area, "done", tmp_path / "x1")
+    other = read_results(run / "results.json")
+    other.config["train"]["lr"] *= 2
+    write_results(run / "results.json", other)
+    phrases = (f"results file {run / 'results.json'} is not this run's: its config differs from "
+               f"{run / 'config.yaml'} in train.lr (config.yaml has", "as if copied from another run; rerun or restore it")
+    fails(capsys, ["train", "--resume", str(run)], *phrases)
+    fails(capsys, ["train", "tiny_l2p", *SMALL, "--run-dir", str(run), "--continue"], *phrases)
+    fails(capsys, ["report", str(run)], *phrases)
+    assert main(["report", str(tmp_path)]) == 2  # searched: skipped, and then nothing is left to report
+    assert "is not this run's" in capsys.readouterr().err
 
 
 def test_unwritable_output_folder(tmp_path, capsys):
@@ -223,6 +255,22 @@ def test_a_disk_full_mid_run_says_to_make_room_and_resume(tmp_path, capsys, monk
     monkeypatch.setattr(checkpoint, "save_checkpoint", real)
     assert main(["train", "--resume", str(run)]) == 0
     assert json.loads((run / "results.json").read_text())["status"] == "complete"
+
+
+@pytest.mark.parametrize(("argv", "phrase"), [
+    (["train", "tiny_l2p", "--bogus"], "unrecognized arguments: --bogus; see pgpcl train --help"),
+    (["--bogus"], "unrecognized arguments: --bogus; see pgpcl --help"),
+    (["eval"], "the following arguments are required: run_dir; see pgpcl eval --help"),
+    (["pretrain", "--epochs", "x"], "argument --epochs: invalid int value: 'x'; see pgpcl pretrain --help"),
+    (["frob"], "invalid choice: 'frob'"),
+])
+def test_argument_errors_are_one_line(capsys, argv, phrase):
+    """argparse prints its usage before the error: pgpcl says it in its own one line, and where help is."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("pgpcl: error: "), lines
+    assert phrase in lines[0]
 
 
 def test_debug_shows_the_traceback(area):
@@ -380,6 +428,11 @@ def test_unreadable_checkpoint(area, tmp_path, capsys):
     before = snapshot(run)
     fails(capsys, ["train", "--resume", str(run)], "last.pt cannot be read", "delete it to fall back")
     assert snapshot(run) == before
+    whole = (run / "checkpoints" / "task000.pt").read_bytes()
+    for size in (0, len(whole) // 2, len(whole) - 30):  # torch says EOFError or "[Errno 22] Invalid argument"
+        (run / "checkpoints" / "last.pt").write_bytes(whole[:size])
+        fails(capsys, ["train", "--resume", str(run)], f"last.pt cannot be read (truncated or not a checkpoint: {size} "
+              "bytes with no complete zip archive); delete it to fall back to the previous checkpoint")
     fails(capsys, ["eval", str(tmp_path / "nothing")], "does not exist")
     for argv in (["eval", str(run / "config.yaml")], ["train", "--resume", str(run / "results.json")]):
         fails(capsys, argv, "is a file, not a run folder", "give the folder 'pgpcl train' wrote")
@@ -443,7 +496,10 @@ def test_resume_overrides_are_checked(area, tmp_path, capsys):
           "start a new run")
     fails(capsys, ["train", "tiny_l2p", "--resume", str(run)], "drop 'tiny_l2p'")
     fails(capsys, ["train", "--resume", str(run), "--overwrite"], "never overwrites")
-    fails(capsys, ["train", "--resume", str(tmp_path)], "is not a pgpcl run folder (no config.yaml)")
+    fails(capsys, ["train", "--resume", str(tmp_path)], "is not a pgpcl run folder (no config.yaml); it holds run "
+          f"folders, e.g. {run}; give the folder")
+    fails(capsys, ["eval", str(tmp_path)], f"it holds run folders, e.g. {run}")
+    fails(capsys, ["eval", ""], "an empty run folder was given")
     assert snapshot(run) == before
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -453,6 +509,16 @@ def test_resume_overrides_are_checked(area, tmp_path, capsys):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
+
+
+def test_resume_without_a_checkpoint_says_it_starts_over(area, tmp_path, capsys):
+    run = copy_run(area, "partial", tmp_path / "run")
+    for path in (run / "checkpoints").iterdir():
+        path.unlink()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 0
+    assert f"pgpcl: note: {run} holds no checkpoint yet: training from the start" in capsys.readouterr().err
+    assert json.loads((run / "results.json").read_text())["status"] == "complete"
 
 
 def test_checkpoint_with_pickled_code_is_refused_not_run(area, tmp_path, capsys):
@@ -509,8 +575,8 @@ def test_checkpoint_with_damaged_fields(case, area, tmp_path, capsys):
     before = snapshot(run)
     for command in (["train", "--resume"], ["eval"]):
         line = fails(capsys, [*command, str(run)], "task000.pt", *phrases)
-        if "newer" not in case:
-            assert "delete it to fall back to the previous checkpoint" in line
+        if "newer" not in case:  # the partial run keeps task000.pt alone: there is nothing earlier to fall back to
+            assert "delete it (it is the run's only checkpoint, so --resume then trains from the start)" in line
     assert snapshot(run) == before
 
 
@@ -527,12 +593,14 @@ def flip_a_tensor_bit(path: Path) -> None:
 
 def test_checkpoint_with_flipped_bytes_is_refused_not_evaluated(area, tmp_path, capsys):
     """torch.load does not check the zip's checksums: flipped bytes inside a tensor loaded as wrong numbers."""
-    for stage, command, name in (("done", ["eval"], "task001.pt"), ("partial", ["train", "--resume"], "task000.pt")):
+    for stage, command, name, fix in (
+        ("done", ["eval"], "task001.pt", "delete it to fall back to the previous checkpoint"),
+        ("partial", ["train", "--resume"], "task000.pt", "delete it (it is the run's only checkpoint"),
+    ):
         run = copy_run(area, stage, tmp_path / stage)
         flip_a_tensor_bit(run / "checkpoints" / name)
         before = snapshot(run)
-        fails(capsys, [*command, str(run)], f"{name} cannot be read (damaged file: entry", "fails its checksum",
-              "delete it to fall back")
+        fails(capsys, [*command, str(run)], f"{name} cannot be read (damaged file: entry", "fails its checksum", fix)
         assert snapshot(run) == before
 
 

@@ -108,6 +108,19 @@ def test_overrides_are_typed():
         ("train=", "would replace the whole 'train' section"),
         ("train=5", "would replace the whole 'train' section"),
         ("method=l2p", "set its keys instead, e.g. method.name=<value>"),
+        # a key like no other gets the keys that would be valid in its place
+        ("foo=1", "unknown config key 'foo'; the top level has name, seed"),
+        ("train.zzz=1", "unknown config key 'train.zzz'; 'train' has epochs, batch_size"),
+        ("method.qqq=1", "unknown config key 'method.qqq'; 'method' has pool_size"),
+        # range errors give the value received
+        ("train.batch_size=0", "train.batch_size must be >= 1, got 0"),
+        ("train.eval_batch_size=-2", "train.eval_batch_size must be >= 1, got -2"),
+        ("train.log_every=0", "train.log_every must be >= 1"),
+        ("method.pool_size=0", "method.pool_size must be >= 1, got 0"),
+        ("method.top_k=-1", "method.top_k must be >= 1, got -1"),
+        ("method.pull_lambda=-0.5", "method.pull_lambda must be >= 0, got -0.5"),
+        ("method.pull_lambda=.nan", "method.pull_lambda must be >= 0, got nan"),
+        ("data.train_per_class=0", "data.train_per_class must be >= 1 or null (all images), got 0"),
     ],
 )
 def test_bad_config_rejected_with_hint(override, expected):
@@ -115,6 +128,13 @@ def test_bad_config_rejected_with_hint(override, expected):
         load_config("tiny_l2p", [override])
     assert expected in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_dualprompt_ranges_give_the_value():
+    with pytest.raises(ConfigError, match="method.e_length must be >= 1, got 0"):
+        load_config("tiny_dualprompt", ["method.e_length=0"])
+    with pytest.raises(ConfigError, match="method.pull_lambda must be >= 0, got -1"):
+        load_config("tiny_dualprompt", ["method.pull_lambda=-1"])
 
 
 def test_unknown_preset_suggests_nearest():
@@ -160,6 +180,15 @@ def test_a_scalar_for_a_mapping_key_says_how_to_set_an_entry():
         ' or all as "pgp.eps={NAME: VALUE}"'
     )
     assert load_config("tiny_l2p_pgp", ["pgp.eps.prompt=0.9"]).pgp.eps == {"prompt": 0.9}
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "---\n"])
+def test_an_empty_config_file_is_refused(tmp_path, text):
+    """An empty file would train every default (a full ViT-B/16 run), not what anyone wrote it for."""
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"empty.yaml' is empty; give its settings, or start from a preset with _base_"):
+        load_config(str(path))
 
 
 def test_method_section_that_is_not_a_mapping(tmp_path):
@@ -225,3 +254,13 @@ def test_released_dualprompt_starts_each_e_prompt_from_the_previous_tasks(tmp_pa
         tr.method.begin_task(1)
         assert torch.equal(pool.prompts[1], trained if shared else fresh)
         assert not torch.equal(trained, fresh) and torch.equal(pool.keys[1], key)
+
+
+def test_a_config_of_another_method_is_named_by_its_method():
+    """--continue / resume refusals name the first difference: for another method that is method.name, not
+    whichever of its keys sorts first (method.e_layers)."""
+    from pgpcl.config import config_difference
+
+    a, b = load_config("tiny_l2p").to_dict(), load_config("tiny_dualprompt").to_dict()
+    assert config_difference(a, b) == ("method.name", "l2p", "dualprompt")
+    assert config_difference(a, load_config("tiny_l2p", ["train.lr=0.5"]).to_dict())[0] == "train.lr"

@@ -129,6 +129,9 @@ def test_an_override_after_seeds_is_an_override(tmp_path, capsys):
     (["seed=3"], "seed= is refused: choose seeds with --seeds"),
     (["name=x"], "name= is refused: each run is named after its preset"),
     (["output_dir=elsewhere"], "output_dir= is refused: choose the folder with --out"),
+    (["pgp.enabled=false"], "so pgp.enabled= is refused; for one side, train its preset alone (pgpcl train demo_l2p or"),
+    (["pgp.enabled=true"], "so pgp.enabled= is refused"),
+    (["pgp={enabled: false, num_samples: 64}"], "so pgp.enabled= is refused"),
 ])
 def test_demo_refuses_bad_arguments_before_any_run(tmp_path, capsys, args, message):
     # a repeat or a fixed key would send several runs to one folder, where the later reuse the first one's result
@@ -168,3 +171,19 @@ def test_linear_probe_accuracy_weighs_tasks_equally_as_final_accuracy_does():
     correct = torch.tensor([True] * 10 + [True] * 45 + [False] * 45)
     task_of = torch.tensor([0] * 10 + [1] * 90)
     assert task_mean_accuracy(correct, task_of) == pytest.approx(75.0)
+
+
+def test_an_interrupted_demo_continues_when_run_again(tmp_path, capfd):
+    """Ctrl+C saves the running run's checkpoint; its message names the demo command (not train --resume), and
+    that command resumes the run from its checkpoint rather than training it again from the start."""
+    from test_resume import run_cli
+
+    out = tmp_path / "demo"
+    argv = ["demo", "--quick", "--out", str(out), "--methods", "l2p", *TINY]
+    assert run_cli(argv, "step:0:1=INT") == 130
+    err = capfd.readouterr().err
+    assert err.startswith("pgpcl: interrupted ") and "run the same pgpcl demo command again to continue" in err
+    assert "train --resume" not in err
+    assert run_cli(argv) == 0
+    first = json.loads((out / "demo_l2p" / "seed0" / "results.json").read_text())
+    assert first["status"] == "complete" and len(first["resumes"]) == 1

@@ -1,6 +1,7 @@
 """``pgpcl eval RUN_DIR [--all] [--json]``: the run's model rebuilt from its checkpoints and evaluated
 again, compared with what results.json recorded; ``--all`` rebuilds the whole accuracy matrix and its
-metrics from every end-of-task checkpoint. Exit 1 when the re-evaluation and the file disagree."""
+metrics from every end-of-task checkpoint. Exit 1 when the re-evaluation and the file disagree, when
+the file cannot confirm anything, or when the final checkpoint is gone."""
 
 from __future__ import annotations
 
@@ -82,11 +83,52 @@ def test_a_deleted_checkpoint_leaves_its_column_out(run, tmp_path, capsys):
     assert "no checkpoint after task(s) 2: those columns and the metrics are left out" in capsys.readouterr().out
 
 
-def test_without_results_json_the_numbers_are_shown_uncompared(run, tmp_path, capsys):
+@pytest.mark.parametrize("damage", ["deleted", "truncated", "{}", "[1, 2]"])
+def test_without_a_readable_results_json_the_numbers_are_shown_uncompared_and_eval_exits_1(
+        run, tmp_path, capsys, damage):
+    """Nothing confirmed the numbers, so a script must not read success; the note goes to stderr."""
     run = _copy(run, tmp_path)
-    (run / "results.json").unlink()
+    path = run / "results.json"
+    if damage == "deleted":
+        path.unlink()
+    else:
+        path.write_text(path.read_text()[:200] if damage == "truncated" else damage)
     capsys.readouterr()
-    assert main(["eval", str(run)]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    assert main(["eval", str(run)]) == 1
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
     assert lines[0].endswith("after task 5/5") and lines[1].startswith("CIL per task:")
-    assert lines[-1].startswith("not compared with results.json: ")
+    assert not any("results.json" in line for line in lines)
+    assert captured.err.startswith("pgpcl: eval: not compared with results.json: results file ")
+    assert main(["eval", str(run), "--json"]) == 1
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["recorded"]["compared"] == 0 and "not compared" in captured.err
+
+
+def test_a_deleted_final_checkpoint_is_not_called_final(run, tmp_path, capsys):
+    run = _copy(run, tmp_path)
+    (run / "checkpoints" / "task004.pt").unlink()
+    capsys.readouterr()
+    assert main(["eval", str(run), "--all", "--json"]) == 1
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["missing"] == [4] and ev["metrics"] == {"cil": None, "til": None} and ev["after_task"] == 3
+    assert main(["eval", str(run), "--all"]) == 1
+    out = capsys.readouterr().out
+    assert "no checkpoint after task(s) 5: those columns and the metrics are left out" in out
+    assert ("results.json records 5 trained tasks but the checkpoint after task 5 is gone: the last one kept is "
+            "after task 4, so these are not the run's final numbers") in out
+    assert main(["eval", str(run), "--json"]) == 1
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["missing"] == [4] and ev["after_task"] == 3
+
+
+def test_a_results_json_of_another_run_is_not_compared(run, tmp_path, capsys):
+    """A results.json copied in from a run of another config: its numbers are no check of these checkpoints."""
+    run = _copy(run, tmp_path)
+    r = read_results(run / "results.json")
+    r.config["train"]["lr"] = r.config["train"]["lr"] * 2
+    write_results(run / "results.json", r)
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert "is not this run's: its config differs from" in err and "in train.lr (config.yaml has" in err

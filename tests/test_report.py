@@ -152,6 +152,21 @@ def test_plots_and_summary(runs, tmp_path):
     assert "runs.csv" in summary["files"]
 
 
+def test_a_staging_folder_of_a_killed_report_is_removed_by_the_next(runs, tmp_path):
+    """SIGKILL mid-report leaves its hidden staging folder; the next report there removes it, but not the
+    staging folder of a report still writing (its process alive)."""
+    out = tmp_path / "rep"
+    report_runs(runs, out_dir=out, plots=False)
+    dead = out / ".pgpcl-report-4194399-abc"  # above Linux's largest pid: no such process
+    live = out / f".pgpcl-report-{os.getpid()}-def"
+    for stage in (dead, live):
+        stage.mkdir()
+        (stage / "table.txt").write_text("half a report")
+    report_runs(runs, out_dir=out, plots=False)
+    assert not dead.exists() and (live / "table.txt").read_text() == "half a report"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [live.name]
+
+
 def test_runs_csv_has_one_row_per_run_with_its_metrics(runs, tmp_path):
     import csv
 

@@ -180,11 +180,25 @@ def test_class_without_training_images_is_refused(tmp_path, data_write_idx):
     [
         (["--epochs", "0"], "--epochs must be >= 1, got 0"),
         (["--out", "FILE"], "is a file, not a folder; choose another --out"),
+        (["--out", "FILE/w"], "cannot write to --out"),
+        (["--out", ""], "--out is empty; give a folder"),
+        (["--name", ""], "--name must be a plain file name (no '/', not '.' or '..'), got ''"),
+        (["--name", "../evil"], "--name must be a plain file name"),
+        (["--name", ".."], "--name must be a plain file name"),
+        (["--seed", "-1"], "--seed must be in 0..4294967295, got -1"),
     ],
 )
-def test_pretrain_refuses_before_training(tmp_path, capsys, argv, expected):
+def test_pretrain_refuses_before_training(tmp_path, capsys, monkeypatch, argv, expected):
+    """Checked before the data is read and minutes are spent training: the files are written only at the end."""
+    import pgpcl.data
+
+    def never(*a, **k):
+        raise AssertionError("pretrain read its data before checking its arguments")
+
+    monkeypatch.setattr(pgpcl.data, "load_dataset", never)
     (tmp_path / "FILE").write_text("")
-    argv = [str(tmp_path / a) if a == "FILE" else a for a in argv]
+    argv = [a.replace("FILE", str(tmp_path / "FILE")) if a.startswith("FILE") else a for a in argv]
     assert main(["pretrain", "--out", str(tmp_path / "w"), *argv]) == 2
-    assert expected in capsys.readouterr().err
-    assert not (tmp_path / "w").exists()
+    err = capsys.readouterr().err
+    assert expected in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "w").exists() and not (tmp_path / "evil.json").exists()

@@ -76,6 +76,14 @@ def test_first_task_classes(mnist_root):
     assert split_classes(10, 2, 9) == [9, 1]
 
 
+def test_a_task_of_one_class_is_noted_its_til_accuracy_means_nothing(mnist_root):
+    assert not [n for n in build_scenario(_cfg(mnist_root), seed=0).notes if "one class" in n]
+    sc = build_scenario(_cfg(mnist_root, num_tasks=10), seed=0)
+    assert "every task has one class, so TIL accuracy there is 100% by construction; read CIL" in sc.notes
+    sc = build_scenario(_cfg(mnist_root, num_tasks=2, first_task_classes=9), seed=0)
+    assert "task(s) 2 have one class, so TIL accuracy there is 100% by construction; read CIL" in sc.notes
+
+
 def test_not_divisible_is_one_line_error(mnist_root):
     with pytest.raises(DataError) as err:
         split_classes(100, 7, None)

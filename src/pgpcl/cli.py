@@ -134,11 +134,16 @@ def _print_summary(results, run_dir: Path) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from pgpcl.engine.evaluate import eval_lines, reevaluate_run
+    from pgpcl.engine.evaluate import eval_lines, eval_verdict, recorded_line, reevaluate_run
 
+    if not args.run_dir.strip():  # Path("") is the current folder
+        raise PgpclError("an empty run folder was given; name the folder 'pgpcl train' wrote (RUN_DIR)")
     ev = reevaluate_run(Path(args.run_dir), all_tasks=args.all)
-    print(json.dumps(ev) if args.json else "\n".join(eval_lines(Path(args.run_dir), ev)))
-    return 1 if ev["recorded"].get("differs") else 0  # a script can tell a re-evaluation that disagrees
+    uncompared = ev["recorded"]["compared"] == 0
+    print(json.dumps(ev) if args.json else "\n".join(eval_lines(Path(args.run_dir), ev, with_recorded=not uncompared)))
+    if uncompared:  # on stderr, so that --json output stays one JSON document
+        print(f"pgpcl: eval: {recorded_line(ev['recorded'])}", file=sys.stderr)
+    return eval_verdict(ev)  # a script can tell a re-evaluation that disagrees or could not be checked
 
 
 def _cmd_configs(args: argparse.Namespace) -> int:
@@ -277,6 +282,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
     from pgpcl.pretrain import PretrainConfig, pretrain
 
+    if not args.out.strip():  # Path("") is the current folder: an empty --out is a slip, not a choice
+        raise PgpclError("--out is empty; give a folder, or leave it out for pretrained")
     cfg = PretrainConfig(name=args.name, epochs=args.epochs, seed=args.seed, root=args.data_root)
     record = pretrain(cfg, Path(args.out), overwrite=args.overwrite)
     print(json.dumps({k: record[k] for k in ("sha256", "params", "fashion_mnist_test_acc", "train_seconds")}))
@@ -284,8 +291,16 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse's errors in pgpcl's one-line form (argparse prints the whole usage first); the command
+    parsers are of this class too (add_subparsers makes them of the parser's own class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"pgpcl: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="pgpcl",
         description="Continual learning with Prompt Gradient Projection: L2P, DualPrompt, CODA-Prompt, LoRA, adapters and "
         "prefix-tuning on a ViT, and a CLIP prompt learner (with adapters, LoRA or prefixes), each with and without PGP.",
@@ -374,6 +389,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The parser of ``pgpcl COMMAND`` (its errors point at ``pgpcl COMMAND --help``)."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[command]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -385,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides = list(args.overrides or []) + extra
         else:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            command = parser if args.command is None else _command_parser(parser, args.command)
+            command.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 0

@@ -237,7 +237,8 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 def config_difference(a: dict, b: dict, ignore=RESULT_NEUTRAL_KEYS) -> tuple[str, Any, Any] | None:
     """First (key, a's value, b's value) where two ``Config.to_dict()`` differ, outside ``ignore``."""
     fa, fb = (_flatten(json.loads(json.dumps(x))) for x in (a, b))
-    for key in sorted(set(fa) | set(fb)):
+    # another method differs in most of its keys: name the method, not the first key alphabetically
+    for key in sorted(set(fa) | set(fb), key=lambda k: (k != "method.name", k)):
         if key not in ignore and fa.get(key) != fb.get(key):
             return key, fa.get(key), fb.get(key)
     return None
@@ -369,10 +370,17 @@ def build_dataclass(cls: type, raw: Any, prefix: str = "") -> Any:
         full = f"{prefix}.{k}" if prefix else str(k)
         if k not in names:
             close = difflib.get_close_matches(str(k), names, n=1, cutoff=0.5)
-            hint = f"; did you mean '{(prefix + '.' if prefix else '') + close[0]}'?" if close else ""
+            hint = f"; did you mean '{(prefix + '.' if prefix else '') + close[0]}'?" if close else _key_list(prefix, names)
             raise ConfigError(f"unknown config key '{full}'{hint}")
         kwargs[k] = _coerce(v, hints[k], full)
     return cls(**kwargs)
+
+
+def _key_list(prefix: str, names: list[str]) -> str:
+    """The hint for a key that resembles none: the keys that would be valid in its place."""
+    where = f"'{prefix}' has" if prefix else "the top level has"
+    shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+    return f"; {where} {shown} (pgpcl configs PRESET prints every key)"
 
 
 def _build_method(raw: Any) -> MethodConfig:
@@ -482,6 +490,26 @@ def _validate_optimizer_and_device(t: TrainConfig) -> None:
         raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
 
 
+def _validate_loading(d: DataConfig) -> None:
+    if d.num_workers < 0:
+        raise ConfigError(f"data.num_workers must be >= 0 (0 = load in the main process), got {d.num_workers}")
+    for key in ("train_per_class", "test_per_class"):
+        value = getattr(d, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"data.{key} must be >= 1 or null (all images), got {value}")
+
+
+def _validate_compile_backend(backend: str) -> None:
+    """Checked here, not at the first step: torch names a bad backend only inside a long traceback."""
+    import torch._dynamo  # only when compile is on: importing dynamo costs seconds
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        common = [b for b in ("inductor", "eager", "aot_eager", "cudagraphs") if b in known]
+        raise ConfigError(f"backbone.compile_backend={backend!r} is not a torch.compile backend; use one of "
+                          f"{', '.join(common)} (all: torch._dynamo.list_backends(exclude_tags=()))")
+
+
 def _validate_shapes(d: DataConfig, b: BackboneConfig) -> None:
     """Sizes the backbone is built with must be positive and agree with what the data feeds it."""
     for key in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
@@ -512,13 +540,19 @@ def validate(cfg: Config) -> None:
     _validate_shapes(d, cfg.backbone)
     if d.num_tasks < 1:
         raise ConfigError(f"data.num_tasks must be >= 1, got {d.num_tasks}")
+    _validate_loading(d)
+    if cfg.backbone.compile:
+        _validate_compile_backend(cfg.backbone.compile_backend)
     for kind, eps in p.eps.items():
         if not 0.0 < eps <= 1.0:
             raise ConfigError(f"pgp.eps.{kind} must be in (0, 1], got {eps}")
     if t.epochs < 1:
         raise ConfigError(f"train.epochs must be >= 1, got {t.epochs}")
-    if t.batch_size < 1 or t.eval_batch_size < 1:
-        raise ConfigError("train.batch_size and train.eval_batch_size must be >= 1")
+    for key in ("batch_size", "eval_batch_size"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
+    if t.log_every < 1:
+        raise ConfigError(f"train.log_every must be >= 1 (steps between TensorBoard points), got {t.log_every}")
     if not t.lr > 0 or t.lr == float("inf"):
         raise ConfigError(f"train.lr must be a finite number > 0, got {t.lr}")
     if t.lr_scale_by_batch and t.lr * t.batch_size / 256 == float("inf"):
@@ -623,7 +657,10 @@ def load_raw(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
     path = _resolve_preset(name_or_path)
     if str(path) in _seen:
         raise ConfigError(f"config '{path}' inherits itself through _base_")
-    raw = read_yaml(path) or {}
+    raw = read_yaml(path)
+    if raw is None:  # it would train every default: a ViT-B/16 run nobody asked for
+        raise ConfigError(f"config '{path}' is empty; give its settings, or start from a preset with _base_: NAME "
+                          "(pgpcl configs lists them)")
     if not isinstance(raw, dict):
         raise ConfigError(f"config '{path}' must be a YAML mapping")
     base = raw.pop("_base_", None)

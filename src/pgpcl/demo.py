@@ -52,8 +52,22 @@ def demo_configs(
     presets = [p for m in methods for p in (f"demo_{m}", f"demo_{m}_pgp")]
     overrides = [f"output_dir={out_dir}", *(QUICK if quick else []), *extra]
     configs = [load_config(p, [f"seed={s}", *overrides]) for s in seeds for p in presets]
+    _check_pairs(configs, presets * len(list(seeds)))
     _check_eps_kinds(configs)
     return configs
+
+
+def _check_pairs(configs: list[Config], presets: list[str]) -> None:
+    """The demo is a paired comparison: an override of pgp.enabled would make both runs of a pair the same."""
+    from pgpcl.errors import ConfigError
+
+    for cfg, preset in zip(configs, presets):
+        if cfg.pgp.enabled != preset.endswith("_pgp"):
+            base = preset.removesuffix("_pgp")
+            raise ConfigError(
+                "the demo trains each learner with and without PGP, so pgp.enabled= is refused; for one side, "
+                f"train its preset alone (pgpcl train {base} or pgpcl train {base}_pgp)"
+            )
 
 
 def _check_eps_kinds(configs: list[Config]) -> None:
@@ -117,6 +131,27 @@ def task_mean_accuracy(correct: torch.Tensor, task_of: torch.Tensor) -> float:
     return 100.0 * float(torch.stack([correct[task_of == t].float().mean() for t in tasks]).mean())
 
 
+def _train_demo_run(cfg, run_dir: Path, status: str | None, overwrite: bool) -> None:
+    """Train one demo run: an unfinished one of the same config (the demo interrupted) resumes from its
+    checkpoint; anything else in the folder is replaced."""
+    from pgpcl.engine.evaluate import run_config_difference
+    from pgpcl.engine.trainer import Interrupted, train
+    from pgpcl.errors import PgpclError
+
+    resume = False
+    if status in ("running", "failed") and not overwrite:
+        try:
+            resume = run_config_difference(run_dir, cfg) is None
+        except PgpclError:  # no readable config.yaml: nothing to resume from
+            resume = False
+    try:
+        train(cfg, run_dir, overwrite=status is not None and not resume, resume=resume, task_lines=False)
+    except Interrupted as e:  # the way back is the demo command, which resumes this run and keeps the others
+        where = str(e).split("; continue with:", 1)[0]
+        raise Interrupted(e.signum, f"{where}; run the same pgpcl demo command again to continue (finished runs "
+                                    "are kept, this one resumes from its checkpoint)") from None
+
+
 def _check_reused(run_dir: Path, cfg) -> None:
     """A finished run is reused only if it trained what this demo would: one left by an older pgpcl
     (whose L2P-PGP projected differently) or by other overrides would be reported as this demo's."""
@@ -135,7 +170,7 @@ def run_demo(
     methods=DEFAULT_METHODS,
 ) -> str:
     """Train every demo config (finished runs are reused, not overwritten), then report. Returns the text."""
-    from pgpcl.engine.trainer import default_run_dir, each_note_once, train
+    from pgpcl.engine.trainer import default_run_dir, each_note_once
     from pgpcl.progress import progress
     from pgpcl.report import report_runs
 
@@ -149,10 +184,10 @@ def run_demo(
             run_dir = default_run_dir(cfg)
             run_dirs.append(run_dir)
             status = run_status(run_dir)
-            if status != "complete" or overwrite:
-                train(cfg, run_dir, overwrite=status is not None, task_lines=False)
-            else:
+            if status == "complete" and not overwrite:
                 _check_reused(run_dir, cfg)
+            else:
+                _train_demo_run(cfg, run_dir, status, overwrite)
             bar.update()
     bar.close()
     probe = linear_probe(configs[0])

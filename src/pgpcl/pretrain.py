@@ -76,6 +76,34 @@ def _accuracy(model, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> flo
     return 100.0 * correct / len(x)
 
 
+_SEED_MAX = 2**32 - 1
+
+
+def check_pretrain_args(cfg: PretrainConfig, out_dir: Path) -> None:
+    """Everything that could only fail once training is over, checked before it starts (minutes of work
+    would otherwise be lost): the numbers, the file name, and a folder the files can be written to."""
+    import os
+
+    from pgpcl.errors import PgpclError
+
+    if cfg.epochs < 1:
+        raise PgpclError(f"--epochs must be >= 1, got {cfg.epochs}")
+    if not 0 <= cfg.seed <= _SEED_MAX:
+        raise PgpclError(f"--seed must be in 0..{_SEED_MAX}, got {cfg.seed}")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise PgpclError(f"threads must be >= 1 or None (torch's default), got {cfg.threads}")
+    name = cfg.name
+    if not name.strip() or name in (".", "..") or "/" in name or "\\" in name:
+        raise PgpclError(f"--name must be a plain file name (no '/', not '.' or '..'), got {name!r}; the files are "
+                         "written as --out/NAME.safetensors and --out/NAME.json")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PgpclError(f"--out {out_dir} is a file, not a folder; choose another --out")
+    nearest = next(p for p in (out_dir, *out_dir.absolute().parents) if p.exists())
+    if not nearest.is_dir() or not os.access(nearest, os.W_OK | os.X_OK):
+        raise PgpclError(f"cannot write to --out {out_dir} ({nearest} is not a writable folder); choose a writable "
+                         "--out")
+
+
 def pretrain(cfg: PretrainConfig, out_dir: Path, progress: bool = True, overwrite: bool = False) -> dict:
     """Train, save ``out_dir/NAME.{safetensors,json}``, return the record written to the json.
 
@@ -90,10 +118,7 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, progress: bool = True, overwrit
     from pgpcl.progress import progress as phase_progress
 
     out_dir = Path(out_dir)
-    if cfg.epochs < 1:
-        raise PgpclError(f"--epochs must be >= 1, got {cfg.epochs}")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise PgpclError(f"--out {out_dir} is a file, not a folder; choose another --out")
+    check_pretrain_args(cfg, out_dir)
     existing = [p for p in (out_dir / f"{cfg.name}.safetensors", out_dir / f"{cfg.name}.json") if p.exists()]
     if existing and not overwrite:
         raise PgpclError(f"{existing[0]} already exists; pass --overwrite to replace it, or choose --out / --name")

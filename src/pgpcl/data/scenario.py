@@ -220,6 +220,10 @@ class Scenario:
         self.domain_names = domain_names
         self.dataset_names = [s.data.name for s in sources]
         self.notes: list[str] = [note for s in sources for note in s.data.notes]
+        single = [t + 1 for t, classes in enumerate(task_classes) if len(classes) == 1]
+        if self.has_til and single:  # the task id names the class: TIL accuracy says nothing there
+            which = "every task has" if len(single) == len(task_classes) else f"task(s) {', '.join(map(str, single))} have"
+            self.notes.append(f"{which} one class, so TIL accuracy there is 100% by construction; read CIL")
         self.train_transform: ImageTransform = build_transform(
             cfg.train_transform, cfg.img_size, cfg.channels, cfg.normalize, True
         )

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import random
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -83,12 +84,19 @@ def load_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"checkpoint {path} does not exist; check the run folder") from None
     except Exception as e:  # corrupt zip, truncated file, pickled code
         msg = torch_load_reason(e)
-        raise CheckpointError(
-            f"checkpoint {path} cannot be read ({msg}); delete it to fall back to the previous checkpoint"
-        ) from None
+        if isinstance(e, (OSError, EOFError)) and not zipfile.is_zipfile(path):  # torch says "[Errno 22]" or EOFError
+            msg = f"truncated or not a checkpoint: {path.stat().st_size} bytes with no complete zip archive"
+        raise CheckpointError(f"checkpoint {path} cannot be read ({msg}); {delete_fix(path)}") from None
     check_version(path, state)
     check_structure(path, state)
     return state
+
+
+def delete_fix(path: Path) -> str:
+    """The advice for a bad checkpoint file: delete it, and what that leads to."""
+    if any(p.name != Path(path).name for p in Path(path).parent.glob("*.pt")):
+        return "delete it to fall back to the previous checkpoint"
+    return "delete it (it is the run's only checkpoint, so --resume then trains from the start)"
 
 
 def method_extra_state(method: torch.nn.Module) -> dict[str, Any]:
@@ -102,8 +110,8 @@ def load_method_state(method: torch.nn.Module, state: dict, path: Path) -> None:
     """The checkpoint's trained parameters (``method``) and the method's other state (``method_extra``)
     into ``method``; CheckpointError naming the file if they do not fit the method the run's config
     builds."""
-    fix = ("delete it to fall back to the previous checkpoint, or give the run folder it came from (if every "
-           "checkpoint of the run says this, the pgpcl that wrote them reads them)")
+    fix = (f"{delete_fix(path)}, or give the run folder it came from (if every checkpoint of the run says "
+           "this, the pgpcl that wrote them reads them)")
     try:
         method.load_trainable_state_dict(state["method"])
     except CheckpointError as e:
@@ -180,9 +188,7 @@ _MID_TASK = (("optimizer", "an optimizer state (mid-task)", _is(dict)),
 
 
 def _damaged(path: Path, problem: str) -> CheckpointError:
-    return CheckpointError(
-        f"checkpoint {path} is damaged ({problem}); delete it to fall back to the previous checkpoint"
-    )
+    return CheckpointError(f"checkpoint {path} is damaged ({problem}); {delete_fix(path)}")
 
 
 def _shown(v: Any) -> str:

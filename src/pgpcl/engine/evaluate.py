@@ -18,7 +18,10 @@ def load_run_config_raw(run_dir: Path) -> dict:
     if not run_dir.is_dir():
         raise PgpclError(f"{run_dir} does not exist; give the folder 'pgpcl train' wrote (RUN_DIR)")
     if not path.exists():
-        raise PgpclError(f"{run_dir} is not a pgpcl run folder (no config.yaml); give the folder 'pgpcl train' wrote")
+        below = _runs_below(run_dir)
+        hint = f"; it holds run folders, e.g. {below[0]}" if below else ""
+        raise PgpclError(f"{run_dir} is not a pgpcl run folder (no config.yaml){hint}; give the folder 'pgpcl train' "
+                         "wrote")
     from pgpcl.config import UniqueKeyLoader
 
     try:
@@ -29,6 +32,12 @@ def load_run_config_raw(run_dir: Path) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} is not a YAML mapping; restore it from the run's results.json 'config'")
     return raw
+
+
+def _runs_below(folder: Path, depth: int = 3) -> list[Path]:
+    """Run folders (holding config.yaml) at most ``depth`` levels below ``folder``, e.g. runs/NAME/seed0."""
+    found = [p.parent for level in range(1, depth + 1) for p in sorted(folder.glob("/".join(["*"] * level) + "/config.yaml"))]
+    return found[:5]
 
 
 def load_run_config(run_dir: Path, raw: dict | None = None):
@@ -86,14 +95,29 @@ def reevaluate_run(run_dir: Path, all_tasks: bool = False) -> dict:
                 acc[s][i][task] = a
     out = {"after_task": task, "num_tasks": T, "cil": [acc["cil"][i][task] for i in range(task + 1)],
            "til": [acc["til"][i][task] for i in range(task + 1)] if "til" in acc else None}
+    trained = _tasks_recorded(run_dir)
+    # a checkpoint deleted by hand, the final one too: results.json says how many tasks were trained
+    out["missing"] = sorted(set(range(max(task + 1, trained or 0))) - set(tasks))
+    if not all_tasks:
+        out["missing"] = [t for t in out["missing"] if t > task]
     if all_tasks:
         from pgpcl.engine.metrics import summarize
 
         out["acc"] = acc
-        out["missing"] = sorted(set(range(task + 1)) - set(tasks))  # checkpoints deleted by hand
         out["metrics"] = {s: None if out["missing"] else summarize(m) for s, m in acc.items()}
     out["recorded"] = compare_with_recorded(run_dir, acc)
     return out
+
+
+def _tasks_recorded(run_dir: Path) -> int | None:
+    """How many tasks the run's results.json records as trained; None where it cannot be read."""
+    from pgpcl.engine.metrics import tasks_done
+    from pgpcl.engine.results import RESULTS_FILENAME, read_results
+
+    try:
+        return tasks_done(read_results(Path(run_dir) / RESULTS_FILENAME).acc["cil"])
+    except PgpclError:
+        return None
 
 
 def _evaluate_checkpoint(method, scenario, cfg, device, path: Path, run_dir: Path, cache: dict):
@@ -152,8 +176,9 @@ def evaluate_run(run_dir: Path, all_tasks: bool = False) -> list[str]:
     return eval_lines(run_dir, reevaluate_run(run_dir, all_tasks))
 
 
-def eval_lines(run_dir: Path, ev: dict) -> list[str]:
-    """The lines of :func:`reevaluate_run`'s dict ``ev``."""
+def eval_lines(run_dir: Path, ev: dict, with_recorded: bool = True) -> list[str]:
+    """The lines of :func:`reevaluate_run`'s dict ``ev``, the comparison with results.json last (left out
+    without ``with_recorded``: :func:`recorded_line` gives it)."""
     if "acc" in ev:
         lines = [f"{run_dir}: every end-of-task checkpoint, re-evaluated"]
         for setting, matrix in ev["acc"].items():
@@ -168,8 +193,26 @@ def eval_lines(run_dir: Path, ev: dict) -> list[str]:
             if row is not None:
                 accs = "  ".join(f"{a:6.2f}" for a in row)
                 lines.append(f"{setting.upper()} per task: {accs}   mean {sum(row) / len(row):.2f}")
-    lines.append(_recorded_line(ev["recorded"]))
+    if final_missing(ev):
+        last = ev["missing"][-1] + 1
+        lines.append(f"results.json records {last} trained tasks but the checkpoint after task {last} is gone: "
+                     f"the last one kept is after task {ev['after_task'] + 1}, so these are not the run's final numbers")
+    if with_recorded:
+        lines.append(recorded_line(ev["recorded"]))
     return lines
+
+
+def final_missing(ev: dict) -> bool:
+    """Whether the checkpoint after the last task results.json records is gone (deleted by hand)."""
+    return bool(ev["missing"]) and ev["missing"][-1] > ev["after_task"]
+
+
+def eval_verdict(ev: dict) -> int:
+    """``pgpcl eval``'s exit status: 0 when the re-evaluated entries match results.json; 1 when one
+    differs, when nothing could be compared, or when the final checkpoint is gone (a middle one deleted
+    only leaves its column out)."""
+    cmp = ev["recorded"]
+    return 1 if cmp["compared"] == 0 or cmp["differs"] or final_missing(ev) else 0
 
 
 def _matrix_lines(setting: str, matrix: list, metrics: dict | None) -> list[str]:
@@ -187,7 +230,7 @@ def _matrix_lines(setting: str, matrix: list, metrics: dict | None) -> list[str]
     return lines
 
 
-def _recorded_line(cmp: dict) -> str:
+def recorded_line(cmp: dict) -> str:
     if cmp["compared"] == 0:
         return f"not compared with results.json: {cmp['why']}"
     if not cmp["differs"]:

@@ -471,9 +471,37 @@ def read_results(path: str | Path) -> Results:
     problem = validate_results(d)
     if problem:
         raise ResultsError(f"results file {path} is malformed: {problem}; rerun or restore it")
+    problem = _foreign_config(path, d["config"])
+    if problem:
+        raise ResultsError(f"results file {path} is not this run's: {problem}; rerun or restore it")
     r = Results.from_dict(d)
     r.refresh_metrics()  # derived from acc: a hand-edited or stale copy must not reach a reader
     return r
+
+
+def _foreign_config(path: Path, config: dict[str, Any]) -> str | None:
+    """Where a run folder's results.json disagrees with its config.yaml in a key that changes the numbers
+    (a file copied in from another run), else None. An unreadable config.yaml is left to the commands that
+    load it: each has its own message for that."""
+    import yaml
+
+    from pgpcl.config import config_difference
+
+    beside = path.parent / "config.yaml"
+    if path.name != RESULTS_FILENAME or not beside.is_file():
+        return None
+    try:
+        own = yaml.safe_load(beside.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    if not isinstance(own, dict):
+        return None
+    diff = config_difference(own, config)
+    if diff is None:
+        return None
+    key, run_value, file_value = diff
+    return (f"its config differs from {beside} in {key} (config.yaml has {run_value!r}, results.json has "
+            f"{file_value!r}), as if copied from another run")
 
 
 def find_results(path: str | Path) -> Path:

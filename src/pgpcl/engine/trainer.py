@@ -44,7 +44,7 @@ from pgpcl.engine.distributed import (
     init_distributed,
     sharded_loader,
 )
-from pgpcl.engine.results import RESULTS_FILENAME, Results, now_iso, write_results
+from pgpcl.engine.results import RESULTS_FILENAME, Results, now_iso, read_results, write_results
 from pgpcl.engine.rundir import (
     check_run_dir,
     discard_new_run_dir,
@@ -408,6 +408,8 @@ class Trainer:
         self.dist.agree(error)
         found = self.dist.broadcast_object(found)
         if found is None:  # nothing saved yet: start from the beginning in the same folder
+            if self.is_main:
+                _print_note(f"pgpcl: note: {self.run_dir} holds no checkpoint yet: training from the start")
             return
         path, state = found
         ckpt.check_matches_run(path, state, config=self.cfg.to_dict(), scenario=self._scenario_record(),
@@ -1080,7 +1082,10 @@ def continue_plan(cfg: Config, run_dir: Path) -> str:
         raise ConfigError(f"{run_dir} holds {what} of another config ({key}: the run has {was!r}, this command "
                           f"gives {now!r}); pass --overwrite to replace it, or choose another folder with "
                           "--run-dir or name=...")
-    return "keep" if status == "complete" else "resume"
+    if status == "complete":
+        read_results(run_dir / RESULTS_FILENAME)  # the run kept must be this one: a copied-in file is refused
+        return "keep"
+    return "resume"
 
 
 def continue_training(cfg: Config, run_dir: str | Path | None = None, *, task_lines: bool = True):
@@ -1090,8 +1095,6 @@ def continue_training(cfg: Config, run_dir: str | Path | None = None, *, task_li
     Returns ``(results, plan)``, plan being 'keep', 'resume' or 'start'. Under torchrun rank 0 reads the
     folder and every rank follows its plan.
     """
-    from pgpcl.engine.results import read_results
-
     cfg = checked_config(cfg)
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     dist = init_distributed(cfg.train.device)

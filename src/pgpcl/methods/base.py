@@ -178,3 +178,14 @@ def check_block_list(value: list[int] | None, key: str, *, empty_ok: bool = Fals
     if (not value and not empty_ok) or len(set(value)) != len(value):
         what = "distinct block indices" + ("" if empty_ok else ", at least one")
         raise ConfigError(f"method.{key} must be {what}{', or null for all' if null_ok else ''}, got {value}")
+
+
+def check_at_least(params, minimum: float, *keys: str) -> None:
+    """ConfigError naming the first ``method.<key>`` of ``params`` below ``minimum`` (None is skipped: it
+    means the default), with the value received."""
+    from pgpcl.errors import ConfigError
+
+    for key in keys:
+        value = getattr(params, key)
+        if value is not None and not value >= minimum:  # 'not >=' also catches NaN
+            raise ConfigError(f"method.{key} must be >= {minimum}, got {value}")

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from pgpcl.errors import ConfigError
 from pgpcl.methods import METHODS
-from pgpcl.methods.base import Method, MethodOutput, check_block_list, check_blocks_exist
+from pgpcl.methods.base import Method, MethodOutput, check_at_least, check_block_list, check_blocks_exist
 from pgpcl.methods.vit_common import KeyPrefixBases, PromptedViTMethod, init_head, pool_key_prefix_view
 
 
@@ -48,8 +48,7 @@ class CodaPrompt(PromptedViTMethod, Method):
         (each head's logits kept, not their sum; docs/pgp.md, section 14)."""
 
         def validate(self) -> None:
-            if min(self.pool_size, self.length) < 1:
-                raise ConfigError("method.pool_size and method.length must be >= 1")
+            check_at_least(self, 1, "pool_size", "length")
             check_block_list(self.layers, "layers", null_ok=False)
             if self.ortho_mu < 0:
                 raise ConfigError(f"method.ortho_mu must be >= 0, got {self.ortho_mu}")

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from pgpcl.errors import ConfigError
 from pgpcl.methods import METHODS
-from pgpcl.methods.base import Method, MethodOutput, check_block_list, check_blocks_exist
+from pgpcl.methods.base import Method, MethodOutput, check_at_least, check_block_list, check_blocks_exist
 from pgpcl.methods.vit_common import (
     KeyPrefixBases,
     PromptedViTMethod,
@@ -77,8 +77,8 @@ class DualPrompt(PromptedViTMethod, Method):
                 raise ConfigError("method.g_layers and method.e_layers overlap; give each layer one prompt")
             if self.top_k != 1:
                 raise ConfigError("method.top_k must be 1 for DualPrompt (one E-prompt per image)")
-            if min(self.g_length, self.e_length) < 1 or (self.pool_size is not None and self.pool_size < 1):
-                raise ConfigError("method.g_length, method.e_length and method.pool_size must be >= 1")
+            check_at_least(self, 1, "g_length", "e_length", "pool_size")
+            check_at_least(self, 0, "pull_lambda")
 
     default_eps = {"prefix": 0.50}
     basis_timing = "task_end"

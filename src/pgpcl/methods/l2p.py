@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from pgpcl.errors import ConfigError
 from pgpcl.methods import METHODS
-from pgpcl.methods.base import Method, MethodOutput
+from pgpcl.methods.base import Method, MethodOutput, check_at_least
 from pgpcl.methods.vit_common import PromptedViTMethod, init_head
 
 
@@ -48,13 +48,13 @@ class L2P(PromptedViTMethod, Method):
         initial pool to task 0's; runs written then read as this, so they resume and report as they ran."""
 
         def validate(self) -> None:
+            check_at_least(self, 1, "pool_size", "length", "top_k")
+            check_at_least(self, 0, "pull_lambda")
             if self.top_k > self.pool_size:
                 raise ConfigError(
                     f"method.top_k ({self.top_k}) is larger than method.pool_size ({self.pool_size}); "
                     "lower top_k or raise pool_size"
                 )
-            if min(self.pool_size, self.length, self.top_k) < 1:
-                raise ConfigError("method.pool_size, method.length and method.top_k must be >= 1")
 
     default_eps = {"prompt": 0.50, "key": 0.97}
     basis_timing = "task_start"

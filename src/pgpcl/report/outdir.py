@@ -5,7 +5,8 @@ so moving them in is a rename) and only moved in once every one of them exists; 
 full, no permission, a file where the folder should be) leaves the folder as it was. The files the
 previous report there listed in its ``summary.json`` and this one does not write (plots of groups no
 longer reported, the other format's table) are then deleted, so the folder never mixes two reports;
-files that no report listed are never touched: one the new report would replace is refused.
+files that no report listed are never touched: one the new report would replace is refused. A staging
+folder that a killed report left behind (its process gone) is removed by the next report there.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def write_report_folder(out_dir: Path, write: Callable[[Path], list[str]]) -> li
     stage = None
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=".pgpcl-report-", dir=out_dir))
+        _remove_abandoned_stages(out_dir)
+        stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-", dir=out_dir))
         names = write(stage)
         previous = _previous_summary(out_dir)
         owned = _files_of(previous)
@@ -49,6 +51,28 @@ def write_report_folder(out_dir: Path, write: Callable[[Path], list[str]]) -> li
         raise
     stage.rmdir()
     return [out_dir / name for name in names]
+
+
+STAGE_PREFIX = ".pgpcl-report-"
+
+
+def _remove_abandoned_stages(out_dir: Path) -> None:
+    """Staging folders that a killed report left behind (SIGKILL, power loss): those whose process is
+    gone. One of a report still writing here (its process alive) is left alone."""
+    for stage in out_dir.glob(f"{STAGE_PREFIX}*"):
+        pid = stage.name[len(STAGE_PREFIX):].split("-", 1)[0]
+        if stage.is_dir() and (not pid.isdigit() or not _alive(int(pid))):
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process: it exists
+        return True
+    return True
 
 
 def write_error(out_dir: Path, e: OSError) -> PgpclError:

@@ -30,7 +30,9 @@ COLUMNS: list[tuple[str, str, str, str]] = [
     ("cil_forgetting", "CIL forget", "cil", "forgetting"),
     ("cil_bwt", "CIL BWT", "cil", "bwt"),
     ("til_final", "TIL final", "til", "final_acc"),
+    ("til_avg_inc", "TIL avg-inc", "til", "avg_inc_acc"),
     ("til_forgetting", "TIL forget", "til", "forgetting"),
+    ("til_bwt", "TIL BWT", "til", "bwt"),
 ]
 
 
