@@ -108,6 +108,9 @@ def test_overrides_are_typed():
         ("train=", "would replace the whole 'train' section"),
         ("train=5", "would replace the whole 'train' section"),
         ("method=l2p", "set its keys instead, e.g. method.name=<value>"),
+        ("train={epochs: 1", "override 'train={epochs: 1': the value is not valid YAML (column 11: expected ',' or '}'"),
+        ("train.betas=[0.9, 0.99", "not valid YAML (column 11: expected ',' or ']', but got '<stream end>'); close its "
+                                   "brackets, or quote it"),
         # a key like no other gets the keys that would be valid in its place
         ("foo=1", "unknown config key 'foo'; the top level has name, seed"),
         ("train.zzz=1", "unknown config key 'train.zzz'; 'train' has epochs, batch_size"),

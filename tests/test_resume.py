@@ -209,3 +209,12 @@ def test_resume_a_run_written_before_a_config_key_existed(tmp_path):
         path.write_bytes(buf.getvalue())
     assert run_cli(["train", "--resume", str(run)]) == 0
     assert_same_run(ref, run)
+
+
+def test_ctrl_c_as_the_run_finishes_is_acknowledged_not_swallowed(tmp_path, capfd):
+    """A signal after the last point that can stop (the final task's end) cannot save anything more: the run
+    is complete, and one line says so rather than the Ctrl+C vanishing."""
+    run = tmp_path / "run"
+    assert run_cli(["train", "tiny_l2p", *SMALL, "train.epochs=1", "--run-dir", str(run)], "task_end:1=INT") == 0
+    assert f"pgpcl: note: SIGINT came as the run finished; it is complete and saved in {run}" in capfd.readouterr().err
+    assert json.loads((run / "results.json").read_text())["status"] == "complete"

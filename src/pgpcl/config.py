@@ -683,8 +683,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override '{text}' has an empty key")
     try:
         parsed = yaml.safe_load(value) if value.strip() != "" else None
-    except yaml.YAMLError:
-        parsed = value
+    except yaml.YAMLError as e:
+        if value.lstrip()[:1] in ("{", "["):  # a mapping or list meant, not text: say what is wrong with it
+            where = _yaml_problem(e).removeprefix("line 1, ")  # one line: its column says where
+            raise ConfigError(f"override '{text}': the value is not valid YAML ({where}); close its "
+                              "brackets, or quote it to give it as text") from None
+        parsed = value  # e.g. a path holding ': ', which YAML cannot read unquoted
     return key.split("."), parsed
 
 

@@ -485,7 +485,7 @@ def _foreign_config(path: Path, config: dict[str, Any]) -> str | None:
     load it: each has its own message for that."""
     import yaml
 
-    from pgpcl.config import config_difference
+    from pgpcl.config import config_difference, with_defaults
 
     beside = path.parent / "config.yaml"
     if path.name != RESULTS_FILENAME or not beside.is_file():
@@ -496,7 +496,7 @@ def _foreign_config(path: Path, config: dict[str, Any]) -> str | None:
         return None
     if not isinstance(own, dict):
         return None
-    diff = config_difference(own, config)
+    diff = config_difference(with_defaults(own), with_defaults(config))  # a key one of them lacks reads as its default
     if diff is None:
         return None
     key, run_value, file_value = diff

@@ -455,6 +455,9 @@ class Trainer:
             self._write()
             if self.is_main:
                 ckpt.last_path(self.run_dir).unlink(missing_ok=True)
+                if self._stop_requested():  # the signal came after the last point that stops: say it was seen
+                    _print_note(f"pgpcl: note: {signal.Signals(self._signum()).name} came as the run finished; "
+                                f"it is complete and saved in {self.run_dir}")
         except DataError as e:
             # e.g. a corrupt image met mid-run: the progress so far is kept and can be continued
             err = e
