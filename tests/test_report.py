@@ -235,6 +235,19 @@ def test_no_files_without_plots_or_out_dir(runs, tmp_path, monkeypatch):
     assert not (tmp_path / "report").exists()
 
 
+def test_heatmap_title_says_how_many_runs_each_column_averages(runs, tmp_path):
+    from pgpcl.report.plots import matrix_title
+    from pgpcl.report.runs import group_runs, load_runs
+
+    partial = [[90.0, None, None], [None, None, None], [None, None, None]]
+    running = write_run(tmp_path / "runs", False, 5, partial, status="running")
+    groups, _ = group_runs(load_runs([*runs, running], include_incomplete=True)[0])
+    base = next(g for g in groups if not g.first.pgp)
+    assert matrix_title(base) == f"{base.label} (mean of 3 runs; runs per column: 3 2 2)"
+    pgp = next(g for g in groups if g.first.pgp)
+    assert matrix_title(pgp) == f"{pgp.label} (mean of 2 run(s))"
+
+
 def test_incomplete_runs_are_skipped(runs, tmp_path):
     partial = [[90.0, None, None], [None, None, None], [None, None, None]]
     running = write_run(tmp_path / "runs", False, 5, partial, status="running")

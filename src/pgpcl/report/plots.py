@@ -78,9 +78,22 @@ def plot_matrices(group: RunGroup, path: Path) -> bool:
     domains = list(next(iter(names))) if len(names) == 1 and len(next(iter(names))) == T else None
     for ax, (setting, m) in zip(axes, mats.items()):
         _heatmap(fig, ax, m, setting.upper(), domains)
-    fig.suptitle(f"{group.label} (mean of {len(group.runs)} run(s))", fontsize=10)
+    fig.suptitle(matrix_title(group), fontsize=10)
     _save(fig, path)
     return True
+
+
+def matrix_title(group: RunGroup) -> str:
+    """The heatmaps' title: how many runs each column averages, where that differs (include_incomplete
+    lets runs that stopped after different tasks into one group)."""
+    from pgpcl.engine.metrics import tasks_done
+
+    n = len(group.runs)
+    done = sorted({tasks_done(r.results.acc["cil"]) for r in group.runs})
+    if len(done) == 1:
+        return f"{group.label} (mean of {n} run(s))"
+    counts = [sum(tasks_done(r.results.acc["cil"]) > t for r in group.runs) for t in range(done[-1])]
+    return f"{group.label} (mean of {n} runs; runs per column: {' '.join(map(str, counts))})"
 
 
 def _heatmap(fig: Any, ax: Any, m: np.ndarray, title: str, domains: list[str] | None = None) -> None:
