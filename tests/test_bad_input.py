@@ -197,7 +197,9 @@ def test_a_results_json_of_another_run_is_refused(area, tmp_path, capsys):
     write_results(run / "results.json", other)
     phrases = (f"results file {run / 'results.json'} is not this run's: its config differs from "
                f"{run / 'config.yaml'} in train.lr (config.yaml has", "as if copied from another run; rerun or restore it")
-    fails(capsys, ["train", "--resume", str(run)], *phrases)
+    assert main(["train", "--resume", str(run)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and all(p in err for p in phrases)  # not "already complete; nothing to resume" first
     fails(capsys, ["train", "tiny_l2p", *SMALL, "--run-dir", str(run), "--continue"], *phrases)
     fails(capsys, ["report", str(run)], *phrases)
     assert main(["report", str(tmp_path)]) == 2  # searched: skipped, and then nothing is left to report
@@ -429,8 +431,9 @@ def test_unreadable_checkpoint(area, tmp_path, capsys):
     fails(capsys, ["train", "--resume", str(run)], "last.pt cannot be read", "delete it to fall back")
     assert snapshot(run) == before
     whole = (run / "checkpoints" / "task000.pt").read_bytes()
-    for size in (0, len(whole) // 2, len(whole) - 30):  # torch says EOFError or "[Errno 22] Invalid argument"
-        (run / "checkpoints" / "last.pt").write_bytes(whole[:size])
+    for data in (b"", whole[: len(whole) // 2], whole[:-30], b"hello\n"):  # torch: EOFError, [Errno 22], "101"
+        size = len(data)
+        (run / "checkpoints" / "last.pt").write_bytes(data)
         fails(capsys, ["train", "--resume", str(run)], f"last.pt cannot be read (truncated or not a checkpoint: {size} "
               "bytes with no complete zip archive); delete it to fall back to the previous checkpoint")
     fails(capsys, ["eval", str(tmp_path / "nothing")], "does not exist")
@@ -739,3 +742,12 @@ def test_tensorboard_missing_writes_nothing(tmp_path, capsys, monkeypatch):
     fails(capsys, ["train", "tiny_l2p", *SMALL, "train.tensorboard=true", "--run-dir", str(run)],
           "train.tensorboard=true needs tensorboard: pip install tensorboard")
     assert not run.exists()  # so the next try, with tensorboard installed, needs no --overwrite
+
+
+def test_control_bytes_quoted_from_a_binary_file_are_escaped_in_the_line():
+    """A message that quotes a line of a binary file (a wnids.txt that is not text) must not write NULs or
+    escape sequences to the terminal."""
+    from pgpcl.errors import one_line
+
+    assert one_line(ValueError("bad line 'n0\x00\x1b[2J'; fix it")) == "bad line 'n0\\x00\\x1b[2J'; fix it"
+    assert one_line(ValueError("worker traceback\nDataError: cannot read \x07x")) == "cannot read \\x07x"

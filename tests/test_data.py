@@ -172,6 +172,15 @@ def test_cifar100_malformed_fields_are_one_line(tmp_path, name, changes, phrase)
     assert phrase in _one_line(err) and str(folder / name) in str(err.value)
 
 
+def test_negative_labels_in_cifar_files_blame_the_files_not_a_reader(tmp_path):
+    folder = _write_cifar_dir(tmp_path)
+    _resave(folder, "train", 2, fine_labels=[-1] * 12)
+    with pytest.raises(DataError) as err:
+        read_dataset("cifar100", str(tmp_path))
+    assert _one_line(err) == ("dataset 'cifar100': its files hold bad values (targets must be >= 0, got -1); they "
+                              "are damaged or not this dataset: re-extract or download it again")
+
+
 def test_cifar100_refuses_codecs_other_than_latin1(tmp_path):
     folder = _write_cifar_dir(tmp_path)
     # protocol-2 bytes rebuilt through _codecs.encode with a codec other than latin-1
@@ -260,6 +269,17 @@ def test_mnist5k_empty_file_is_one_line_without_warnings(tmp_path):
         with pytest.raises(DataError) as err:
             read_dataset("mnist5k", str(tmp_path))
     assert "is not 785 columns" in _one_line(err)
+
+
+def test_mnist5k_with_too_few_rows_says_the_file_is_truncated(tmp_path):
+    rows = np.zeros((20, 785), dtype=np.int64)
+    rows[:, 784] = np.arange(20) % 10  # two images per digit: the split takes 400 per digit for training
+    with gzip.open(tmp_path / "mnist_5k.csv.gz", "wt") as f:
+        np.savetxt(f, rows, fmt="%d", delimiter=",")
+    with pytest.raises(DataError) as err:
+        read_dataset("mnist5k", str(tmp_path))
+    assert "holds 2 images of digit 0, but the split takes 400 per class for training" in _one_line(err)
+    assert "the file is truncated or not mnist_5k.csv.gz" in str(err.value)
 
 
 def test_mnist5k_missing(tmp_path):
@@ -397,6 +417,15 @@ def test_cub200(tmp_path, data_write_image):
     assert ds.test.paths[0].endswith("Black_footed_Albatross_0005.jpg")
 
 
+def test_a_listing_file_that_is_a_folder_is_not_called_missing(tmp_path, data_write_image):
+    folder = _cub200(tmp_path, data_write_image)
+    (folder / "classes.txt").unlink()
+    (folder / "classes.txt").mkdir()
+    with pytest.raises(DataError) as err:
+        read_dataset("cub200", str(tmp_path))
+    assert f"{folder / 'classes.txt'} is not a file; re-extract the dataset archive" in _one_line(err)
+
+
 @pytest.mark.parametrize(
     ("file", "line", "phrase"),
     [
@@ -473,6 +502,64 @@ def test_broken_link_is_an_error_not_a_skipped_image(tmp_path, data_write_image)
     with pytest.raises(DataError) as err:
         read_dataset("image_folder", str(tmp_path))
     assert f"{link} is a broken link" in _one_line(err)
+
+
+def _two_classes(root: Path, write) -> Path:
+    for role in ("train", "test"):
+        for cls in ("cat", "dog"):
+            write(root / role / cls / "a.png")
+    return root
+
+
+def test_a_broken_link_to_a_class_folder_is_an_error_not_a_dropped_class(tmp_path, data_write_image):
+    root = _two_classes(tmp_path / "imgs", data_write_image)
+    for role in ("train", "test"):
+        (root / role / "owl").symlink_to(tmp_path / "unmounted" / role)
+    with pytest.raises(DataError) as err:
+        read_dataset("image_folder", str(root))
+    assert f"{root / 'train' / 'owl'} is a link to a folder that is not there" in _one_line(err)
+
+
+def test_macos_metadata_files_beside_images_are_not_images(tmp_path, data_write_image):
+    root = _two_classes(tmp_path / "imgs", data_write_image)
+    (root / "train" / "cat" / "._a.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    ds = read_dataset("image_folder", str(root))
+    assert [Path(p).name for p in ds.train.paths] == ["a.png", "a.png"]
+
+
+def test_file_names_that_are_not_utf8(tmp_path, data_write_image):
+    """An image's name in any bytes is read (and digested for resume); a class folder's name becomes text in
+    results.json, so one that is not UTF-8 is refused with the fix."""
+    from pgpcl.data.scenario import _sample_bytes
+
+    root = _two_classes(tmp_path / "imgs", data_write_image)
+    odd = os.fsdecode(b"\xff.png")
+    data_write_image(root / "train" / "cat" / odd)
+    ds = read_dataset("image_folder", str(root))
+    assert _sample_bytes(ds.train, 1) == b"\xff.png"
+    (root / "test" / os.fsdecode(b"caf\xe9")).mkdir()
+    with pytest.raises(DataError) as err:
+        read_dataset("image_folder", str(root))
+    assert "folder name 'caf\\xe9' in " in _one_line(err) and "is not UTF-8 text; rename it" in str(err.value)
+
+
+def test_image_folder_root_that_is_a_file(tmp_path):
+    (tmp_path / "f").write_text("")
+    with pytest.raises(DataError) as err:
+        read_dataset("image_folder", str(tmp_path / "f"))
+    assert f"image_folder: {tmp_path / 'f'} is a file, not a folder; set data.root" in _one_line(err)
+
+
+def test_16_bit_and_float_images_are_scaled_not_clipped(tmp_path):
+    from PIL import Image
+
+    ramp = (np.arange(256, dtype=np.uint32) * 257).astype(np.uint16).reshape(16, 16)  # 0..65535
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    assert load_image(str(tmp_path / "ramp16.png"))[0].flatten().tolist() == list(range(256))
+    Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32)).save(tmp_path / "half.tiff")
+    assert load_image(str(tmp_path / "half.tiff")).unique().tolist() == [128]
+    Image.fromarray(np.full((4, 4), 100, dtype=np.int32)).save(tmp_path / "eight.tiff")  # mode I, 8-bit values
+    assert load_image(str(tmp_path / "eight.tiff")).unique().tolist() == [100]
 
 
 def test_image_folder_needs_root():

@@ -63,6 +63,7 @@ def test_resuming_with_another_config_is_refused_and_resume_config_works(tmp_pat
     assert (run / "results.json").read_bytes() == before
     results = train(resume_config(run, ["train.num_threads=1"]), run, resume=True)  # finished: nothing to do
     assert results.status == "complete" and json.loads(before)["status"] == "complete"
+    assert (run / "results.json").read_bytes() == before  # not rewritten, no "resumes" entry added
 
 
 def test_reevaluate_run_gives_the_recorded_numbers(tmp_path):

@@ -128,6 +128,10 @@ def test_svhn_bad_files_are_one_line(tmp_path, monkeypatch):
     with pytest.raises(DataError) as err:
         read_dataset("svhn", str(tmp_path))
     assert "lacks the variables X and y" in _one_line(err)
+    scipy_io.savemat(folder / "test_32x32.mat", {"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.array(["a", "b"])})
+    with pytest.raises(DataError) as err:
+        read_dataset("svhn", str(tmp_path))
+    assert "test_32x32.mat: y holds <U1 values, expected the whole numbers 1..10" in _one_line(err)
     monkeypatch.setitem(sys.modules, "scipy.io", None)  # as if scipy were not installed
     with pytest.raises(DataError) as err:
         read_dataset("svhn", str(tmp_path))
@@ -154,6 +158,16 @@ def test_kmnist_idx_and_npz_give_the_same_dataset(tmp_path, data_write_idx):
     with pytest.raises(DataError) as err:
         read_dataset("kmnist", str(npz))
     assert "kmnist-test-labels.npz is not a KMNIST .npz file" in _one_line(err)
+    whole = (npz / "kmnist-train-imgs.npz").read_bytes()
+    (npz / "kmnist-train-imgs.npz").write_bytes(whole[: len(whole) // 2])  # an interrupted download
+    with pytest.raises(DataError) as err:
+        read_dataset("kmnist", str(npz))
+    assert "kmnist-train-imgs.npz is not a KMNIST .npz file" in _one_line(err) and "fetch it again" in str(err.value)
+    np.savez_compressed(npz / "kmnist-train-imgs.npz", a.train.images)
+    np.savez_compressed(npz / "kmnist-test-labels.npz", np.array([-1, 3], dtype=np.int8))
+    with pytest.raises(DataError) as err:
+        read_dataset("kmnist", str(npz))
+    assert "kmnist-test-labels.npz: labels span -1..3, expected 0..9" in _one_line(err)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -269,6 +283,21 @@ def test_domainnet_bad_files_are_one_line(tmp_path, data_write_image, edit, phra
     with pytest.raises(DataError) as err:
         read_dataset("domainnet", str(root))
     assert phrase in _one_line(err)
+
+
+def test_domainnet_repeated_lines_are_used_once_and_a_train_test_overlap_is_refused(tmp_path, data_write_image):
+    root = _write_domainnet(tmp_path, data_write_image)
+    train = root / "sketch_train.txt"
+    first = train.read_text().splitlines()[0]
+    train.write_text(train.read_text() + first + "\n")
+    ds = read_dataset("domainnet", str(root))
+    assert len(ds.train) == 12 and ds.notes == [f"DomainNet: sketch_train.txt lists 1 image(s) twice (e.g. "
+                                                  f"{first.rsplit(' ', 1)[0]}); each is used once"]
+    test = root / "sketch_test.txt"
+    test.write_text(test.read_text() + first + "\n")  # a training image measured as a test image
+    with pytest.raises(DataError) as err:
+        read_dataset("domainnet", str(root))
+    assert "1 image(s) are listed in both sketch_train.txt and sketch_test.txt" in _one_line(err)
 
 
 def test_a_domainnet_dil_run_trains_one_task_per_domain(tmp_path, data_write_image, capsys):

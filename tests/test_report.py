@@ -490,7 +490,8 @@ def pgp_run_with_logs(root):
     r = read_results(run / "results.json")
     r.add_timing(0, 1.0, 0.5, 0.1, 10, 100, setup_s=0.2, checkpoint_s=0.1)
     r.add_projection(1, "prompt", 4, 32, 0.2)
-    r.extra["basis"] = [{"task": 0, "group": "prompt", "rank_before": 0, "rank_after": 4, "dim": 32}]
+    r.extra["basis"] = [{"task": 0, "group": "prompt", "rank_before": 0, "rank_after": 4, "dim": 32,
+                         "energy_captured": 0.6, "rows": 64}]
     write_results(run / "results.json", r)
     return run
 
@@ -503,6 +504,10 @@ MALFORMED = {
     "rank text": (lambda d: d["projection"][0].update(rank="x"), 'projection[0].rank is "x", expected an integer'),
     "timing text": (lambda d: d["timings"][0].update(eval_s="x"), 'timings[0].eval_s is "x", expected a number'),
     "basis entry": (lambda d: d["basis"][0].pop("dim"), "basis[0] lacks 'dim'"),
+    "basis without rank_before": (lambda d: d["basis"][0].pop("rank_before"), "basis[0] lacks 'rank_before'"),
+    "basis energy text": (lambda d: d["basis"][0].update(energy_captured="x"),
+                          'basis[0].energy_captured is "x", expected a number'),
+    "basis rows text": (lambda d: d["basis"][0].update(rows="x"), 'basis[0].rows is "x", expected an integer'),
     "unknown setting": (lambda d: d.update(setting="xyz"), 'setting "xyz" is not one of cil, til, online, dil'),
     "metrics text": (lambda d: d["metrics"].update(cil="x"), 'metrics.cil is "x", expected an object'),
     "metric text": (lambda d: d["metrics"]["til"].update(bwt="x"), 'metrics.til.bwt is "x", expected a number or null'),

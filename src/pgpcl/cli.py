@@ -104,8 +104,9 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     cfg = resume_config(run_dir, overrides)
     if run_status(run_dir) == "complete":
         if _is_main_process():
+            results = read_results(run_dir / RESULTS_FILENAME)  # first: a foreign or damaged file is refused
             print(f"{run_dir} is already complete; nothing to resume")
-            _print_summary(read_results(run_dir / RESULTS_FILENAME), run_dir)
+            _print_summary(results, run_dir)
         return 0
     results = train(cfg, run_dir, resume=True)
     if _is_main_process():

@@ -234,11 +234,15 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_difference(a: dict, b: dict, ignore=RESULT_NEUTRAL_KEYS) -> tuple[str, Any, Any] | None:
-    """First (key, a's value, b's value) where two ``Config.to_dict()`` differ, outside ``ignore``."""
+def config_difference(
+    a: dict, b: dict, ignore=RESULT_NEUTRAL_KEYS, shared_only: bool = False
+) -> tuple[str, Any, Any] | None:
+    """First (key, a's value, b's value) where two ``Config.to_dict()`` differ, outside ``ignore``; with
+    ``shared_only``, among the keys both have."""
     fa, fb = (_flatten(json.loads(json.dumps(x))) for x in (a, b))
+    keys = set(fa) & set(fb) if shared_only else set(fa) | set(fb)
     # another method differs in most of its keys: name the method, not the first key alphabetically
-    for key in sorted(set(fa) | set(fb), key=lambda k: (k != "method.name", k)):
+    for key in sorted(keys, key=lambda k: (k != "method.name", k)):
         if key not in ignore and fa.get(key) != fb.get(key):
             return key, fa.get(key), fb.get(key)
     return None

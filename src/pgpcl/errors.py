@@ -46,11 +46,14 @@ def one_line(e: BaseException) -> str:
     message, after the exception's class name, which is dropped.
     """
     text = str(e).strip()
-    if "\n" not in text:
-        return text
-    last = text.splitlines()[-1].strip()
-    head, sep, rest = last.partition(": ")
-    return rest if sep and head.split(".")[-1].endswith("Error") else last
+    if "\n" in text:
+        last = text.splitlines()[-1].strip()
+        head, sep, rest = last.partition(": ")
+        text = rest if sep and head.split(".")[-1].endswith("Error") else last
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)  # bytes of a binary file quoted in it
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
 class OutOfMemory(PgpclError):

@@ -39,6 +39,8 @@ def _labels(values: Any, what: str) -> np.ndarray:
         raise MalformedSplit(f"{what} must be whole numbers, got {bad}; give integer labels")
     if arr.dtype.kind not in "iuf":
         raise MalformedSplit(f"{what} must be integers, got {arr.dtype} values; give integer labels")
+    if arr.size and arr.dtype.kind == "u" and arr.max() > np.iinfo(np.int64).max:  # would wrap negative
+        raise MalformedSplit(f"{what} must be class numbers 0..N-1, got {arr.max()}; number them from 0")
     arr = arr.astype(np.int64)
     if arr.size and arr.min() < 0:
         raise MalformedSplit(f"{what} must be >= 0, got {int(arr.min())}; number them from 0")
@@ -126,7 +128,8 @@ class DatasetSplits:
         self.class_names = [str(c) for c in names]  # numpy's str_ too: plain text for results.json
         for role, split in (("train", self.train), ("test", self.test)):
             if len(split) == 0:
-                raise DataError(f"{self.name}: the {role} split is empty; check the dataset files")
+                raise DataError(f"{self.name}: the {role} split is empty; the dataset files are incomplete: "
+                                "re-extract or download them again")
             lo, hi = int(split.targets.min()), int(split.targets.max())
             if lo < 0 or hi >= self.num_classes:
                 raise DataError(
@@ -200,7 +203,8 @@ def list_images(folder: Path) -> list[Path]:
 
     A link to an image that is gone is an error, not a file to skip: skipping it would change the dataset.
     """
-    files = sorted(p for p in folder.iterdir() if is_image(p.name) and not p.is_dir())
+    # hidden files are no images of the dataset: macOS leaves '._name.png' metadata beside each image
+    files = sorted(p for p in folder.iterdir() if is_image(p.name) and not p.name.startswith(".") and not p.is_dir())
     broken = [p for p in files if not p.is_file()]
     if broken:
         raise DataError(f"{broken[0]} is a broken link or not a regular file; restore it or remove it")
@@ -208,13 +212,37 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def subdirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    """The visible sub-folders of ``folder`` (class or domain folders), sorted. A link to a folder that is
+    gone (an unmounted disk) is an error: skipping it would drop a class without a word."""
+    found = []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if p.is_symlink() and not p.exists():
+            raise DataError(f"{p} is a link to a folder that is not there (or a loop of links); mount or restore "
+                            "it, or remove the link")
+        if p.is_dir():
+            check_utf8_name(p)
+            found.append(p)
+    return found
+
+
+def check_utf8_name(path: Path) -> None:
+    """Folder names become class and domain names in results.json, which holds text: refuse bytes that
+    are not UTF-8 (Python keeps them as lone surrogates, which other JSON readers reject)."""
+    try:
+        path.name.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = path.name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise DataError(f"folder name '{shown}' in {path.parent} is not UTF-8 text; rename it (e.g. with convmv "
+                        "-f latin1 -t utf8)") from None
 
 
 def read_lines(path: Path, what: str) -> list[str]:
     """Non-empty stripped lines of a text file; DataError naming the file if it is missing."""
     if not path.is_file():
-        raise DataError(f"{what}: {path} is missing; re-extract the dataset archive")
+        state = "is not a file" if path.exists() else "is missing"
+        raise DataError(f"{what}: {path} {state}; re-extract the dataset archive")
     with open(path, encoding="utf-8", errors="replace") as f:
         return [ln.strip() for ln in f if ln.strip()]
 
@@ -232,7 +260,7 @@ def read_dataset(name: str, root: str | None, download: bool = False) -> Dataset
     try:
         data = reader(root, download)
     except MalformedSplit as e:
-        raise MalformedSplit(f"dataset '{name}' broke the reader contract: {e}") from None
+        raise _broken(name, reader, e) from None
     except FileNotFoundError as e:
         raise DataError(f"dataset '{name}': {describe(e)}; check data.root") from None
     if not isinstance(data, DatasetSplits):
@@ -241,4 +269,13 @@ def read_dataset(name: str, root: str | None, download: bool = False) -> Dataset
     try:
         return data.check()
     except MalformedSplit as e:
-        raise MalformedSplit(f"dataset '{name}' broke the reader contract: {e}") from None
+        raise _broken(name, reader, e) from None
+
+
+def _broken(name: str, reader: Callable, e: MalformedSplit) -> MalformedSplit:
+    """A reader of one's own broke the contract; a reader pgpcl ships read files that hold such values."""
+    if getattr(reader, "__module__", "").startswith("pgpcl."):
+        problem = str(e).split("; ", 1)[0]
+        return MalformedSplit(f"dataset '{name}': its files hold bad values ({problem}); they are damaged or not "
+                              "this dataset: re-extract or download it again")
+    return MalformedSplit(f"dataset '{name}' broke the reader contract: {e}")

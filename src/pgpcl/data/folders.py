@@ -80,7 +80,7 @@ def load_split_spec(path: str | Path | None = None) -> dict:
 
 def hash_percent(salt: str, rel_path: str) -> int:
     """Stable bucket 0..99 of one file: depends on nothing but its relative path."""
-    digest = hashlib.sha256((salt + rel_path).encode("utf-8")).digest()
+    digest = hashlib.sha256((salt + rel_path).encode("utf-8", "surrogateescape")).digest()  # any file name
     return int.from_bytes(digest[:8], "big") % 100
 
 
@@ -309,6 +309,19 @@ def _domainnet_list(path: Path, domain: str, class_of: dict[int, str]) -> tuple[
     return rels, labels
 
 
+def _unique_lines(rels: list[str], labels: list[int]) -> tuple[list[str], list[int], list[str]]:
+    """``rels`` and ``labels`` with each path once (its first line), and the paths that were repeated."""
+    first: dict[str, int] = {}
+    repeats = []
+    for i, rel in enumerate(rels):
+        if rel in first:
+            repeats.append(rel)
+        else:
+            first[rel] = i
+    kept = list(first.values())
+    return [rels[i] for i in kept], [labels[i] for i in kept], repeats
+
+
 def _not_on_disk(paths: list[str]) -> list[str]:
     """The ``paths`` that are not files, found with one listing per folder instead of one stat per file
     (DomainNet lists ~600k images in ~2k folders; on a network file system the stats would take minutes)."""
@@ -344,12 +357,22 @@ def read_domainnet(root: str | None, download: bool) -> DatasetSplits:
     folder, domains = located
     class_of: dict[int, str] = {}
     parts: dict[str, tuple[list[str], list[int], list[int]]] = {"train": ([], [], []), "test": ([], [], [])}
+    notes = []
     for k, domain in enumerate(domains):
+        listed = {}
         for role, (paths, labels, doms) in parts.items():
-            rels, ys = _domainnet_list(folder / f"{domain}_{role}.txt", domain, class_of)
+            rels, ys, repeats = _unique_lines(*_domainnet_list(folder / f"{domain}_{role}.txt", domain, class_of))
+            if repeats:
+                notes.append(f"DomainNet: {domain}_{role}.txt lists {len(repeats)} image(s) twice (e.g. {repeats[0]}); "
+                             "each is used once")
+            listed[role] = set(rels)
             paths += [str(folder / r) for r in rels]
             labels += ys
             doms += [k] * len(rels)
+        both = sorted(listed["train"] & listed["test"])
+        if both:  # a test image trained on: its accuracy would be measured on seen data
+            raise DataError(f"DomainNet: {len(both)} image(s) are listed in both {domain}_train.txt and "
+                            f"{domain}_test.txt (e.g. {both[0]}); use the split files of one DomainNet release")
     if sorted(class_of) != list(range(len(class_of))):
         gap = min(set(range(max(class_of) + 1)) - set(class_of))
         raise DataError(f"DomainNet: no split file lists label {gap}; use complete split files")
@@ -363,7 +386,7 @@ def read_domainnet(root: str | None, download: bool) -> DatasetSplits:
         for role, (p, y, d) in parts.items()
     }
     names = [class_of[i] for i in range(len(class_of))]
-    return DatasetSplits("domainnet", splits["train"], splits["test"], names, list(domains))
+    return DatasetSplits("domainnet", splits["train"], splits["test"], names, list(domains), notes=notes)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -411,6 +434,18 @@ def _same_classes(layout: list[tuple[str | None, Path]]) -> None:
             )
 
 
+def _is_link_loop(path: Path) -> bool:
+    import errno
+
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:  # Python < 3.13 reports a loop so
+        return True
+    except OSError as e:
+        return e.errno == errno.ELOOP
+    return False
+
+
 @DATASETS.register("image_folder")
 def read_image_folder(root: str | None, download: bool) -> DatasetSplits:
     """``root/{train,test}/<class>/*`` or, for DIL, ``root/<domain>/{train,test}/<class>/*``.
@@ -423,7 +458,9 @@ def read_image_folder(root: str | None, download: bool) -> DatasetSplits:
         )
     base = Path(root).expanduser()
     if not base.is_dir():
-        raise DataError(f"image_folder: {base} does not exist; set data.root to your image folder")
+        what = ("is a file, not a folder" if base.is_file() else "is a loop of symbolic links" if base.is_symlink()
+                and not base.exists() and _is_link_loop(base) else "does not exist")
+        raise DataError(f"image_folder: {base} {what}; set data.root to your image folder")
     layout = _folder_layout(base)
     if layout[0][0] is not None:
         _same_classes(layout)
@@ -460,9 +497,11 @@ def _glyph(raw: bytes, name: str) -> np.ndarray | None:
     """uint8 (H, W) of one PNG, or None if it does not decode (the archive holds a few broken ones)."""
     from PIL import Image, UnidentifiedImageError
 
+    from pgpcl.data.taskset import eight_bit
+
     try:
         with Image.open(io.BytesIO(raw)) as im:
-            return np.asarray(im.convert("L"), dtype=np.uint8)
+            return np.asarray(eight_bit(im).convert("L"), dtype=np.uint8)
     except Image.DecompressionBombError as e:
         raise DataError(f"notMNIST: {name} is too large to decode safely ({e}); it is not a glyph") from None
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError):

@@ -82,11 +82,12 @@ def read_idx_splits(folder: Path, num_classes: int = 10) -> tuple[DatasetSplit, 
         labels = read_idx(_find(folder, lbl_stem), 1).astype(np.int64)
         if len(images) != len(labels):
             raise DataError(
-                f"{folder}: {img_stem} has {len(images)} images but {lbl_stem} {len(labels)} labels"
+                f"{folder}: {img_stem} has {len(images)} images but {lbl_stem} {len(labels)} labels; the files are of "
+                "different releases or one is truncated: fetch both again"
             )
         if labels.size and labels.max() >= num_classes:
             raise DataError(
-                f"{folder}/{lbl_stem}: label {labels.max()} >= {num_classes}; the file is not this dataset"
+                f"{folder}/{lbl_stem}: label {labels.max()} >= {num_classes}; the file is not this dataset: fetch it again"
             )
         out.append(DatasetSplit(images=images.copy(), paths=None, targets=labels))
     return out[0], out[1]
@@ -161,7 +162,7 @@ def _npz_array(path: Path) -> np.ndarray:
     try:
         with np.load(path, allow_pickle=False) as z:
             return np.asarray(z["arr_0"])
-    except (OSError, ValueError, KeyError, EOFError, zlib.error) as e:
+    except (OSError, ValueError, KeyError, EOFError, zlib.error, zipfile.BadZipFile) as e:  # truncated, bad CRC
         raise DataError(f"{path} is not a KMNIST .npz file ({describe(e)}); delete it and fetch it again") from None
 
 
@@ -175,8 +176,9 @@ def _kmnist_npz(folder: Path) -> DatasetSplits:
         if labels.ndim != 1 or len(labels) != len(images) or labels.dtype.kind not in "iu":
             raise DataError(f"{folder / lbl_name}: {labels.shape} {labels.dtype} labels for {len(images)} images, "
                             "expected one integer each; fetch it again")
-        if labels.size and labels.max() >= len(KMNIST_CLASSES):
-            raise DataError(f"{folder / lbl_name}: label {labels.max()} >= 10; the file is not KMNIST")
+        if labels.size and not 0 <= labels.min() <= labels.max() < len(KMNIST_CLASSES):
+            raise DataError(f"{folder / lbl_name}: labels span {labels.min()}..{labels.max()}, expected 0..9; the file "
+                            "is not KMNIST: fetch it again")
         splits.append(DatasetSplit(images=images, paths=None, targets=labels.astype(np.int64)))
     return DatasetSplits("kmnist", splits[0], splits[1], list(KMNIST_CLASSES))
 

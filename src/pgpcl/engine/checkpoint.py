@@ -84,7 +84,7 @@ def load_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"checkpoint {path} does not exist; check the run folder") from None
     except Exception as e:  # corrupt zip, truncated file, pickled code
         msg = torch_load_reason(e)
-        if isinstance(e, (OSError, EOFError)) and not zipfile.is_zipfile(path):  # torch says "[Errno 22]" or EOFError
+        if not zipfile.is_zipfile(path) and not msg.startswith("refused"):  # torch: "[Errno 22]", "EOFError", "101"
             msg = f"truncated or not a checkpoint: {path.stat().st_size} bytes with no complete zip archive"
         raise CheckpointError(f"checkpoint {path} cannot be read ({msg}); {delete_fix(path)}") from None
     check_version(path, state)

@@ -358,7 +358,8 @@ _ENTRIES: dict[str, dict[str, Check]] = {
     "projection": {"task": _INT, "group": _STRING, "rank": _INT, "dim": _INT, "leak": _NUMBER_OR_NULL},
     "timings": {"task": _INT, "train_s": _NUMBER, "eval_s": _NUMBER, "basis_s": _NUMBER, "setup_s": _NUMBER,
                 "checkpoint_s": _NUMBER, "steps": _INT, "train_images_per_s": _NUMBER_OR_NULL},
-    "basis": {"task": _INT, "group": _STRING, "rank_after": _INT, "dim": _INT},
+    "basis": {"task": _INT, "group": _STRING, "rank_before": _INT, "rank_after": _INT, "dim": _INT,
+              "energy_captured": _NUMBER, "rows": _INT},
 }
 _MAY_LACK = frozenset({"setup_s", "checkpoint_s"})  # timing fields added later: older files lack them
 _METRICS: dict[str, Check] = {"final_acc": _NUMBER_OR_NULL, "avg_inc_acc": _NUMBER_OR_NULL,
@@ -485,7 +486,7 @@ def _foreign_config(path: Path, config: dict[str, Any]) -> str | None:
     load it: each has its own message for that."""
     import yaml
 
-    from pgpcl.config import config_difference, with_defaults
+    from pgpcl.config import config_difference, with_legacy_values
 
     beside = path.parent / "config.yaml"
     if path.name != RESULTS_FILENAME or not beside.is_file():
@@ -496,7 +497,9 @@ def _foreign_config(path: Path, config: dict[str, Any]) -> str | None:
         return None
     if not isinstance(own, dict):
         return None
-    diff = config_difference(with_defaults(own), with_defaults(config))  # a key one of them lacks reads as its default
+    # A key only one of them has is no evidence (written by different pgpcl versions): the shared keys are
+    # compared. with_defaults would fill the gaps, but it imports every method, and torch, into pgpcl report.
+    diff = config_difference(with_legacy_values(own), with_legacy_values(config), shared_only=True)
     if diff is None:
         return None
     key, run_value, file_value = diff

@@ -50,6 +50,7 @@ from pgpcl.engine.rundir import (
     discard_new_run_dir,
     lock_run_dir,
     prepare_run_dir,
+    run_status,
     unlock_run_dir,
 )
 from pgpcl.engine.seed import bf16_cpu_warning, seed_everything
@@ -266,6 +267,7 @@ class Trainer:
         self.is_main = self.dist.is_main
         self.hooks = _TestHooks(os.environ.get(TEST_HOOK_ENV, ""))
         self._signals = _StopOnSignal()
+        self._from_scratch_note = False
         self._pending: dict | None = None
         self._start_task = 0
         self._last_ckpt: tuple[Path, str] | None = None
@@ -320,6 +322,8 @@ class Trainer:
                         atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
                     self.run_dir.mkdir(parents=True, exist_ok=True)
                     lock_run_dir(self.run_dir)  # a resumed run too: one process per run folder
+                    if self._from_scratch_note:
+                        _print_note(f"pgpcl: note: {self.run_dir} holds no checkpoint yet: training from the start")
                     self._write()
                     self._run_written = True
                     self.tb = self._tensorboard()
@@ -408,8 +412,7 @@ class Trainer:
         self.dist.agree(error)
         found = self.dist.broadcast_object(found)
         if found is None:  # nothing saved yet: start from the beginning in the same folder
-            if self.is_main:
-                _print_note(f"pgpcl: note: {self.run_dir} holds no checkpoint yet: training from the start")
+            self._from_scratch_note = self.is_main  # said once the folder is locked: it may be another's
             return
         path, state = found
         ckpt.check_matches_run(path, state, config=self.cfg.to_dict(), scenario=self._scenario_record(),
@@ -1051,10 +1054,14 @@ def train(
     trains many short runs under its own progress bar, turns it off).
 
     Under torchrun this joins the process group (NCCL on GPUs, gloo on CPU) and leaves it at the end.
-    ``resume=True`` continues the run in ``run_dir`` from its newest checkpoint.
+    ``resume=True`` continues the run in ``run_dir`` from its newest checkpoint; a finished run is
+    returned as it is (nothing is trained or written), as ``pgpcl train --resume`` does.
     """
     cfg = checked_config(cfg)
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
+    if resume and run_status(run_dir) == "complete":
+        _check_resume_config(cfg, run_dir)
+        return read_results(run_dir / RESULTS_FILENAME)
     dist = init_distributed(cfg.train.device)
     try:
         return Trainer(cfg, run_dir, overwrite=overwrite, resume=resume, dist=dist, task_lines=task_lines).run()
