@@ -169,3 +169,24 @@ def test_a_kind_without_eps_is_a_config_error_not_a_key_error():
     with pytest.raises(ConfigError) as e:
         PGPHooks(method, PGPConfig(enabled=True), torch.device("cpu"))
     assert str(e.value) == "no eps for protected group kind 'prompt'; set pgp.eps.prompt=<value in (0, 1]>"
+
+
+def test_representations_of_the_wrong_width_are_refused_before_the_first_task_trains(guide, tmp_path, monkeypatch):
+    """A shape bug in a method's representations() used to surface at the first basis pass: after a whole
+    task for a method that builds its basis at the task's end."""
+    import shared_prompt_method  # noqa: F401  (registers the guide's method)
+    import torch
+
+    from pgpcl.engine.trainer import Trainer
+
+    cls = METHODS.get("shared_prompt")
+    real = cls.representations
+    monkeypatch.setattr(cls, "representations", lambda self, x, t: {k: v[..., :16] for k, v in real(self, x, t).items()})
+    steps = []
+    monkeypatch.setattr(Trainer, "train_step", lambda self, *a, **k: steps.append(1) or (torch.tensor(0.0), 0))
+    folder, _ = guide
+    cfg = load_config(str(folder / "tiny_shared_prompt_pgp.yaml"), ["train.progress=false"])
+    with pytest.raises(ValueError, match=r"SharedPrompt.representations\(\) gave group 'prompt' rows of shape "
+                                         r"\(4, \d+, 16\) for a batch of 4; give \(B, n, 32\) or \(B, 32\)"):
+        Trainer(cfg, tmp_path / "run").run()
+    assert steps == []  # no training step was taken

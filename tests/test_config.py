@@ -140,6 +140,15 @@ def test_dualprompt_ranges_give_the_value():
         load_config("tiny_dualprompt", ["method.pull_lambda=-1"])
 
 
+def test_a_bare_name_of_a_local_yaml_file_says_to_give_its_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny_mine_pgp.yaml").write_text("_base_: tiny_l2p\n")
+    with pytest.raises(ConfigError, match=r"unknown preset 'tiny_mine_pgp'; to use the file tiny_mine_pgp.yaml, "
+                                          r"give its path: tiny_mine_pgp.yaml$"):
+        load_config("tiny_mine_pgp")
+    assert load_config("tiny_mine_pgp.yaml").method.name == "l2p"
+
+
 def test_unknown_preset_suggests_nearest():
     with pytest.raises(ConfigError, match="did you mean 'cifar100_10_l2p'"):
         load_config("cifar100_10_l2")

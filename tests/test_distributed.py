@@ -236,3 +236,16 @@ def test_rank_0_records_the_message_of_a_failure_met_by_rank_1_only(tmp_path):
     results = json.loads((run / "results.json").read_text())
     assert results["status"] == "failed"
     assert results["error"].startswith(f"rank 1 failed: cannot read image {bad}"), results["error"]
+
+
+def test_a_config_error_every_rank_meets_is_said_once_by_rank_0(tmp_path):
+    """Each rank reads the same command line, so each meets the same unknown key before the process group
+    starts; which rank printed first was a race (both lines, or rank 1's alone)."""
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pgpcl",
+           "train", "tiny_l2p", "train.lrr=0.1", "--run-dir", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("pgpcl: ")]
+    assert proc.returncode != 0 and lines == ["pgpcl: error: unknown config key 'train.lrr'; did you mean "
+                                              "'train.lr'?"], proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -783,3 +783,10 @@ def test_loading_a_pgp_state_checks_it_against_the_groups(edit, phrase):
     with pytest.raises(CheckpointError) as e:
         _pgp_with(nn.Parameter(torch.randn(5, 8))).load_state_dict(edit(state))
     assert phrase in str(e.value)
+
+
+def test_a_group_over_a_tensor_nothing_trains_says_to_give_the_parameter():
+    buffer = torch.zeros(3, 4)  # e.g. a registered buffer, or a parameter's .detach()
+    with pytest.raises(ValueError, match=r"group 'w': param does not require grad \(a buffer, a detached tensor "
+                                         r"or a frozen parameter\).*give the trainable nn.Parameter itself"):
+        ProtectedGroup("w", "prompt", buffer)

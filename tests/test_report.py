@@ -125,6 +125,9 @@ def test_stat_format():
     assert Stat.of([None]).format() == "-"
     assert Stat.of([1.0, 2.0, None]).n == 2
     assert Stat.of([1.0, 3.0]).format(pm="±") == f"2.00 ± {statistics.stdev([1.0, 3.0]):.2f}"
+    # a mean that rounds to zero has no sign: "-0.00" reads as a (tiny) loss
+    assert Stat.of([-0.01, 0.0033]).format(signed=True).startswith("+0.00 +- ")
+    assert Stat.of([-0.004]).format() == "0.00" and Stat.of([-0.006]).format(signed=True) == "-0.01"
 
 
 def test_plots_and_summary(runs, tmp_path):

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 from pgpcl import __version__
-from pgpcl.errors import PgpclError, allocation_failure, one_line
+from pgpcl.errors import ConfigError, PgpclError, allocation_failure, one_line
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -422,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     except PgpclError as e:
         if args.debug:
             raise
-        print(f"pgpcl: error: {_rank_prefix()}{one_line(e)}", file=sys.stderr)
+        if not _said_by_rank_0(e):
+            print(f"pgpcl: error: {_rank_prefix()}{one_line(e)}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader of stdout went away (pgpcl report | head -1): stop quietly
         if args.debug or args.command in ("train", "demo", "pretrain"):
@@ -489,6 +490,17 @@ def _exit_on_early_interrupt(signum: int, frame: object) -> None:
 
 
 _MAIN_PID = os.getpid()
+
+
+def _said_by_rank_0(e: PgpclError) -> bool:
+    """Under torchrun, a config error met before the process group starts is met by every rank alike (each
+    reads the same command line and presets): rank 0 says it, the others stop quietly. Other errors a rank
+    meets before the group starts (a run folder another node cannot see) are its own, and it says them."""
+    if _is_main_process() or os.environ.get("WORLD_SIZE", "1") == "1" or not isinstance(e, ConfigError):
+        return False
+    from pgpcl.engine.distributed import group_joined
+
+    return not group_joined()
 
 
 def _rank_prefix() -> str:

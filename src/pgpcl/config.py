@@ -606,8 +606,12 @@ def _resolve_preset(name_or_path: str) -> Path:
     if p.suffix in (".yaml", ".yml"):
         raise ConfigError(f"config file '{name_or_path}' not found; give an existing .yaml path or a preset name")
     names = list_presets() + [p.stem for p in preset_dir().glob("_*.yaml")]
+    local = next((f for f in (Path(f"{name_or_path}.yaml"), Path(f"{name_or_path}.yml")) if f.is_file()), None)
     close = difflib.get_close_matches(name_or_path, names, n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else "; run 'pgpcl configs' to list presets"
+    if local is not None:  # a file of one's own is given by its path: a bare name is a shipped preset
+        hint = f"; to use the file {local}, give its path: {local}"
+    else:
+        hint = f"; did you mean '{close[0]}'?" if close else "; run 'pgpcl configs' to list presets"
     raise ConfigError(f"unknown preset '{name_or_path}'{hint}")
 
 

@@ -150,6 +150,14 @@ def already_agreed(error: BaseException) -> bool:
     return bool(getattr(error, "_pgpcl_agreed", False))
 
 
+_group_joined = False  # set once this process has joined a process group (it stays set after it leaves)
+
+
+def group_joined() -> bool:
+    """Whether this process has joined a torchrun process group, now or earlier."""
+    return _group_joined
+
+
 def launched_world_size() -> int:
     try:
         return int(os.environ.get("WORLD_SIZE", "1"))
@@ -188,10 +196,12 @@ def init_distributed(device_name: str) -> DistContext:
         device, backend = torch.device("cpu"), "gloo"
     else:
         raise ConfigError(f"train.device={device_name} is not supported under torchrun; use cuda or cpu")
+    global _group_joined
     owns = False
     if not dist.is_initialized():
         dist.init_process_group(backend)
         owns = True
+    _group_joined = True
     return DistContext(rank, dist.get_world_size(), local_rank, dist.get_backend(), device, owns)
 
 

@@ -80,6 +80,25 @@ class PGPHooks:
         self.basis_log: list[dict] = []
         self.active = False
 
+    def check_representations(self, x: torch.Tensor, task: torch.Tensor) -> None:
+        """Run the method's ``representations`` on one batch and check every group's rows, before any
+        training: a wrong shape would otherwise surface only at the first basis pass, after a whole task."""
+        was_training = self.method.training
+        self.method.eval()
+        with torch.inference_mode():
+            reps = self.method.representations(x, task)
+        self.method.train(was_training)
+        where = f"{type(self.method).__name__}.representations()"
+        for name, rows in reps.items():
+            if name not in self.method_groups:
+                raise ValueError(f"{where} gave rows for '{name}', which is none of its protected groups "
+                                 f"({', '.join(self.method_groups)})")
+            dim = self.pgp.group(name).dim
+            if rows.dim() not in (2, 3) or rows.shape[-1] != dim or rows.shape[0] != x.shape[0]:
+                raise ValueError(f"{where} gave group '{name}' rows of shape {tuple(rows.shape)} for a batch of "
+                                 f"{x.shape[0]}; give (B, n, {dim}) or (B, {dim}), D being the feature axis of "
+                                 "the protected parameter")
+
     @property
     def protect_head(self) -> bool:
         return bool(self.head_groups)

@@ -520,6 +520,12 @@ class Trainer:
         self.dist.agree(error)
         return time.perf_counter() - start
 
+    def _check_representations(self, task: int) -> None:
+        ds = self.scenario.test_dataset(task)
+        if len(ds) > 0:
+            x, _, t = ds.__getitems__(list(range(min(4, len(ds)))))
+            self.pgp.check_representations(x.to(self.device), t.to(self.device))
+
     def run_task(self, task: int, setup_s: float = 0.0) -> None:
         """Train, (build the basis,) evaluate and checkpoint ``task``; ``setup_s`` is the process's
         set-up time charged to it (the first task this process runs)."""
@@ -535,6 +541,8 @@ class Trainer:
                 timing["basis_s"] += self._build_basis(task, part)
             if self.pgp is not None:
                 self.pgp.begin_task(task)
+                if task == self._start_task:  # a method of one's own with a shape bug: said now, not after a task
+                    self._check_representations(task)
         else:
             timing = pending["timing"]
         timing["setup_s"] = float(timing.get("setup_s", 0.0)) + setup_s

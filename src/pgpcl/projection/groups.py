@@ -68,7 +68,9 @@ class ProtectedGroup:
         if not isinstance(self.param, Tensor):
             raise TypeError(f"group '{self.name}': param must be a tensor, got {type(self.param).__name__}")
         if not self.param.requires_grad:
-            raise ValueError(f"group '{self.name}': param does not require grad; nothing to protect")
+            raise ValueError(f"group '{self.name}': param does not require grad (a buffer, a detached tensor or a "
+                             "frozen parameter), so nothing trains it and there is nothing to protect; give the "
+                             "trainable nn.Parameter itself")
         if not self.param.is_leaf:
             # a slice such as lin.weight[:2] never receives a .grad: gradient projection would do nothing
             raise ValueError(

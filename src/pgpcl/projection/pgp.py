@@ -109,6 +109,10 @@ class PGP:
             raise KeyError(f"no protected group named '{name}' (groups: {', '.join(self._by_name)})")
         return self._collectors[name]
 
+    def group(self, name: str) -> ProtectedGroup:
+        """The protected group called ``name``."""
+        return self._by_name[name]
+
     def collect(self, reps: Mapping[str, Tensor]) -> None:
         """Add one batch of representations: group name -> rows (B, n, D) or (B, D)."""
         for name, rows in reps.items():

@@ -56,7 +56,8 @@ class Stat:
     def format(self, pm: str = "+-", signed: bool = False, digits: int = 2) -> str:
         if self.mean is None:
             return "-"
-        mean = f"{self.mean:+.{digits}f}" if signed else f"{self.mean:.{digits}f}"
+        value = round(self.mean, digits) + 0.0  # + 0.0: a mean that rounds to zero prints 0.00, not -0.00
+        mean = f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
         return mean if self.std is None else f"{mean} {pm} {self.std:.{digits}f}"
 
     def to_dict(self) -> dict[str, Any]:
