@@ -162,6 +162,7 @@ def test_cifar100_resaved_by_python3_loads_the_same(tmp_path, protocol):
         ("train", {"fine_labels": [0] * 11}, "12 images but 11 fine_labels"),
         ("train", {"data": [[0] * 3072, [0] * 10]}, "data rows differ in length"),
         ("meta", {"fine_label_names": 7}, "fine_label_names is not a list of names"),
+        ("meta", {"fine_label_names": [b"same"] * 100}, "fine_label_names names 'same' twice"),
     ],
 )
 def test_cifar100_malformed_fields_are_one_line(tmp_path, name, changes, phrase):
@@ -415,6 +416,14 @@ def test_cub200(tmp_path, data_write_image):
     assert ds.class_names == ["Black footed Albatross", "Laysan Albatross"]
     assert ds.train.targets.tolist() == [0, 1, 0, 1] and ds.test.targets.tolist() == [0, 1]
     assert ds.test.paths[0].endswith("Black_footed_Albatross_0005.jpg")
+
+
+def test_cub200_class_ids_with_a_gap_are_refused_not_misnamed(tmp_path, data_write_image):
+    folder = _cub200(tmp_path, data_write_image)
+    (folder / "classes.txt").write_text("1 001.Black_footed_Albatross\n3 003.Sooty_Albatross\n")
+    with pytest.raises(DataError) as err:
+        read_dataset("cub200", str(tmp_path))
+    assert f"{folder / 'classes.txt'}: class ids are not 1..2 (no id 2); re-extract" in _one_line(err)
 
 
 def test_a_listing_file_that_is_a_folder_is_not_called_missing(tmp_path, data_write_image):

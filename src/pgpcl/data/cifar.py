@@ -212,7 +212,11 @@ def _class_names(folder: Path, fmt: CifarFormat) -> list[str]:
     raw = _field(load_pickle(meta_path), fmt.names_key, meta_path, fmt.name)
     if not isinstance(raw, list) or not all(isinstance(n, (bytes, str)) for n in raw):
         raise DataError(f"{meta_path}: {fmt.names_key.decode()} is not a list of names; re-extract it")
-    return [n.decode(errors="replace") if isinstance(n, bytes) else n for n in raw]
+    names = [n.decode(errors="replace") if isinstance(n, bytes) else n for n in raw]
+    twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if twice is not None:  # the official files name each class once: two classes would read as one
+        raise DataError(f"{meta_path}: {fmt.names_key.decode()} names {twice!r} twice; re-extract it")
+    return names
 
 
 def read_cifar(root: str | None, download: bool, fmt: CifarFormat, md5: str | None = None) -> DatasetSplits:

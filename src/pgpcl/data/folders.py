@@ -254,6 +254,10 @@ def read_cub200(root: str | None, download: bool) -> DatasetSplits:
     split_file = folder / "train_test_split.txt"
     is_train = _cub_ints(_id_table(split_file), split_file, {0, 1})
     classes = _id_table(folder / "classes.txt")
+    gap = next((k for k in range(1, len(classes) + 1) if k not in classes), None)
+    if gap is not None:  # labels count classes from 1 with no gap: a gap would give later labels wrong names
+        raise DataError(f"{folder / 'classes.txt'}: class ids are not 1..{len(classes)} (no id {gap}); "
+                        "re-extract CUB_200_2011.tgz")
     ids = sorted(images)
     if set(labels) != set(ids) or set(is_train) != set(ids):
         raise DataError(
