@@ -363,6 +363,21 @@ def test_hub_offline_one_line_recipe(monkeypatch):
         C.build_clip(BackboneConfig(arch="small-test", weights="hub"))
 
 
+def test_the_offline_recipe_file_with_its_tag_gets_the_tags_activation(monkeypatch, tmp_path):
+    """The offline message says: download the hub's file, set backbone.weights to it. With the tag kept, the
+    model must be the one those weights were trained as (QuickGELU for OpenAI's), as with weights=hub."""
+    from open_clip.transformer import QuickGELU
+
+    _fake_tag(monkeypatch, True)
+    src, _ = small_clip(seed=4, quick_gelu=True)
+    path = tmp_path / "open_clip_model.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    model, _, info = C.build_clip(BackboneConfig(arch="small-test", weights=str(path), pretrained_tag="fake"))
+    assert info.source.startswith("file:") and isinstance(model.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
+    model, _, _ = C.build_clip(BackboneConfig(arch="small-test", weights=str(path)))  # no tag: the arch's own
+    assert not isinstance(model.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
+
+
 def test_hub_download_then_checked_load_and_quick_gelu_follows_tag(monkeypatch, tmp_path):
     from open_clip.transformer import QuickGELU
 

@@ -143,6 +143,37 @@ def test_pth_wrapped_ddp_and_head_ignored(tmp_path):
     assert same_weights(model, ref)
 
 
+def test_a_training_checkpoint_with_its_argparse_namespace_loads(tmp_path):
+    """timm's CheckpointSaver (and many training scripts) store the run's argparse.Namespace beside the state
+    dict: that is no code, and refusing it called a good file corrupt."""
+    src = tiny_model()
+    path = tmp_path / "checkpoint-9.pth.tar.pth"
+    torch.save({"epoch": 9, "arch": ARCH, "state_dict": src.state_dict(), "args": argparse.Namespace(lr=0.1)}, path)
+    model, _ = build_vit(cfg(weights=str(path)))
+    assert same_weights(model, src)
+
+
+@pytest.mark.parametrize("wrap", [lambda sd: {"model_state_dict": sd, "optimizer_state_dict": {}},
+                                  lambda sd: {f"_orig_mod.{k}": v for k, v in sd.items()},  # torch.compile
+                                  lambda sd: {f"module._orig_mod.{k}": v for k, v in sd.items()}])
+def test_other_common_wrappers_and_prefixes_are_peeled(tmp_path, wrap):
+    src = tiny_model()
+    path = tmp_path / "w.pth"
+    torch.save(wrap(src.state_dict()), path)
+    model, _ = build_vit(cfg(weights=str(path)))
+    assert same_weights(model, src)
+
+
+def test_a_file_of_another_naming_says_so_not_to_change_sizes(tmp_path):
+    path = tmp_path / "w.pth"
+    torch.save({f"encoder.{k}": v for k, v in tiny_model().state_dict().items()}, path)
+    with pytest.raises(CheckpointError) as e:
+        build_vit(cfg(weights=str(path)))
+    msg = one_line_error(e)
+    assert "hold none of the backbone's keys (the file's first keys: 'encoder." in msg
+    assert "save the backbone's state_dict() itself" in msg and "size overrides" not in msg
+
+
 @pytest.mark.parametrize("prefix", ["", "opt/target/"])
 def test_google_npz_matches_original_and_timm_loader(tmp_path, prefix):
     src = tiny_model()
@@ -168,6 +199,20 @@ def test_big_vision_stacked_npz(tmp_path):
     assert same_weights(model, ref)
 
 
+@pytest.mark.parametrize("to_npz", [to_google_npz, to_big_vision_stacked_npz])
+def test_npz_of_another_head_count_is_refused_not_reshaped(tmp_path, to_npz):
+    """(D, H, hd) kernels flatten to the same (H*hd, D) rows for any H: the shapes pass, the attention would not."""
+    path = tmp_path / "w.npz"
+    heads = 4 if TINY["num_heads"] != 4 else 2
+    to_npz(tiny_model(num_heads=heads), path)
+    with pytest.raises(CheckpointError) as e:
+        build_vit(cfg(weights=str(path)))
+    assert (f"were trained with {heads} attention heads but the backbone has {TINY['num_heads']}; set "
+            f"backbone.num_heads={heads}") in one_line_error(e)
+    model, _ = build_vit(cfg(weights=str(path), num_heads=heads))
+    assert model.blocks[0].attn.num_heads == heads
+
+
 def test_npz_unknown_array_is_rejected(tmp_path):
     path = tmp_path / "x.npz"
     to_google_npz(
@@ -182,7 +227,9 @@ def test_pos_embed_resampled_to_new_grid(tmp_path):
     src = tiny_model()  # 4x4 grid
     path = tmp_path / "w.safetensors"
     save_file(src.state_dict(), str(path))
-    model, _ = build_vit(cfg(weights=str(path), img_size=48))  # 6x6 grid
+    with pytest.warns(UserWarning, match=r"were made for another patch or image size: resampled \(position "
+                                         r"embeddings 17 -> 37 tokens\)"):
+        model, _ = build_vit(cfg(weights=str(path), img_size=48))  # 6x6 grid
     want = resample_abs_pos_embed(src.pos_embed.detach(), (6, 6), num_prefix_tokens=1)
     assert model.pos_embed.shape == (1, 37, 32)
     assert torch.allclose(model.pos_embed, want, atol=1e-6)
@@ -227,13 +274,15 @@ def test_truncated_safetensors(tmp_path):
 
 
 def test_pickled_objects_refused(tmp_path):
+    import fractions
+
     path = tmp_path / "released.pth"
-    torch.save({"model": tiny_model().state_dict(), "args": argparse.Namespace(lr=0.03)}, path)
+    torch.save({"model": tiny_model().state_dict(), "ratio": fractions.Fraction(1, 3)}, path)
     with pytest.raises(CheckpointError) as e:
         build_vit(cfg(weights=str(path)))
     msg = one_line_error(e)
     # the cause, not torch's advice to re-run with weights_only=False
-    assert "refused pickled code or objects: argparse.Namespace" in msg and "weights_only" not in msg
+    assert "refused pickled code or objects: fractions.Fraction" in msg and "weights_only" not in msg
 
 
 def test_non_finite_weights_are_named(tmp_path):
@@ -301,8 +350,9 @@ def test_hub_offline_raises_with_recipe(monkeypatch):
     with pytest.raises(CheckpointError) as e:
         build_vit(cfg(weights="hub", pretrained_tag="augreg_in21k"))
     assert one_line_error(e) == (
-        "could not fetch pretrained weights 'vit_base_patch16_224.augreg_in21k' (offline?): download them "
-        "where you have internet and set backbone.weights=/path/to/file (.npz, .safetensors or .pth)"
+        "could not fetch pretrained weights 'vit_base_patch16_224.augreg_in21k' (offline?): download "
+        "model.safetensors from https://huggingface.co/timm/vit_base_patch16_224.augreg_in21k where you have "
+        "internet and set backbone.weights=/path/to/that/file (.npz, .safetensors or .pth)"
     )
     assert calls == ["model.safetensors"]  # offline: no second attempt
     # The tag may also ride on the arch name.

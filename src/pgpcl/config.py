@@ -78,7 +78,8 @@ class BackboneConfig:
     """None: random init; 'hub': the timm/open_clip pretrained tag (online); a path to .npz/.safetensors/
     .pth; 'builtin:NAME' for weights shipped with pgpcl."""
     pretrained_tag: str | None = None
-    """Hub tag used with weights=hub, e.g. 'augreg_in21k' (timm) or 'openai' (open_clip)."""
+    """Hub tag used with weights=hub, e.g. 'augreg_in21k' (timm) or 'openai' (open_clip). With a CLIP weights
+    file it names what the file holds, and the model takes that tag's activation (QuickGELU for 'openai')."""
     img_size: int | None = None
     patch_size: int | None = None
     in_chans: int | None = None

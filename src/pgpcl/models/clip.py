@@ -308,6 +308,8 @@ def build_clip(cfg: BackboneConfig) -> tuple[nn.Module, Any, WeightsInfo]:
             "builtin weights are timm ViTs; a CLIP backbone takes weights=hub or a state-dict file"
         )
     else:
+        if tag:  # the file holds those weights (the offline recipe downloads the hub's file): their activation
+            model_cfg["quick_gelu"] = bool(_pretrained_cfg(arch, tag).get("quick_gelu", False))
         model = create_clip(model_cfg)
         path = os.path.expanduser(weights)
         info = WeightsInfo(f"file:{os.path.abspath(path)}", load_clip_weights(model, path))

@@ -19,6 +19,7 @@ Formats:
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -91,7 +92,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
                 f"weights file '{path}' is a TorchScript archive, which holds code that pgpcl never runs; "
                 "save the model's state_dict() to a .safetensors file and give that"
             )
-        return _unwrap(safe_torch_load(path))
+        # timm's and many training scripts' checkpoints keep their argparse.Namespace beside the weights: a
+        # plain attribute holder, allowed; what it holds is still restricted to tensors and containers
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return _unwrap(safe_torch_load(path))
     except CheckpointError:
         raise
     except Exception as e:  # each reader raises its own types on corrupt input
@@ -112,8 +116,9 @@ def _read_reason(e: Exception, suffix: str) -> str:
 
 
 def _unwrap(obj: Any) -> dict[str, Any]:
-    """Peel ``{'model': ...}`` / ``{'state_dict': ...}`` wrappers and a DDP ``module.`` prefix."""
-    for key in ("model", "state_dict"):
+    """Peel ``{'model': ...}`` / ``{'state_dict': ...}`` / ``{'model_state_dict': ...}`` wrappers and the
+    ``module.`` (DistributedDataParallel) and ``_orig_mod.`` (torch.compile) prefixes."""
+    for key in ("model", "state_dict", "model_state_dict"):
         while isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
     if not isinstance(obj, Mapping):
@@ -121,8 +126,9 @@ def _unwrap(obj: Any) -> dict[str, Any]:
             f"weights file holds a {type(obj).__name__}, not a state dict; save model.state_dict()"
         )
     sd = dict(obj)
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    for prefix in ("module.", "_orig_mod.", "module."):  # DDP around a compiled model, or the other way
+        if sd and all(isinstance(k, str) and k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix) :]: v for k, v in sd.items()}
     return sd
 
 
@@ -277,6 +283,7 @@ def _adapt(sd: dict[str, Any], model: nn.Module, where: str) -> dict[str, Any]:
     from timm.models import adapt_input_conv
     from timm.models.vision_transformer import checkpoint_filter_fn
 
+    _say_resampling(sd, model, where)
     try:
         sd = checkpoint_filter_fn(sd, model)
         w = sd.get("patch_embed.proj.weight")
@@ -293,6 +300,24 @@ def _adapt(sd: dict[str, Any], model: nn.Module, where: str) -> dict[str, Any]:
     return sd
 
 
+def _say_resampling(sd: Mapping[str, Any], model: nn.Module, where: str) -> None:
+    """Warn when timm's filter will resample the file to this backbone (another patch or image size): the
+    run then starts from interpolated weights, which its results.json records only as the file's sha256."""
+    import warnings
+
+    changes = []
+    kernel, target = sd.get("patch_embed.proj.weight"), getattr(getattr(model, "patch_embed", None), "proj", None)
+    if isinstance(kernel, torch.Tensor) and kernel.ndim == 4 and target is not None:
+        if tuple(kernel.shape[-2:]) != tuple(target.weight.shape[-2:]):
+            changes.append(f"patch kernel {tuple(kernel.shape[-2:])} -> {tuple(target.weight.shape[-2:])}")
+    pos, want = sd.get("pos_embed"), getattr(model, "pos_embed", None)
+    if isinstance(pos, torch.Tensor) and isinstance(want, torch.Tensor) and pos.shape[1] != want.shape[1]:
+        changes.append(f"position embeddings {pos.shape[1]} -> {want.shape[1]} tokens")
+    if changes:
+        warnings.warn(f"weights {where} were made for another patch or image size: resampled ({'; '.join(changes)})",
+                      UserWarning, stacklevel=2)
+
+
 def check_state_dict(sd: Mapping[str, Any], model: nn.Module, where: str) -> dict[str, torch.Tensor]:
     """Return ``sd`` minus head keys after checking every key and shape against ``model``.
 
@@ -301,6 +326,10 @@ def check_state_dict(sd: Mapping[str, Any], model: nn.Module, where: str) -> dic
     expected = {k: v for k, v in model.state_dict().items() if not _is_head(k)}
     given = {k: v for k, v in sd.items() if not _is_head(k)}
     fix = "set backbone.arch and the size overrides to match the file, or use weights made for this backbone"
+    if given and not set(given) & set(expected):  # not a size mismatch: another naming, or a wrapper
+        shown = ", ".join(repr(k) for k in list(given)[:3])
+        raise CheckpointError(f"weights {where} hold none of the backbone's keys (the file's first keys: {shown}; "
+                              f"the backbone's: {next(iter(expected))!r}); save the backbone's state_dict() itself")
     for k, v in expected.items():
         if k not in given:
             n = sum(1 for x in expected if x not in given)
@@ -324,10 +353,31 @@ def check_state_dict(sd: Mapping[str, Any], model: nn.Module, where: str) -> dic
     return given
 
 
+def npz_num_heads(path: str | os.PathLike) -> int | None:
+    """The attention head count a JAX ViT archive's first query kernel, (D, H, hd), was trained with; None
+    where it has none. Flattened to timm's (H*hd, D) the shapes no longer tell, so it is read here."""
+    with np.load(path, allow_pickle=False) as w:
+        for key in w.files:
+            if "encoderblock" in key and key.endswith("/query/kernel"):
+                return int(w[key].shape[-2])
+    return None
+
+
+def _check_heads(model: nn.Module, path: str | os.PathLike, where: str) -> None:
+    blocks = getattr(model, "blocks", None)
+    if Path(path).suffix.lower() not in NPZ_EXT or not blocks:
+        return
+    heads, want = npz_num_heads(path), getattr(getattr(blocks[0], "attn", None), "num_heads", None)
+    if heads is not None and want is not None and heads != want:
+        raise CheckpointError(f"weights {where} were trained with {heads} attention heads but the backbone has "
+                              f"{want}; set backbone.num_heads={heads} (or the arch that has them)")
+
+
 def load_weights_file(model: nn.Module, path: str | os.PathLike, where: str | None = None) -> str:
     """Load ``path`` into ``model`` (checked, head ignored) and return the file's sha256."""
     where = where or f"file '{path}'"
     sd = read_state_dict(path)
+    _check_heads(model, path, where)  # after reading it: a file that is no npz gets its own message first
     sd = check_state_dict(_adapt(sd, model, where), model, where)
     with torch.no_grad():
         # strict=False only because head keys were removed; everything else was checked above.
@@ -416,14 +466,24 @@ def fetch_hub_weights(arch: str, tag: str | None) -> tuple[str, str]:
     from timm.models import get_pretrained_cfg
 
     name = hub_name(arch, tag)
+    cfg = None
     try:
+        cfg = get_pretrained_cfg(name)
         with hub_cache_only_if_unreachable():
-            return name, _hub_download(get_pretrained_cfg(name))
+            return name, _hub_download(cfg)
     except Exception as e:
         raise CheckpointError(
-            f"could not fetch pretrained weights '{name}' (offline?): download them where you have "
-            f"internet and set backbone.weights=/path/to/file ({SUPPORTED})"
+            f"could not fetch pretrained weights '{name}' (offline?): download {_where_from(cfg)} where you "
+            f"have internet and set backbone.weights=/path/to/that/file ({SUPPORTED})"
         ) from e
+
+
+def _where_from(cfg: Any) -> str:
+    """Where a timm pretrained config's weights file is, for a person to fetch by hand."""
+    if getattr(cfg, "hf_hub_id", None):
+        repo = cfg.hf_hub_id.partition("@")[0]
+        return f"{cfg.hf_hub_filename or 'model.safetensors'} from https://huggingface.co/{repo}"
+    return getattr(cfg, "url", None) or "them"
 
 
 def assets_dir() -> Path:
