@@ -114,7 +114,7 @@ def test_a_killed_torchrun_job_rerun_with_continue_finishes_as_the_uninterrupted
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r, ref = (json.loads((d / "results.json").read_text()) for d in (run, runs[1]))
-    assert [x["from"] for x in r["resumes"]] == ["task 2/2, step 4"]
+    assert [(x["from"], x["world_size"]) for x in r["resumes"]] == [("task 2/2, step 4", 2)]
     assert r["acc"] == ref["acc"] and r["projection"] == ref["projection"]
 
 

@@ -90,7 +90,7 @@ def test_the_same_command_with_continue_finishes_a_killed_run_exactly(tmp_path, 
     assert run_cli(command) == 0
     assert_same_run(ref, run)
     resumes = json.loads((run / "results.json").read_text())["resumes"]
-    assert [r["from"] for r in resumes] == ["task 2/2, step 6"]
+    assert [(r["from"], r["world_size"]) for r in resumes] == [("task 2/2, step 6", 1)]
     before = (run / "results.json").read_bytes()
     capfd.readouterr()
     assert run_cli(command) == 0

@@ -422,8 +422,9 @@ class Trainer:
         self.results.mark("running")
         self.results.device = self._device_label()
         self._note_world(self.results)
+        # the processes that continue it: `distributed` records only the last ones, which may differ
         self.results.extra.setdefault("resumes", []).append(
-            {"from": ckpt.describe(state, self.scenario.num_tasks), "at": now_iso()}
+            {"from": ckpt.describe(state, self.scenario.num_tasks), "at": now_iso(), "world_size": self.dist.world_size}
         )
         if self.pgp is not None:
             self.pgp.load_state_dict(state["pgp"])
