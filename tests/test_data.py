@@ -217,6 +217,15 @@ def test_fashion_mnist_idx_and_bad_magic(tmp_path, data_write_idx):
     assert "magic" in _one_line(err)
 
 
+def test_an_idx_file_already_decompressed_under_its_gz_name_is_read(tmp_path, data_write_idx):
+    data_write_idx(tmp_path, [1, 2], [3])
+    want = read_dataset("mnist", str(tmp_path))
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(gzip.decompress(path.read_bytes()))
+    got = read_dataset("mnist", str(tmp_path))
+    assert np.array_equal(got.train.images, want.train.images)
+
+
 def test_truncated_idx(tmp_path, data_write_idx):
     data_write_idx(tmp_path, [1, 2], [3])
     path = tmp_path / "t10k-images-idx3-ubyte.gz"

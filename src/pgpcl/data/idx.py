@@ -39,6 +39,8 @@ def parse_idx(raw: bytes, name: str, ndim: int, gzipped: bool) -> np.ndarray:
 
     Layout: 2 zero bytes, type code 0x08, ndim, ndim big-endian uint32 sizes, then the raw bytes.
     """
+    if gzipped and raw[:2] != b"\x1f\x8b" and raw[:3] == bytes([0, 0, _UBYTE]):
+        gzipped = False  # already decompressed (gunzip -k, or a browser that unpacked it) under its .gz name
     if gzipped:
         try:
             raw = gzip.decompress(raw)
