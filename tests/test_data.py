@@ -561,11 +561,16 @@ def test_file_names_that_are_not_utf8(tmp_path, data_write_image):
     assert "folder name 'caf\\xe9' in " in _one_line(err) and "is not UTF-8 text; rename it" in str(err.value)
 
 
-def test_image_folder_root_that_is_a_file(tmp_path):
+def test_image_folder_root_that_is_a_file_or_a_loop_of_links(tmp_path):
     (tmp_path / "f").write_text("")
     with pytest.raises(DataError) as err:
         read_dataset("image_folder", str(tmp_path / "f"))
     assert f"image_folder: {tmp_path / 'f'} is a file, not a folder; set data.root" in _one_line(err)
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(DataError) as err:
+        read_dataset("image_folder", str(tmp_path / "a"))
+    assert f"image_folder: {tmp_path / 'a'} is a loop of symbolic links; set data.root" in _one_line(err)
 
 
 def test_16_bit_and_float_images_are_scaled_not_clipped(tmp_path):

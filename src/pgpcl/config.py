@@ -469,7 +469,7 @@ def import_modules(names: list[str]) -> None:
             ) from None
 
 
-_SEED_MAX = 2**32 - 1  # numpy's legacy seeding, and the order seed, take 32-bit seeds
+SEED_MAX = 2**32 - 1  # numpy's legacy seeding, and the order seed, take 32-bit seeds
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -480,8 +480,8 @@ def _validate_names(cfg: Config) -> None:
     if not cfg.output_dir:
         raise ConfigError("output_dir is empty; give a folder (default: runs)")
     for key, seed in (("seed", cfg.seed), ("data.order_seed", cfg.data.order_seed)):
-        if seed is not None and not 0 <= seed <= _SEED_MAX:
-            raise ConfigError(f"{key} must be in 0..{_SEED_MAX}, got {seed}")
+        if seed is not None and not 0 <= seed <= SEED_MAX:
+            raise ConfigError(f"{key} must be in 0..{SEED_MAX}, got {seed}")
 
 
 def _validate_optimizer_and_device(t: TrainConfig) -> None:

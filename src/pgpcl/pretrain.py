@@ -76,20 +76,18 @@ def _accuracy(model, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> flo
     return 100.0 * correct / len(x)
 
 
-_SEED_MAX = 2**32 - 1
-
-
 def check_pretrain_args(cfg: PretrainConfig, out_dir: Path) -> None:
     """Everything that could only fail once training is over, checked before it starts (minutes of work
     would otherwise be lost): the numbers, the file name, and a folder the files can be written to."""
     import os
 
+    from pgpcl.config import SEED_MAX
     from pgpcl.errors import PgpclError
 
     if cfg.epochs < 1:
         raise PgpclError(f"--epochs must be >= 1, got {cfg.epochs}")
-    if not 0 <= cfg.seed <= _SEED_MAX:
-        raise PgpclError(f"--seed must be in 0..{_SEED_MAX}, got {cfg.seed}")
+    if not 0 <= cfg.seed <= SEED_MAX:
+        raise PgpclError(f"--seed must be in 0..{SEED_MAX}, got {cfg.seed}")
     if cfg.threads is not None and cfg.threads < 1:
         raise PgpclError(f"threads must be >= 1 or None (torch's default), got {cfg.threads}")
     name = cfg.name

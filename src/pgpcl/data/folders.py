@@ -442,9 +442,7 @@ def _is_link_loop(path: Path) -> bool:
     import errno
 
     try:
-        path.resolve(strict=True)
-    except RuntimeError:  # Python < 3.13 reports a loop so
-        return True
+        os.stat(path)
     except OSError as e:
         return e.errno == errno.ELOOP
     return False
@@ -462,8 +460,8 @@ def read_image_folder(root: str | None, download: bool) -> DatasetSplits:
         )
     base = Path(root).expanduser()
     if not base.is_dir():
-        what = ("is a file, not a folder" if base.is_file() else "is a loop of symbolic links" if base.is_symlink()
-                and not base.exists() and _is_link_loop(base) else "does not exist")
+        what = ("is a file, not a folder" if base.is_file()
+                else "is a loop of symbolic links" if _is_link_loop(base) else "does not exist")
         raise DataError(f"image_folder: {base} {what}; set data.root to your image folder")
     layout = _folder_layout(base)
     if layout[0][0] is not None:

@@ -18,8 +18,8 @@ def load_run_config_raw(run_dir: Path) -> dict:
     if not run_dir.is_dir():
         raise PgpclError(f"{run_dir} does not exist; give the folder 'pgpcl train' wrote (RUN_DIR)")
     if not path.exists():
-        below = _runs_below(run_dir)
-        hint = f"; it holds run folders, e.g. {below[0]}" if below else ""
+        below = _a_run_below(run_dir)
+        hint = f"; it holds run folders, e.g. {below}" if below else ""
         raise PgpclError(f"{run_dir} is not a pgpcl run folder (no config.yaml){hint}; give the folder 'pgpcl train' "
                          "wrote")
     from pgpcl.config import UniqueKeyLoader
@@ -34,10 +34,13 @@ def load_run_config_raw(run_dir: Path) -> dict:
     return raw
 
 
-def _runs_below(folder: Path, depth: int = 3) -> list[Path]:
-    """Run folders (holding config.yaml) at most ``depth`` levels below ``folder``, e.g. runs/NAME/seed0."""
-    found = [p.parent for level in range(1, depth + 1) for p in sorted(folder.glob("/".join(["*"] * level) + "/config.yaml"))]
-    return found[:5]
+def _a_run_below(folder: Path, depth: int = 3) -> Path | None:
+    """The first run folder (holding config.yaml) at most ``depth`` levels below ``folder`` (runs/NAME/seed0)."""
+    for level in range(1, depth + 1):
+        found = sorted(folder.glob("/".join(["*"] * level) + "/config.yaml"))
+        if found:
+            return found[0].parent
+    return None
 
 
 def load_run_config(run_dir: Path, raw: dict | None = None):
@@ -71,6 +74,8 @@ def reevaluate_run(run_dir: Path, all_tasks: bool = False) -> dict:
     """
     from pgpcl.data import build_scenario
     from pgpcl.engine import checkpoint as ckpt
+    from pgpcl.engine.metrics import tasks_done
+    from pgpcl.engine.results import Results
     from pgpcl.engine.seed import resolve_device, seed_everything
     from pgpcl.engine.trainer import build_method
 
@@ -95,29 +100,27 @@ def reevaluate_run(run_dir: Path, all_tasks: bool = False) -> dict:
                 acc[s][i][task] = a
     out = {"after_task": task, "num_tasks": T, "cil": [acc["cil"][i][task] for i in range(task + 1)],
            "til": [acc["til"][i][task] for i in range(task + 1)] if "til" in acc else None}
-    trained = _tasks_recorded(run_dir)
+    recorded = _read_recorded(run_dir)
     # a checkpoint deleted by hand, the final one too: results.json says how many tasks were trained
-    out["missing"] = sorted(set(range(max(task + 1, trained or 0))) - set(tasks))
-    if not all_tasks:
-        out["missing"] = [t for t in out["missing"] if t > task]
+    trained = tasks_done(recorded.acc["cil"]) if isinstance(recorded, Results) else 0
+    out["missing"] = [t for t in range(max(task + 1, trained)) if t not in tasks and (all_tasks or t > task)]
     if all_tasks:
         from pgpcl.engine.metrics import summarize
 
         out["acc"] = acc
         out["metrics"] = {s: None if out["missing"] else summarize(m) for s, m in acc.items()}
-    out["recorded"] = compare_with_recorded(run_dir, acc)
+    out["recorded"] = compare_with_recorded(recorded, acc)
     return out
 
 
-def _tasks_recorded(run_dir: Path) -> int | None:
-    """How many tasks the run's results.json records as trained; None where it cannot be read."""
-    from pgpcl.engine.metrics import tasks_done
+def _read_recorded(run_dir: Path):
+    """The run's results.json as Results, or the one-line reason it cannot be read (a str)."""
     from pgpcl.engine.results import RESULTS_FILENAME, read_results
 
     try:
-        return tasks_done(read_results(Path(run_dir) / RESULTS_FILENAME).acc["cil"])
-    except PgpclError:
-        return None
+        return read_results(Path(run_dir) / RESULTS_FILENAME)
+    except PgpclError as e:
+        return str(e)
 
 
 def _evaluate_checkpoint(method, scenario, cfg, device, path: Path, run_dir: Path, cache: dict):
@@ -137,16 +140,14 @@ def _evaluate_checkpoint(method, scenario, cfg, device, path: Path, run_dir: Pat
     return task, ev
 
 
-def compare_with_recorded(run_dir: Path, acc: dict) -> dict:
-    """How the re-evaluated entries of ``acc`` compare with the run's results.json:
-    ``{"compared": n entries, "max_abs_diff": points, "differs": [(setting, i, t, recorded, now), ...]}``,
-    or ``{"compared": 0, "why": ...}`` where there is nothing to compare with."""
-    from pgpcl.engine.results import RESULTS_FILENAME, read_results
-
-    try:
-        recorded = read_results(Path(run_dir) / RESULTS_FILENAME).acc
-    except PgpclError as e:
-        return {"compared": 0, "why": str(e)}
+def compare_with_recorded(recorded, acc: dict) -> dict:
+    """How the re-evaluated entries of ``acc`` compare with the run's results.json (``recorded``: its
+    Results, or why it cannot be read): ``{"compared": n entries, "max_abs_diff": points, "differs":
+    [(setting, i, t, recorded, now), ...]}``, or ``{"compared": 0, "why": ...}`` where there is nothing
+    to compare with."""
+    if isinstance(recorded, str):
+        return {"compared": 0, "why": recorded}
+    recorded = recorded.acc
     n, worst, differs = 0, 0.0, []
     for s, matrix in acc.items():
         kept = recorded.get(s)
