@@ -276,3 +276,18 @@ def test_a_config_of_another_method_is_named_by_its_method():
     a, b = load_config("tiny_l2p").to_dict(), load_config("tiny_dualprompt").to_dict()
     assert config_difference(a, b) == ("method.name", "l2p", "dualprompt")
     assert config_difference(a, load_config("tiny_l2p", ["train.lr=0.5"]).to_dict())[0] == "train.lr"
+
+
+def test_keys_a_config_sets_but_does_not_use_are_no_difference():
+    """--continue / --resume compare configs: train.epochs online (one pass) and data.order_seed with the
+    label order (nothing drawn) change no number, so they are no other config."""
+    from pgpcl.config import config_difference
+
+    online = load_config("tiny_l2p", ["data.setting=online"]).to_dict()
+    assert config_difference(online, load_config("tiny_l2p", ["data.setting=online", "train.epochs=5"]).to_dict()) is None
+    base = load_config("tiny_l2p").to_dict()
+    assert config_difference(base, load_config("tiny_l2p", ["train.epochs=5"]).to_dict())[0] == "train.epochs"
+    assert config_difference(base, load_config("tiny_l2p", ["data.order_seed=3"]).to_dict()) is None
+    rand = ["data.class_order=random"]
+    assert config_difference(load_config("tiny_l2p", rand).to_dict(),
+                             load_config("tiny_l2p", [*rand, "data.order_seed=3"]).to_dict())[0] == "data.order_seed"

@@ -341,6 +341,14 @@ def test_online_runs_that_differ_in_epochs_only_are_one_group_and_dil_names_its_
     assert any(line.split()[1:3] == ["mnist5k+fmnist", "dil"] for line in text.splitlines())
 
 
+def test_an_order_seed_with_the_label_order_is_the_same_experiment(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root, True, 0, CIL[(True, 0)], name="plain")
+    write_run(root, True, 1, CIL[(True, 1)], name="seeded", data={"order_seed": 3})  # label order: nothing drawn
+    text = report_runs([root], plots=False)
+    assert "order_seed" not in text and " 2 " in line_of(text, "l2p-PGP")
+
+
 def test_variant_label_of_a_default_eps_against_a_set_one(tmp_path):
     """pgp.eps={} (the method's defaults) against pgp.eps.prompt=0.9: one key differs, shown as such."""
     root = tmp_path / "runs"

@@ -235,6 +235,18 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def inert_keys(flat: dict[str, Any]) -> set[str]:
+    """Keys a flattened config (``Config.to_dict()`` flattened, plain values) sets but does not use, so that
+    two configs differing only there train the same run: train.epochs online (one pass whatever it says),
+    data.order_seed with the label class order (no order is drawn)."""
+    inert = set()
+    if flat.get("data.setting") == "online":
+        inert.add("train.epochs")
+    if flat.get("data.class_order", "label") == "label":
+        inert.add("data.order_seed")
+    return inert
+
+
 def config_difference(
     a: dict, b: dict, ignore=RESULT_NEUTRAL_KEYS, shared_only: bool = False
 ) -> tuple[str, Any, Any] | None:
@@ -242,6 +254,7 @@ def config_difference(
     ``shared_only``, among the keys both have."""
     fa, fb = (_flatten(json.loads(json.dumps(x))) for x in (a, b))
     keys = set(fa) & set(fb) if shared_only else set(fa) | set(fb)
+    ignore = set(ignore) | (inert_keys(fa) & inert_keys(fb))
     # another method differs in most of its keys: name the method, not the first key alphabetically
     for key in sorted(keys, key=lambda k: (k != "method.name", k)):
         if key not in ignore and fa.get(key) != fb.get(key):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pgpcl.config import RESULT_NEUTRAL_KEYS, with_defaults
+from pgpcl.config import RESULT_NEUTRAL_KEYS, inert_keys, with_defaults
 from pgpcl.engine.metrics import accuracy_curve, summarize, tasks_done
 from pgpcl.engine.results import RESULTS_FILENAME, Results, collect_results, read_results
 from pgpcl.errors import PgpclError
@@ -258,8 +258,9 @@ def _flatten(node: Any, prefix: str, out: dict[str, str]) -> None:
 
 def result_items(flat: dict[str, str], pgp: bool, setting: str) -> dict[str, str]:
     """The entries of a flattened config that can change a run's numbers: without seed and inert keys,
-    pgp.* only when ``pgp``, train.epochs not for online (one pass whatever it says)."""
-    inert = IGNORED_KEYS | ({"train.epochs"} if setting == "online" else set())
+    pgp.* only when ``pgp``, nor what the config sets but does not use (:func:`pgpcl.config.inert_keys`)."""
+    plain = {"data.setting": setting, "data.class_order": json.loads(flat.get("data.class_order", '"label"'))}
+    inert = IGNORED_KEYS | inert_keys(plain)
     return {k: v for k, v in flat.items() if k not in inert and (pgp or not k.startswith("pgp."))}
 
 
