@@ -422,8 +422,13 @@ def main(argv: list[str] | None = None) -> int:
     except PgpclError as e:
         if args.debug:
             raise
-        if not _said_by_rank_0(e):
-            print(f"pgpcl: error: {_rank_prefix()}{one_line(e)}", file=sys.stderr)
+        if _said_by_rank_0(e):
+            # rank 0 meets the same error and says it; once it exits torchrun stops this process. Exiting at
+            # once instead could let torchrun stop rank 0 before it printed; if rank 0 never exits, say it here.
+            import time
+
+            time.sleep(RANK_0_GRACE_S)
+        print(f"pgpcl: error: {_rank_prefix()}{one_line(e)}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader of stdout went away (pgpcl report | head -1): stop quietly
         if args.debug or args.command in ("train", "demo", "pretrain"):
@@ -492,10 +497,14 @@ def _exit_on_early_interrupt(signum: int, frame: object) -> None:
 _MAIN_PID = os.getpid()
 
 
+RANK_0_GRACE_S = 20.0
+"""How long a rank other than 0 waits, after a config error every rank meets, for rank 0 to say it."""
+
+
 def _said_by_rank_0(e: PgpclError) -> bool:
     """Under torchrun, a config error met before the process group starts is met by every rank alike (each
-    reads the same command line and presets): rank 0 says it, the others stop quietly. Other errors a rank
-    meets before the group starts (a run folder another node cannot see) are its own, and it says them."""
+    reads the same command line and presets): rank 0 says it, the others wait to be stopped. Other errors a
+    rank meets before the group starts (a run folder another node cannot see) are its own, and it says them."""
     if _is_main_process() or os.environ.get("WORLD_SIZE", "1") == "1" or not isinstance(e, ConfigError):
         return False
     from pgpcl.engine.distributed import group_joined
